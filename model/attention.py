@@ -1,0 +1,139 @@
+"""Transformer parts shared by the encoder and the predictor: attention, MLP, drop-path, the pre-norm Block."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.rope import RotaryCache
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, impl: str) -> Tensor:
+    """Softmax attention over (B, heads, K, head_dim) tensors, scale head_dim ** -0.5, no mask.
+
+    "sdpa": torch's fused kernel (flash path on CPU and GPU). "math": the explicit softmax, the reference the
+    others are tested against. "xla_flash": torch_xla's Pallas flash-attention kernel when the tensors live on
+    a TPU, SDPA anywhere else, so a config that names it runs unchanged (and gives SDPA's results) on CPU.
+    """
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if impl == "math":
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, K, K)
+        return scores.softmax(dim=-1) @ v
+    if impl == "xla_flash":
+        if q.device.type == "xla" and _xla_is_tpu():
+            # Imported here, never at module level: model/ must import without torch_xla.
+            from torch_xla.experimental.custom_kernel import flash_attention
+
+            return flash_attention(q, k, v, causal=False, sm_scale=q.shape[-1] ** -0.5)
+        return F.scaled_dot_product_attention(q, k, v)
+    raise ValueError(f"attention impl must be 'sdpa', 'math' or 'xla_flash', got {impl!r}")
+
+
+def _xla_is_tpu() -> bool:
+    import torch_xla.runtime as xr
+
+    return xr.device_type() == "TPU"
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and optional 3D rotary positions."""
+
+    def __init__(self, embed_dim: int, num_heads: int, impl: str = "sdpa", proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.impl = impl
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, rope: RotaryCache | None = None) -> Tensor:
+        B, K, E = x.shape
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)  # (3, B, heads, K, hd)
+        if rope is None:
+            q, k = qkv[0], qkv[1]
+        else:
+            # q and k rotated in one pass: (2, B, heads, K, hd) broadcasts against the (B, 1, K, P) cache.
+            q, k = rope.apply(qkv[:2]).unbind(0)
+        out = attention(q, k, qkv[2], self.impl)  # (B, heads, K, hd)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, K, E)))
+
+
+class MLP(nn.Module):
+    def __init__(self, embed_dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, embed_dim)
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p while training."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype)
+        return x * keep.bernoulli_(1.0 - self.p).div_(1.0 - self.p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (LayerNorm eps 1e-6 as in V-JEPA 2)."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        attn_impl: str = "sdpa",
+        drop_path: float = 0.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.attn = Attention(embed_dim, num_heads, attn_impl, proj_drop=dropout)
+        self.norm2 = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.mlp = MLP(embed_dim, int(embed_dim * mlp_ratio), drop=dropout)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, rope: RotaryCache | None = None) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), rope))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def run_blocks(blocks: nn.ModuleList, x: Tensor, rope: RotaryCache | None, checkpointing: bool) -> Tensor:
+    """Apply the blocks in order, optionally recomputing each block's activations in the backward pass."""
+    for blk in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(blk, x, rope, use_reentrant=False)
+        else:
+            x = blk(x, rope)
+    return x
+
+
+def init_vjepa_weights(module: nn.Module, blocks: nn.ModuleList, std: float = 0.02) -> None:
+    """V-JEPA 2 initialisation: truncated normal(std) for linear and conv weights, zero biases, unit norms,
+    then each block's residual output projections divided by sqrt(2 * layer_id)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv3d)):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        for layer_id, blk in enumerate(blocks, start=1):
+            blk.attn.proj.weight.div_((2.0 * layer_id) ** 0.5)
+            blk.mlp.fc2.weight.div_((2.0 * layer_id) ** 0.5)

@@ -1,0 +1,53 @@
+"""octjepa: retinal OCT DICOM archives -> WebDataset shards -> a V-JEPA2 3D foundation model.
+
+Extras keep each machine lean: Beam/Dataflow workers install ``.[beam]`` (no torch), trainers ``.[train]``,
+TPU hosts ``.[train,tpu]``, developers ``.[beam,train,test]``.
+"""
+from setuptools import find_packages, setup
+
+BASE = [
+    "numpy>=2.0,<2.5",
+    "fsspec==2026.9.0",
+    "gcsfs==2026.10.1",
+    "pyyaml==6.0.4",
+    "webdataset==1.0.2",
+]
+BEAM = [
+    "apache-beam[gcp]==2.77.0",
+    "pydicom==3.0.2",
+    "pylibjpeg==2.1.0",
+    "pylibjpeg-openjpeg==2.6.0",
+    "pylibjpeg-libjpeg==2.5.0",
+    "scipy==1.17.1",
+]
+TRAIN = [
+    "torch==2.9.0",
+    "wandb==0.31.0",
+    "matplotlib==3.11.2",
+    "pillow==12.3.0",
+    "scikit-learn==1.9.1",
+    "psutil==7.2.2",
+]
+TPU = ["torch_xla[tpu]==2.9.0"]
+TEST = [
+    "pytest==9.2.0",
+    "pytest-timeout==2.4.0",
+    "gcp-storage-emulator==2026.7.19",
+    # The static-graph test runs torch_xla on its CPU backend (PJRT_DEVICE=CPU); no TPU runtime needed.
+    "torch_xla==2.9.0",
+    "build",
+]
+
+setup(
+    name="octjepa",
+    version="0.1.0",
+    description="Retinal OCT DICOM -> WebDataset shards -> V-JEPA2 3D self-supervised pretraining",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["shards", "shards.*", "beam_jobs", "beam_jobs.*", "model", "model.*",
+                                    "trainer", "trainer.*"]),
+    py_modules=["octjepa_cli"],
+    package_data={"beam_jobs": ["presets/*.yaml"]},
+    install_requires=BASE,
+    extras_require={"beam": BEAM, "train": TRAIN, "tpu": TPU, "test": TEST},
+    entry_points={"console_scripts": ["octjepa = octjepa_cli:main"]},
+)

@@ -1,0 +1,141 @@
+"""The sample contract: what one preprocessed OCT volume is, on disk and in memory.
+
+A sample is a WebDataset record of two members, ``<key>.npy`` (the volume) and ``<key>.json`` (its metadata).
+Both the Beam writer and the trainer's reader import this module; nobody restates a member name or a dtype.
+Volumes are C-order ``(D, H, W)`` = (B-scan, row = axial depth, column = lateral), stored at the source bit depth.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+FORMAT_VERSION = 1
+VOLUME_EXT = "npy"
+META_EXT = "json"
+ALLOWED_DTYPES = ("uint8", "uint16")
+SPLITS = ("train", "val", "test")
+
+# Metadata fields every sample carries, with the Python type each must have.
+META_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format_version": int,
+    "key": str,
+    "participant_id": str,
+    "device": str,
+    "laterality": str,
+    "anatomic_region": str,
+    "sop_instance_uid": str,
+    "source_path": str,
+    "source_shape": list,
+    "source_spacing_mm": list,
+    "target_spacing_mm": list,
+    "shape": list,
+    "dtype": str,
+    "fill_fraction": (int, float),
+    "crop_offsets": list,
+    "intensity_mean": (int, float),
+    "intensity_std": (int, float),
+    "split": str,
+}
+
+_SAFE = re.compile(r"[A-Za-z0-9_-]")
+
+
+class ContractError(ValueError):
+    """A sample or shard set that does not meet the contract; the message names the field and the key."""
+
+
+def _escape(text: str) -> str:
+    # Injective escaping into [A-Za-z0-9_-]: '-' is the escape character itself, so it is escaped too.
+    out = []
+    for ch in text:
+        if ch == "-" or not _SAFE.fullmatch(ch):
+            out.append("-" + "".join(f"{b:02x}" for b in ch.encode("utf-8")) + "-")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def make_key(device: str, participant_id: str, sop_instance_uid: str) -> str:
+    """The one place sample keys are built: dot-free (WebDataset splits member names at the first dot) and unique.
+
+    UIDs are digits and dots, so dots become ``-`` there (still injective); other fields are escaped.
+    """
+    for name, value in (("device", device), ("participant_id", participant_id), ("sop_instance_uid", sop_instance_uid)):
+        if not value:
+            raise ContractError(f"make_key: {name} is empty (device={device!r}, participant={participant_id!r})")
+    uid = sop_instance_uid.replace(".", "-") if re.fullmatch(r"[0-9.]+", sop_instance_uid) else "x" + _escape(sop_instance_uid)
+    return f"{_escape(device)}__{_escape(participant_id)}__{uid}"
+
+
+def encode_volume(volume: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(volume), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_volume(data: bytes) -> np.ndarray:
+    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_meta(meta: Mapping[str, Any]) -> bytes:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def validate_meta(meta: Mapping[str, Any]) -> None:
+    key = meta.get("key", "<no key>")
+    for name, kind in META_FIELDS.items():
+        if name not in meta:
+            raise ContractError(f"sample {key}: missing metadata field {name!r}")
+        value = meta[name]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ContractError(f"sample {key}: field {name!r} should be {kind}, found {type(value).__name__} {value!r}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ContractError(
+            f"sample {key}: field 'format_version' is {meta['format_version']}, this code reads {FORMAT_VERSION}"
+        )
+    if meta["dtype"] not in ALLOWED_DTYPES:
+        raise ContractError(f"sample {key}: field 'dtype' is {meta['dtype']!r}, expected one of {ALLOWED_DTYPES}")
+    for name in ("shape", "source_shape", "source_spacing_mm", "target_spacing_mm", "crop_offsets"):
+        if len(meta[name]) != 3:
+            raise ContractError(f"sample {key}: field {name!r} should have 3 entries (D, H, W), found {meta[name]!r}")
+    if not 0.0 <= meta["fill_fraction"] <= 1.0:
+        raise ContractError(f"sample {key}: field 'fill_fraction' {meta['fill_fraction']} is outside [0, 1]")
+    if meta["split"] not in SPLITS:
+        raise ContractError(f"sample {key}: field 'split' is {meta['split']!r}, expected one of {SPLITS}")
+
+
+def validate_sample(volume: np.ndarray, meta: Mapping[str, Any]) -> None:
+    """Reject a sample whose volume disagrees with its metadata or the contract, naming the field and the key."""
+    validate_meta(meta)
+    key = meta["key"]
+    if str(volume.dtype) != meta["dtype"]:
+        raise ContractError(f"sample {key}: field 'dtype' says {meta['dtype']}, volume is {volume.dtype}")
+    if volume.ndim != 3 or list(volume.shape) != list(meta["shape"]):
+        raise ContractError(f"sample {key}: field 'shape' says {meta['shape']}, volume is {list(volume.shape)}")
+
+
+def encode_sample(volume: np.ndarray, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Volume + metadata -> a WebDataset record ``{"__key__": key, "npy": bytes, "json": bytes}``."""
+    validate_sample(volume, meta)
+    return {"__key__": meta["key"], VOLUME_EXT: encode_volume(volume), META_EXT: encode_meta(meta)}
+
+
+def decode_sample(sample: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """A WebDataset record (member bytes keyed by extension) -> validated ``(volume (D, H, W), meta)``."""
+    key = sample.get("__key__", "<no key>")
+    for ext in (VOLUME_EXT, META_EXT):
+        if ext not in sample:
+            raise ContractError(f"sample {key}: member {ext!r} is missing (members: {sorted(sample)})")
+    try:
+        meta = json.loads(sample[META_EXT])
+        volume = decode_volume(sample[VOLUME_EXT])
+    except (ValueError, UnicodeDecodeError, EOFError) as exc:
+        raise ContractError(f"sample {key}: undecodable member: {exc}") from exc
+    if meta.get("key") != key:
+        raise ContractError(f"sample {key}: field 'key' says {meta.get('key')!r}")
+    validate_sample(volume, meta)
+    return volume, meta

@@ -1,0 +1,178 @@
+"""The shard-set layout: tar shards per split, ``errors.jsonl``, and ``index.json`` written last.
+
+``index.json`` at the root of a shard set means the set is complete: writers put it there only after every shard
+and the dead-letter file are in place, and readers refuse a directory without it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping
+
+from shards import storage
+from shards.contract import FORMAT_VERSION, META_EXT, SPLITS, VOLUME_EXT, ContractError
+
+INDEX_NAME = "index.json"
+ERRORS_NAME = "errors.jsonl"
+# Every member gets this mtime so the same samples give byte-identical tars on every run (2020-01-01T00:00:00Z).
+TAR_MTIME = 1577836800.0
+
+
+def shard_name(split: str, number: int) -> str:
+    """Relative path of shard ``number`` of ``split`` inside a shard set."""
+    return f"{split}/shard-{number:06d}.tar"
+
+
+def stable_hash(text: str) -> int:
+    """A hash that is the same in every process and on every run (Python's ``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
+def write_shard(fileobj: BinaryIO, samples: Iterable[Mapping[str, Any]]) -> int:
+    """Write encoded samples, in the given order, as a deterministic tar; returns the number written."""
+    import webdataset as wds  # imported here so readers of the index alone need not import it
+
+    count = 0
+    writer = wds.TarWriter(fileobj, encoder=False, mtime=TAR_MTIME, user="octjepa", group="octjepa", mode=0o444)
+    for sample in samples:
+        writer.write({"__key__": sample["__key__"], VOLUME_EXT: sample[VOLUME_EXT], META_EXT: sample[META_EXT]})
+        count += 1
+    writer.close()
+    return count
+
+
+def iter_shard(fileobj: BinaryIO, *, name: str = "<shard>") -> Iterator[dict[str, Any]]:
+    """Yield encoded samples ``{"__key__", "npy", "json"}`` from a shard file object; raise ContractError naming
+    the shard when the tar is corrupt or truncated."""
+    import tarfile
+
+    from webdataset import tariterators
+    from webdataset.handlers import reraise_exception
+
+    try:
+        files = ({**f, "__url__": name} for f in tariterators.tar_file_iterator(fileobj, handler=reraise_exception))
+        for sample in tariterators.group_by_keys(files, handler=reraise_exception):
+            sample.pop("__url__", None)
+            sample.pop("__local_path__", None)
+            yield sample
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        raise ContractError(f"shard {name}: unreadable tar ({type(exc).__name__}: {exc})") from exc
+
+
+def sha256_of(fileobj: BinaryIO, chunk: int = 1 << 22) -> tuple[str, int]:
+    """(hex sha256, byte count) of a file object read to its end."""
+    digest, size = hashlib.sha256(), 0
+    while block := fileobj.read(chunk):
+        digest.update(block)
+        size += len(block)
+    return digest.hexdigest(), size
+
+
+def build_index(
+    *,
+    config: Mapping[str, Any],
+    shards: Iterable[Mapping[str, Any]],
+    by_split_device: Mapping[str, Mapping[str, int]],
+    errors_by_reason: Mapping[str, int],
+    manifest_rows: int,
+    selected: int,
+    created_by: str,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble ``index.json``. ``shards`` are dicts with ``split, path, num_samples, bytes, sha256``."""
+    splits: dict[str, dict[str, Any]] = {}
+    for shard in sorted(shards, key=lambda s: s["path"]):
+        entry = splits.setdefault(shard["split"], {"num_samples": 0, "shards": []})
+        entry["shards"].append({k: shard[k] for k in ("path", "num_samples", "bytes", "sha256")})
+        entry["num_samples"] += shard["num_samples"]
+    by_device: dict[str, int] = {}
+    for devices in by_split_device.values():
+        for device, n in devices.items():
+            by_device[device] = by_device.get(device, 0) + n
+    index = {
+        "format_version": FORMAT_VERSION,
+        "created_by": created_by,
+        "config": dict(config),
+        "splits": dict(sorted(splits.items())),
+        "counts": {
+            "by_split": {s: e["num_samples"] for s, e in sorted(splits.items())},
+            "by_device": dict(sorted(by_device.items())),
+            "by_split_device": {s: dict(sorted(d.items())) for s, d in sorted(by_split_device.items())},
+        },
+        "errors": {
+            "path": ERRORS_NAME,
+            "count": sum(errors_by_reason.values()),
+            "by_reason": dict(sorted(errors_by_reason.items())),
+        },
+        "manifest_rows": manifest_rows,
+        "selected": selected,
+    }
+    if extra:
+        index.update(extra)
+    validate_index(index, where="<built index>")
+    return index
+
+
+def validate_index(index: Mapping[str, Any], *, where: str) -> None:
+    """Check the structure of an index; the message names the shard set and the field."""
+    if index.get("format_version") != FORMAT_VERSION:
+        raise ContractError(f"{where}: index field 'format_version' is {index.get('format_version')!r}, "
+                            f"this code reads {FORMAT_VERSION}")
+    for field in ("config", "splits", "counts", "errors", "manifest_rows", "selected"):
+        if field not in index:
+            raise ContractError(f"{where}: index is missing field {field!r}")
+    for split, entry in index["splits"].items():
+        if split not in SPLITS:
+            raise ContractError(f"{where}: index split {split!r} is not one of {SPLITS}")
+        total = 0
+        for shard in entry["shards"]:
+            for field in ("path", "num_samples", "bytes", "sha256"):
+                if field not in shard:
+                    raise ContractError(f"{where}: shard entry {shard!r} is missing field {field!r}")
+            total += shard["num_samples"]
+        if total != entry["num_samples"]:
+            raise ContractError(f"{where}: split {split!r} says {entry['num_samples']} samples, its shards hold {total}")
+
+
+def encode_index(index: Mapping[str, Any]) -> bytes:
+    return (json.dumps(index, sort_keys=True, indent=1) + "\n").encode("utf-8")
+
+
+def write_index(root: str, index: Mapping[str, Any]) -> None:
+    """Write ``index.json`` last: a complete set is exactly a set that has one."""
+    validate_index(index, where=root)
+    storage.write_bytes(storage.join(root, INDEX_NAME), encode_index(index))
+
+
+def read_index(root: str) -> dict[str, Any]:
+    """Load and validate the index of a shard set; refuse a directory without one (it is incomplete or not a set)."""
+    path = storage.join(root, INDEX_NAME)
+    fs, fspath = storage.get_fs(path)
+    if not fs.exists(fspath):
+        raise ContractError(f"{root}: no {INDEX_NAME}; this is not a complete shard set (a writer may have been "
+                            f"interrupted, or the path is wrong)")
+    with fs.open(fspath, "rb") as f:
+        index = json.loads(f.read())
+    validate_index(index, where=root)
+    return index
+
+
+def shard_urls(root: str, index: Mapping[str, Any], split: str) -> list[str]:
+    """Full URLs of a split's shards, in index order; raise naming the split when the set has none."""
+    if split not in index["splits"]:
+        raise ContractError(f"{root}: shard set has no split {split!r} (it has {sorted(index['splits'])})")
+    return [storage.join(root, s["path"]) for s in index["splits"][split]["shards"]]
+
+
+def write_shard_file(root: str, split: str, number: int, samples: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Write one shard of a set (atomically: a reader never sees a half-written tar) and return its index entry
+    ``{split, path, num_samples, bytes, sha256}``."""
+    import io
+
+    buf = io.BytesIO()
+    count = write_shard(buf, samples)
+    data = buf.getvalue()
+    path = shard_name(split, number)
+    storage.write_bytes(storage.join(root, path), data)
+    return {"split": split, "path": path, "num_samples": count, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
