@@ -5,21 +5,21 @@ TPU hosts ``.[train,tpu]``, developers ``.[beam,train,test]``.
 """
 from setuptools import find_packages, setup
 
+# What every machine needs, Dataflow workers included: Dataflow installs this package from its sdist with
+# install_requires only (no extras), so the DICOM decoders live here and torch does not.
 BASE = [
     "numpy>=2.0,<2.5",
     "fsspec==2026.9.0",
     "gcsfs==2026.10.1",
     "pyyaml==6.0.4",
     "webdataset==1.0.2",
-]
-BEAM = [
-    "apache-beam[gcp]==2.77.0",
     "pydicom==3.0.2",
     "pylibjpeg==2.1.0",
     "pylibjpeg-openjpeg==2.6.0",
     "pylibjpeg-libjpeg==2.5.0",
     "scipy==1.17.1",
 ]
+BEAM = ["apache-beam[gcp]==2.77.0"]
 TRAIN = [
     "torch==2.9.0",
     "wandb==0.31.0",
@@ -46,7 +46,6 @@ setup(
     packages=find_packages(include=["shards", "shards.*", "beam_jobs", "beam_jobs.*", "model", "model.*",
                                     "trainer", "trainer.*"]),
     py_modules=["octjepa_cli"],
-    package_data={"beam_jobs": ["presets/*.yaml"]},
     install_requires=BASE,
     extras_require={"beam": BEAM, "train": TRAIN, "tpu": TPU, "test": TEST},
     entry_points={"console_scripts": ["octjepa = octjepa_cli:main"]},

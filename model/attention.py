@@ -22,7 +22,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, impl: str) -> Tensor:
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, K, K)
         return scores.softmax(dim=-1) @ v
     if impl == "xla_flash":
-        if q.device.type == "xla" and _xla_is_tpu():
+        if q.device.type == "xla" and _xla_is_tpu() and _fits_flash_blocks(q.shape[-2]):
             # Imported here, never at module level: model/ must import without torch_xla.
             from torch_xla.experimental.custom_kernel import flash_attention
 
@@ -35,6 +35,17 @@ def _xla_is_tpu() -> bool:
     import torch_xla.runtime as xr
 
     return xr.device_type() == "TPU"
+
+
+def _fits_flash_blocks(seq_len: int) -> bool:
+    """Whether the Pallas kernel tiles seq_len exactly. torch_xla 2.9 pads a longer, ragged key sequence with
+    zeros and, without a bias or segment ids, attends to the padding; such lengths use SDPA instead. (The
+    predictor's context + targets is always the full grid, so a grid that is a multiple of the largest
+    block (1024 tokens in 2.9, forward and backward) keeps it and the target encoder on the kernel.)"""
+    from torch_xla.experimental.custom_kernel import FlashAttention
+
+    block = max(size for name, size in FlashAttention.DEFAULT_BLOCK_SIZES.items() if name != "block_b")
+    return seq_len <= block or seq_len % block == 0
 
 
 class Attention(nn.Module):
@@ -52,13 +63,13 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: RotaryCache | None = None) -> Tensor:
         B, K, E = x.shape
-        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)  # (3, B, heads, K, hd)
-        if rope is None:
-            q, k = qkv[0], qkv[1]
-        else:
-            # q and k rotated in one pass: (2, B, heads, K, hd) broadcasts against the (B, 1, K, P) cache.
-            q, k = rope.apply(qkv[:2]).unbind(0)
-        out = attention(q, k, qkv[2], self.impl)  # (B, heads, K, hd)
+        qkv = self.qkv(x).view(B, K, 3, self.num_heads, -1)  # (B, K, 3, heads, hd)
+        if rope is not None:
+            qkv = rope.apply_qkv(qkv)
+        # (B, heads, K, hd) views of the (B, K, heads, hd) memory: SDPA then writes its output in (B, K, E)
+        # order, so the reshape below is free.
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        out = attention(q, k, v, self.impl)  # (B, heads, K, hd)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, K, E)))
 
 
@@ -125,6 +136,8 @@ def run_blocks(blocks: nn.ModuleList, x: Tensor, rope: RotaryCache | None, check
 def init_vjepa_weights(module: nn.Module, blocks: nn.ModuleList, std: float = 0.02) -> None:
     """V-JEPA 2 initialisation: truncated normal(std) for linear and conv weights, zero biases, unit norms,
     then each block's residual output projections divided by sqrt(2 * layer_id)."""
+    if any(p.is_meta for p in module.parameters()):
+        return  # a meta-device model (shape checks, FLOP counts) has no values to initialise
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv3d)):
             nn.init.trunc_normal_(m.weight, std=std)

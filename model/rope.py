@@ -42,28 +42,76 @@ def rope_angles(token_idx: Tensor, grid: tuple[int, int, int], head_dim: int) ->
 
 
 class RotaryCache:
-    """cos/sin of the angles for one set of token positions, computed once per forward and shared by every
-    block (V-JEPA 2 recomputes them in each block, for q and for k)."""
+    """cos and sin of the rotation angles of one set of token positions, computed once per forward and shared
+    by every block (V-JEPA 2 recomputes them in each block, for q and for k).
+
+    Channel pair (2j, 2j+1) of a head turns by the angle of pair j: the correct pair interleaving. V-JEPA 2
+    keeps a `repeat` of the frequencies that gives the two channels of a pair different angles, for
+    checkpoint compatibility only.
+    """
 
     def __init__(self, angles: Tensor) -> None:
-        # (B or 1, 1, K, P): the 1 broadcasts over heads.
-        self.cos = angles.cos().unsqueeze(-3)
-        self.sin = angles.sin().unsqueeze(-3)
-        self.rotated = 2 * angles.shape[-1]
+        angles = angles.float()
+        self.cos = angles.cos().unsqueeze(-2)  # (B or 1, K, 1, P): the 1 broadcasts over heads
+        self.sin = angles.sin().unsqueeze(-2)
+        self._qkv: tuple[Tensor, Tensor, Tensor] | None = None
 
     def apply(self, x: Tensor) -> Tensor:
-        """Rotate channel pairs (2j, 2j+1) of x (B, heads, K, head_dim) by the cached angles.
+        """Rotate x (B, K, heads, head_dim); channels past 2 * P are left as they are."""
+        return _Rotate.apply(x, self.cos, self.sin, _complex(self.cos, self.sin))
 
-        The pair interleaving is the correct one: V-JEPA 2 keeps a `repeat` of the frequencies that gives the
-        two channels of a pair different angles, for checkpoint compatibility only.
-        """
-        r = self.rotated
-        pairs = x[..., :r].unflatten(-1, (-1, 2))  # (B, heads, K, P, 2)
+    def apply_qkv(self, qkv: Tensor) -> Tensor:
+        """Rotate q and k of a fused (B, K, 3, heads, head_dim) projection in one pass; v passes unrotated.
+
+        One multiply over all of qkv (v turned by angle 0) writes q, k, v into a fresh buffer, so the backward
+        is one inverse rotation too, with no slice-and-scatter of the gradient."""
+        if self._qkv is None:
+            cos, sin = self.cos.unsqueeze(2), self.sin.unsqueeze(2)  # (B or 1, K, 1, 1, P)
+            cos = torch.cat((cos, cos, torch.ones_like(cos)), dim=2)  # (B or 1, K, 3, 1, P)
+            sin = torch.cat((sin, sin, torch.zeros_like(sin)), dim=2)
+            self._qkv = (cos, sin, _complex(cos, sin))  # built once, shared by all blocks
+        return _Rotate.apply(qkv, *self._qkv)
+
+
+def _complex(cos: Tensor, sin: Tensor) -> Tensor | None:
+    """cos + i sin where complex multiplication is cheap (CPU, CUDA); None elsewhere (XLA: real arithmetic)."""
+    return torch.complex(cos, sin) if cos.device.type in ("cpu", "cuda") else None
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, rot: Tensor | None) -> Tensor:
+    """A new tensor: channel pairs of x[..., :2P] turned by (cos, sin) (..., P), also given as the complex
+    rot = cos + i sin; the other channels copied."""
+    r = 2 * cos.shape[-1]
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if rot is not None and x.dtype in (torch.float32, torch.float64):
+        # A pair as one complex number: the rotation is a single multiply pass.
+        src = torch.view_as_complex(x[..., :r].unflatten(-1, (-1, 2)))
+        dst = torch.view_as_complex(out[..., :r].unflatten(-1, (-1, 2)))
+        torch.mul(src, rot.to(src.dtype), out=dst)
+    else:
+        # Real arithmetic in fp32: XLA lowers it everywhere, and complex has no bfloat16 form.
+        pairs = x[..., :r].unflatten(-1, (-1, 2)).float()
         x0, x1 = pairs[..., 0], pairs[..., 1]
-        out = torch.stack((x0 * self.cos - x1 * self.sin, x0 * self.sin + x1 * self.cos), dim=-1).flatten(-2)
-        if r == x.shape[-1]:
-            return out
-        return torch.cat((out, x[..., r:]), dim=-1)
+        out[..., :r] = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(x.dtype)
+    if r < x.shape[-1]:
+        out[..., r:] = x[..., r:]
+    return out
+
+
+class _Rotate(torch.autograd.Function):
+    """Rotation whose backward is the inverse rotation (angle negated), saving only cos and sin."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor, rot: Tensor | None) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.rot = rot  # a constant (no grad): kept as is, since save_for_backward refuses None
+        return _rotate(x, cos, sin, rot)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        cos, sin = ctx.saved_tensors
+        rot = None if ctx.rot is None else ctx.rot.conj()
+        return _rotate(grad, cos, -sin, rot), None, None, None
 
 
 def _sincos_1d(dim: int, pos: Tensor) -> Tensor:

@@ -40,7 +40,8 @@ class VisionTransformer3D(nn.Module):
             self.register_buffer("pos_table", sincos_table_3d(cfg.embed_dim, self.grid), persistent=False)
         else:
             self.pos_table = None
-        drop_paths = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()  # V-JEPA 2's linear decay rule
+        # V-JEPA 2's linear decay rule; plain floats so a model can be built on the meta device.
+        drop_paths = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
             Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.attn_impl, dp, cfg.dropout) for dp in drop_paths
         )
@@ -52,17 +53,30 @@ class VisionTransformer3D(nn.Module):
 
         Returns (B, K, E), or (B, N, E) when token_idx is None.
         """
+        return self.forward_tokens(self.embed(x), token_idx)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Patch embedding (plus the sin-cos table if configured) of every token: (B, 1, D, H, W) -> (B, N, E).
+
+        Split from the blocks so one embedding can serve several context sets (one per mask configuration).
+        """
         expected = (1,) + tuple(self.cfg.input_shape)
         if x.ndim != 5 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"encoder input must be (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         tokens = self.patch_embed(x)  # (B, N, E)
         if self.pos_table is not None:
             tokens = tokens + self.pos_table
+        return tokens
+
+    def forward_tokens(self, tokens: Tensor, token_idx: Tensor | None = None) -> Tensor:
+        """Embedded tokens (B, N, E) -> encoded (B, K, E) at token_idx (B, K), or all N when it is None."""
         if token_idx is not None:
+            if token_idx.ndim != 2 or token_idx.shape[0] != tokens.shape[0]:
+                raise ValueError(f"token_idx must be (B={tokens.shape[0]}, K), got {tuple(token_idx.shape)}")
             tokens = gather_tokens(tokens, token_idx)  # (B, K, E)
         rope = None
         if self.pos_table is None:
-            idx = token_idx if token_idx is not None else torch.arange(self.num_tokens, device=x.device)[None]
+            idx = token_idx if token_idx is not None else torch.arange(self.num_tokens, device=tokens.device)[None]
             rope = RotaryCache(rope_angles(idx, self.grid, self.head_dim))
         tokens = run_blocks(self.blocks, tokens, rope, self.cfg.activation_checkpointing)
         return self.norm(tokens)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from typing import Any, Mapping
 
@@ -42,6 +43,7 @@ META_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 _SAFE = re.compile(r"[A-Za-z0-9_-]")
+KEY_SEPARATOR = "_-_"
 
 
 class ContractError(ValueError):
@@ -68,7 +70,8 @@ def make_key(device: str, participant_id: str, sop_instance_uid: str) -> str:
         if not value:
             raise ContractError(f"make_key: {name} is empty (device={device!r}, participant={participant_id!r})")
     uid = sop_instance_uid.replace(".", "-") if re.fullmatch(r"[0-9.]+", sop_instance_uid) else "x" + _escape(sop_instance_uid)
-    return f"{_escape(device)}__{_escape(participant_id)}__{uid}"
+    # "_-_" never occurs inside an escaped field: an escape is "-<hex>-", so '-' is never between two '_'.
+    return f"{_escape(device)}{KEY_SEPARATOR}{_escape(participant_id)}{KEY_SEPARATOR}{uid}"
 
 
 def encode_volume(volume: np.ndarray) -> bytes:
@@ -78,7 +81,20 @@ def encode_volume(volume: np.ndarray) -> bytes:
 
 
 def decode_volume(data: bytes) -> np.ndarray:
-    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    """The ``.npy`` member as a read-only array viewing ``data`` (no copy: the loader's batch stacking copies once)."""
+    buf = io.BytesIO(data)
+    version = np.lib.format.read_magic(buf)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"unsupported .npy format version {version}")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(buf)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not volumes")
+    count = math.prod(shape)
+    if len(data) - buf.tell() < count * dtype.itemsize:
+        raise ValueError(f"truncated .npy: header says {shape} {dtype}, {len(data) - buf.tell()} data bytes")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=buf.tell())
+    return array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
 
 
 def encode_meta(meta: Mapping[str, Any]) -> bytes:

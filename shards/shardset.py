@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 
 from shards import storage
@@ -43,18 +45,30 @@ def write_shard(fileobj: BinaryIO, samples: Iterable[Mapping[str, Any]]) -> int:
 
 def iter_shard(fileobj: BinaryIO, *, name: str = "<shard>") -> Iterator[dict[str, Any]]:
     """Yield encoded samples ``{"__key__", "npy", "json"}`` from a shard file object; raise ContractError naming
-    the shard when the tar is corrupt or truncated."""
+    the shard when the tar is corrupt or truncated.
+
+    A seekable file is read with random access (one read per member): as a stream, tarfile pulls each multi-MB
+    volume through its 10 KiB record buffer, 5-10x the CPU. Non-seekable readers (pipes, hashing wrappers) are
+    streamed. Key grouping is webdataset's own.
+    """
     import tarfile
 
     from webdataset import tariterators
     from webdataset.handlers import reraise_exception
 
+    def members(tar: tarfile.TarFile) -> Iterator[dict[str, Any]]:
+        while (info := tar.next()) is not None:
+            if info.isreg():
+                yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": name}
+            tar.members = []  # tarfile keeps every header it has read; a shard can hold thousands
+
     try:
-        files = ({**f, "__url__": name} for f in tariterators.tar_file_iterator(fileobj, handler=reraise_exception))
-        for sample in tariterators.group_by_keys(files, handler=reraise_exception):
-            sample.pop("__url__", None)
-            sample.pop("__local_path__", None)
-            yield sample
+        seekable = getattr(fileobj, "seekable", lambda: False)()
+        with tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|") as tar:
+            for sample in tariterators.group_by_keys(members(tar), handler=reraise_exception):
+                sample.pop("__url__", None)
+                sample.pop("__local_path__", None)
+                yield sample
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         raise ContractError(f"shard {name}: unreadable tar ({type(exc).__name__}: {exc})") from exc
 
@@ -164,15 +178,72 @@ def shard_urls(root: str, index: Mapping[str, Any], split: str) -> list[str]:
     return [storage.join(root, s["path"]) for s in index["splits"][split]["shards"]]
 
 
-def write_shard_file(root: str, split: str, number: int, samples: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Write one shard of a set (atomically: a reader never sees a half-written tar) and return its index entry
-    ``{split, path, num_samples, bytes, sha256}``."""
-    import io
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts every byte written through it, in large chunks.
 
-    buf = io.BytesIO()
-    count = write_shard(buf, samples)
-    data = buf.getvalue()
+    tarfile writes 10 KiB records: one hash update and one write per 8 MiB instead of tens of thousands of small
+    calls per shard (each of which releases and re-takes the GIL next to the runner's threads).
+    """
+
+    def __init__(self, fileobj: Any, chunk: int = 8 << 20) -> None:
+        self._f, self.digest, self.size = fileobj, hashlib.sha256(), 0
+        self._buf, self._pos = bytearray(chunk), 0
+
+    def write(self, data: bytes) -> int:
+        n = len(data)
+        if self._pos + n > len(self._buf):
+            self._drain()
+        if n > len(self._buf):
+            self._emit(data)
+        else:
+            self._buf[self._pos:self._pos + n] = data
+            self._pos += n
+        return n
+
+    def flush(self) -> None:
+        self._drain()
+        self._f.flush()
+
+    def _drain(self) -> None:
+        if self._pos:
+            with memoryview(self._buf)[:self._pos] as view:
+                self._emit(view)
+            self._pos = 0
+
+    def _emit(self, data: Any) -> None:
+        self.digest.update(data)
+        self.size += len(data)
+        self._f.write(data)
+
+
+def write_shard_file(root: str, split: str, number: int, records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Write one shard of a set, streamed to its destination while hashing, and return its index entry
+    ``{split, path, num_samples, bytes, sha256}``.
+
+    Atomic: locally a temporary sibling renamed over the target; on GCS the object appears only when its upload
+    completes. Streaming (not a BytesIO first) keeps memory at one sample and avoids the buffer's regrowth.
+    """
     path = shard_name(split, number)
-    storage.write_bytes(storage.join(root, path), data)
-    return {"split": split, "path": path, "num_samples": count, "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest()}
+    url = storage.join(root, path)
+    fs, fspath = storage.get_fs(url)
+    if storage.is_remote(url):
+        with fs.open(fspath, "wb") as f:
+            writer = _HashingWriter(f)
+            count = write_shard(writer, records)
+            writer.flush()
+    else:
+        parent = os.path.dirname(os.path.abspath(fspath))
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(fspath)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                writer = _HashingWriter(f)
+                count = write_shard(writer, records)
+                writer.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, fspath)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return {"split": split, "path": path, "num_samples": count, "bytes": writer.size,
+            "sha256": writer.digest.hexdigest()}

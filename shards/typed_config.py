@@ -107,9 +107,25 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def _yaml_load(text: str | bytes) -> Any:
+    """YAML with exponent floats such as ``3e-4`` read as numbers (PyYAML follows YAML 1.1, which reads a string)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"""),
+        list("-+0123456789."),
+    )
+    return yaml.load(text, Loader=Loader)
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place; returns it."""
-    import yaml
 
     for item in overrides:
         if "=" not in item:
@@ -122,20 +138,18 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _yaml_load(raw)
     return data
 
 
 def load_yaml(cls: type[T], path: str | None, overrides: Sequence[str] = ()) -> T:
     """Load ``cls`` from a YAML file (None: the dataclass defaults) plus ``key=value`` overrides."""
-    import yaml
-
     data: dict[str, Any] = {}
     if path is not None:
         from shards import storage
 
         with storage.open_url(path, "rb") as f:
-            loaded = yaml.safe_load(f.read()) or {}
+            loaded = _yaml_load(f.read()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         data = loaded

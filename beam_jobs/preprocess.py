@@ -1,0 +1,486 @@
+"""Beam job: AI-READI OCT DICOMs -> WebDataset shards, ``errors.jsonl`` and (last) ``index.json``.
+
+    octjepa preprocess --manifest data/retinal_oct/manifest.tsv --data-root data --output shards/ \\
+        [--config configs/<preset>.yaml] [--participants data/participants.tsv] \\
+        [--devices zeiss_cirrus topcon_triton] [--anatomic-regions macula] [--samples-per-shard 32] \\
+        [--direct_num_workers 2]
+    python -m beam_jobs.preprocess ...            # the same job
+    octjepa preprocess --manifest gs://b/retinal_oct/manifest.tsv --data-root gs://b --output gs://b/shards \\
+        --runner DataflowRunner --project P --region us-central1 --temp_location gs://b/tmp
+
+``--data-root`` is the folder the manifest's ``filepath`` column is relative to (the dataset root, which holds
+``retinal_oct/``). Any of the paths may be local or ``gs://``. Without ``--runner`` the job runs locally on Beam's
+FnApiRunner with one worker process per core (see ``beam_jobs.runner``).
+
+The pipeline::
+
+    manifest url -ReadManifest-> rows (+ malformed rows -> errors)
+      -Reshuffle-> Preprocess (read via fsspec, decode, resample, encode, stage; bad files -> errors)
+      -AssignShard-> (split, shard number) -GroupByKey-> WriteShards (sorted by key, streamed into one tar each)
+    shard entries + errors + manifest stats -Finalise-> errors.jsonl, stale shards removed, index.json
+
+Volumes do not travel through the shuffle: each encoded sample is staged as a one-sample tar under
+``O/_staging/`` and only its key crosses the GroupByKey, so a worker holds one volume at a time, whether it decodes
+or writes a shard of a few hundred MB (Beam materialises a grouped value list in memory; a shard's worth of volumes
+would be several times the largest volume). Staged samples are deterministic, so a retried bundle rewrites the same
+bytes; Finalise deletes the staging folder.
+
+Shards per split: ``n = ceil(selected rows in split / samples_per_shard)``, known from the manifest before any
+decoding; a sample goes to shard ``stable_hash(key) % n``. Shard sizes therefore vary around samples_per_shard,
+and a shard that receives no sample (all its rows rejected, or a very small split) is simply not written; the
+index lists exactly the shards that exist.
+
+Finalisation runs inside the pipeline, as one element whose side inputs are every shard entry and every error:
+Beam only computes it once all shards are written, and on Dataflow the job completes its output even when the
+launching machine detaches. Re-running it (a retried bundle, or a second run) rewrites the same bytes.
+``index.json`` of an existing output is deleted before the pipeline starts, so a run that dies midway leaves a
+set that readers refuse.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import posixpath
+import re
+import sys
+import time
+import traceback
+import uuid
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from beam_jobs import manifest as mf
+from beam_jobs import runner
+from shards import ERRORS_NAME, INDEX_NAME, SPLITS, build_index, iter_shard, make_key, shard_name, stable_hash, \
+    storage, write_index, write_shard
+from shards.typed_config import to_dict
+
+_LOG = logging.getLogger(__name__)
+NAMESPACE = "octjepa.preprocess"
+CREATED_BY = "beam_jobs.preprocess"
+TARGET_SHARD_BYTES = 256 << 20  # "a few hundred MB": large enough for streaming reads, small enough to retry
+_SHARD_FILE = re.compile(r"^shard-\d{6}\.tar$")
+STAGING = "_staging"
+ERRORS_TAG = "errors"
+STATS_TAG = "stats"
+
+
+# ---------------------------------------------------------------------------------------------------- options
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="octjepa preprocess", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", required=True, help="manifest.tsv (local path or gs://)")
+    parser.add_argument("--data-root", required=True, help="folder the manifest's filepath column is relative to")
+    parser.add_argument("--output", required=True, help="shard-set folder to write (replaced if it exists)")
+    parser.add_argument("--config", default=None, help="preprocessing preset YAML (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config field, e.g. --set target_spacing_mm=[0.1,0.01,0.02]")
+    parser.add_argument("--participants", default=None, help="participants.tsv with recommended_split")
+    parser.add_argument("--devices", nargs="+", default=[], choices=mf.DEVICES, help="keep only these devices")
+    parser.add_argument("--anatomic-regions", nargs="+", default=[], help="keep only these regions (e.g. macula)")
+    parser.add_argument("--samples-per-shard", type=int, default=None,
+                        help="samples per shard (default: about 256 MB of volumes per shard)")
+    parser.add_argument("--val-fraction", type=float, default=mf.DEFAULT_VAL_FRACTION,
+                        help="share of participants hashed into val when --participants is not given")
+    return parser
+
+
+def default_samples_per_shard(config: Any) -> int:
+    """About TARGET_SHARD_BYTES per shard at the configured output shape (16-bit worst case)."""
+    shape = getattr(config, "target_shape", None)
+    if not shape:
+        return 32
+    return max(1, TARGET_SHARD_BYTES // (math.prod(int(s) for s in shape) * 2))
+
+
+# ---------------------------------------------------------------------------------------------------- DoFns
+def error_record(row: mf.Row, *, stage: str, reason: str, message: str) -> dict[str, Any]:
+    return {"key": make_key(row.device, row.participant_id, row.sop_instance_uid), "row": row.row_number,
+            "filepath": row.filepath, "sop_instance_uid": row.sop_instance_uid, "stage": stage, "reason": reason,
+            "message": message}
+
+
+class ReadManifestFn(beam.DoFn):
+    """Manifest URL -> selected ``Row``s; malformed rows to ERRORS_TAG; ``{manifest_rows, selected}`` to STATS_TAG."""
+
+    def __init__(self, selection: mf.Selection, recommended: Mapping[str, str] | None, val_fraction: float):
+        self._selection, self._recommended, self._val_fraction = selection, recommended, val_fraction
+
+    def process(self, url: str) -> Iterator[Any]:
+        total, rows = mf.parse_manifest(url, selection=self._selection, recommended=self._recommended,
+                                        val_fraction=self._val_fraction)
+        Metrics.counter(NAMESPACE, "manifest_rows").inc(total)
+        Metrics.counter(NAMESPACE, "selected").inc(len(rows))
+        _LOG.info("manifest %s: %d rows, %d selected", url, total, len(rows))
+        for row in rows:
+            if isinstance(row, mf.BadRow):
+                Metrics.counter(NAMESPACE, "errors_malformed_row").inc()
+                yield beam.pvalue.TaggedOutput(ERRORS_TAG, mf.bad_row_record(row))
+            else:
+                yield row
+        yield beam.pvalue.TaggedOutput(STATS_TAG, {"manifest_rows": total, "selected": len(rows)})
+
+
+class PreprocessFn(beam.DoFn):
+    """Row -> ``(row, key)`` after staging the encoded sample; a file that cannot become a sample goes to
+    ERRORS_TAG with its reason.
+
+    I/O errors other than a missing file propagate, so that Beam retries the bundle (a transient GCS failure is not
+    a property of the input). Any other unexpected exception is routed with reason ``unexpected`` and counted, so
+    one odd file cannot stop a long job; the summary and index show that count.
+    """
+
+    def __init__(self, data_root: str, output: str, config: Any, record_workers: bool = False,
+                 progress_every: int = 25):
+        self._data_root, self._output, self._config = data_root, output, config
+        self._record_workers, self._progress_every = record_workers, progress_every
+
+    def setup(self) -> None:
+        runner.keep_torch_out_of_worker()
+        # Imported and created here, in the worker process: gcsfs must not be created before Beam forks/spawns.
+        from beam_jobs.dicom import DicomReadError
+        from beam_jobs.volume_to_sample import dicom_to_sample
+
+        self._dicom_error, self._to_sample = DicomReadError, dicom_to_sample
+        self._fs, self._base = storage.get_fs(self._data_root)
+        self._done, self._started = 0, time.monotonic()
+        self._decode_ms = Metrics.distribution(NAMESPACE, "decode_ms")
+
+    def process(self, row: mf.Row) -> Iterator[Any]:
+        try:
+            data = self._fs.cat_file(posixpath.join(self._base, row.filepath.lstrip("/")))
+        except FileNotFoundError as exc:
+            yield self._error(row, "read", "missing_file", f"{storage.join(self._data_root, row.filepath)}: "
+                                                           f"file not found ({exc})")
+            return
+        start = time.monotonic()
+        try:
+            sample = self._to_sample(data, row=row.as_dict(), config=self._config, split=row.split)
+        except self._dicom_error as exc:
+            yield self._error(row, "decode", exc.reason, str(exc))
+            return
+        except (MemoryError, OSError):
+            raise
+        except Exception as exc:  # noqa: BLE001 -- routed and counted, see the class docstring
+            Metrics.counter(NAMESPACE, "unexpected_errors").inc()
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            yield self._error(row, "decode", "unexpected", f"{row.filepath}: unexpected {detail}")
+            return
+        del data
+        self._decode_ms.update(int((time.monotonic() - start) * 1000))
+        stage_sample(self._output, sample)
+        Metrics.counter(NAMESPACE, "samples").inc()
+        Metrics.counter(NAMESPACE, f"samples_{row.device}").inc()
+        Metrics.counter(NAMESPACE, f"split_{row.split}").inc()
+        if self._record_workers:  # local runs only: proves every worker process took work
+            Metrics.counter(NAMESPACE, f"worker_pid_{os.getpid()}").inc()
+        if "torch" in sys.modules and sys.modules["torch"] is not None:
+            Metrics.counter(NAMESPACE, "volumes_on_workers_with_torch").inc()
+        self._progress()
+        yield row, sample["__key__"]
+
+    def _error(self, row: mf.Row, stage: str, reason: str, message: str) -> Any:
+        Metrics.counter(NAMESPACE, f"errors_{reason}").inc()
+        Metrics.counter(NAMESPACE, "errors").inc()
+        self._progress()
+        return beam.pvalue.TaggedOutput(ERRORS_TAG, error_record(row, stage=stage, reason=reason, message=message))
+
+    def _progress(self) -> None:
+        self._done += 1
+        if self._done % self._progress_every == 0:
+            rate = self._done / max(time.monotonic() - self._started, 1e-9)
+            _LOG.info("worker %d: %d volumes done (%.2f volumes/s)", os.getpid(), self._done, rate)
+
+
+def staged_url(output: str, key: str) -> str:
+    return storage.join(output, STAGING, f"{key}.tar")
+
+
+def stage_sample(output: str, sample: Mapping[str, Any]) -> None:
+    """Write one encoded sample as a one-sample tar (the shard format itself, so nothing is restated)."""
+    buf = io.BytesIO()
+    write_shard(buf, [sample])
+    storage.write_bytes(staged_url(output, sample["__key__"]), buf.getvalue())
+
+
+def read_staged(output: str, key: str) -> dict[str, Any]:
+    url = staged_url(output, key)
+    with storage.open_url(url, "rb") as f:
+        samples = list(iter_shard(f, name=url))
+    if len(samples) != 1 or samples[0]["__key__"] != key:
+        raise RuntimeError(f"{url}: expected the one staged sample {key}, found {[s['__key__'] for s in samples]}")
+    return samples[0]
+
+
+def shard_number(key: str, n_shards: int) -> int:
+    return stable_hash(key) % n_shards
+
+
+def assign_shard(item: tuple[mf.Row, str], rows_per_split: Mapping[str, int],
+                 samples_per_shard: int) -> tuple[tuple[str, int], tuple[str, str]]:
+    """``(row, key)`` -> ``((split, shard number), (key, device))``."""
+    row, key = item
+    n_shards = math.ceil(rows_per_split[row.split] / samples_per_shard)
+    return (row.split, shard_number(key, n_shards)), (key, row.device)
+
+
+class _HashingWriter:
+    """A write-only file object that also counts and hashes what passes through."""
+
+    def __init__(self, raw: Any):
+        self._raw, self.sha256, self.bytes = raw, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        if self._raw is None:  # abandoned: a half-built tar stream may still flush when it is collected
+            return len(data)
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self._raw.write(data)
+
+    def abandon(self) -> None:
+        self._raw = None
+
+
+def write_shard_streaming(output: str, split: str, number: int, samples: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """``shards.write_shard_file`` without holding the shard in memory: the tar is streamed to its destination
+    (same bytes, same entry). Locally through a temporary sibling renamed into place; on GCS an object appears
+    only when its upload completes, and a failed upload is discarded."""
+    path = shard_name(split, number)
+    url = storage.join(output, path)
+    fs, fspath = storage.get_fs(url)
+    remote = storage.is_remote(url)
+    target = fspath
+    if not remote:
+        os.makedirs(os.path.dirname(fspath), exist_ok=True)
+        target = posixpath.join(posixpath.dirname(fspath), f".{posixpath.basename(fspath)}.tmp-{uuid.uuid4().hex}")
+    f = fs.open(target, "wb")
+    out = _HashingWriter(f)
+    try:
+        count = write_shard(out, samples)
+    except BaseException:
+        out.abandon()
+        if remote and hasattr(f, "discard"):
+            f.discard()
+        else:
+            f.close()
+            fs.rm(target)
+        raise
+    f.close()
+    if not remote:
+        os.replace(target, fspath)
+    return {"split": split, "path": path, "num_samples": count, "bytes": out.bytes, "sha256": out.sha256.hexdigest()}
+
+
+class WriteShardFn(beam.DoFn):
+    """((split, number), [(key, device)]) -> the shard's index entry, plus its per-device counts (``by_device``)."""
+
+    def __init__(self, output: str):
+        self._output = output
+
+    def setup(self) -> None:
+        runner.keep_torch_out_of_worker()
+
+    def process(self, element: tuple[tuple[str, int], Iterable[tuple[str, str]]]) -> Iterator[dict[str, Any]]:
+        (split, number), members = element
+        # Sorted by key so the tar's bytes do not depend on the order the shuffle delivered the samples in.
+        members = sorted(members)
+        samples = (read_staged(self._output, key) for key, _ in members)
+        entry = write_shard_streaming(self._output, split, number, samples)
+        by_device: dict[str, int] = {}
+        for _, device in members:
+            by_device[device] = by_device.get(device, 0) + 1
+        Metrics.counter(NAMESPACE, "shards_written").inc()
+        Metrics.counter(NAMESPACE, "bytes_written").inc(entry["bytes"])
+        _LOG.info("wrote %s (%d samples, %d bytes)", entry["path"], entry["num_samples"], entry["bytes"])
+        yield {**entry, "by_device": dict(sorted(by_device.items()))}
+
+
+class FinaliseFn(beam.DoFn):
+    """Output URL -> the index, after checking that no input was lost; writes errors.jsonl, removes shards left by
+    an earlier run, then writes index.json (last)."""
+
+    def __init__(self, config: Mapping[str, Any]):
+        self._config = dict(config)
+
+    def process(self, output: str, entries: list[dict[str, Any]], errors: list[dict[str, Any]],
+                stats: Mapping[str, int]) -> Iterator[dict[str, Any]]:
+        index = finalise(output, entries=entries, errors=errors, manifest_rows=stats["manifest_rows"],
+                         selected=stats["selected"], config=self._config)
+        yield index
+
+
+def error_sort_key(record: Mapping[str, Any]) -> tuple[int, str]:
+    return (record["row"] if record.get("row") is not None else -1, record.get("key") or "")
+
+
+def finalise(output: str, *, entries: Sequence[Mapping[str, Any]], errors: Sequence[Mapping[str, Any]],
+             manifest_rows: int, selected: int, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Write errors.jsonl, remove stale shards and write index.json; refuse (no index) if inputs went missing."""
+    written = sum(e["num_samples"] for e in entries)
+    if written + len(errors) != selected:
+        raise RuntimeError(f"{output}: {selected} selected manifest rows, but {written} samples in shards + "
+                           f"{len(errors)} errors; refusing to write {INDEX_NAME}")
+    lines = [json.dumps(r, sort_keys=True) + "\n" for r in sorted(errors, key=error_sort_key)]
+    storage.write_bytes(storage.join(output, ERRORS_NAME), "".join(lines).encode("utf-8"))
+    remove_stale_shards(output, {e["path"] for e in entries})
+    storage.remove(storage.join(output, STAGING), recursive=True)
+    by_split_device: dict[str, dict[str, int]] = {}
+    for entry in entries:
+        counts = by_split_device.setdefault(entry["split"], {})
+        for device, n in entry["by_device"].items():
+            counts[device] = counts.get(device, 0) + n
+    by_reason: dict[str, int] = {}
+    for record in errors:
+        by_reason[record["reason"]] = by_reason.get(record["reason"], 0) + 1
+    index = build_index(config=config, shards=entries, by_split_device=by_split_device, errors_by_reason=by_reason,
+                        manifest_rows=manifest_rows, selected=selected, created_by=CREATED_BY)
+    write_index(output, index)
+    return index
+
+
+def remove_stale_shards(output: str, keep: set[str]) -> list[str]:
+    """Delete shard files (and interrupted temporaries) under ``output/<split>/`` that this run did not write."""
+    fs, root = storage.get_fs(output)
+    removed = []
+    for split in SPLITS:
+        folder = posixpath.join(root, split)
+        if not fs.exists(folder):
+            continue
+        for path in fs.ls(folder, detail=False):
+            name = posixpath.basename(path.rstrip("/"))
+            stale = _SHARD_FILE.match(name) and f"{split}/{name}" not in keep
+            if stale or (name.startswith(".shard-") and ".tmp-" in name):
+                fs.rm(path)
+                removed.append(f"{split}/{name}")
+    if removed:
+        _LOG.info("removed %d stale file(s) from an earlier run: %s", len(removed), removed[:10])
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------------- transforms
+class Preprocess(beam.PTransform):
+    """Selected rows -> ``(shard entries, error records)``."""
+
+    def __init__(self, *, data_root: str, output: str, config: Any, samples_per_shard: int,
+                 record_workers: bool = False):
+        super().__init__()
+        self._data_root, self._output, self._config = data_root, output, config
+        self._samples_per_shard, self._record_workers = samples_per_shard, record_workers
+
+    def expand(self, rows: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
+        rows_per_split = (rows
+                          | "KeyBySplit" >> beam.Map(lambda row: (row.split, 1))
+                          | "CountPerSplit" >> beam.CombinePerKey(sum))
+        decoded = (rows
+                   # Reading the manifest is one cheap step on one worker; redistribute before the costly decode.
+                   | "Reshuffle" >> beam.Reshuffle()
+                   | "DecodeResample" >> beam.ParDo(PreprocessFn(self._data_root, self._output, self._config,
+                                                                 self._record_workers)).with_outputs(
+                       ERRORS_TAG, main="samples"))
+        entries = (decoded.samples
+                   | "AssignShard" >> beam.Map(assign_shard, rows_per_split=beam.pvalue.AsDict(rows_per_split),
+                                               samples_per_shard=self._samples_per_shard)
+                   | "GroupByShard" >> beam.GroupByKey()
+                   | "WriteShards" >> beam.ParDo(WriteShardFn(self._output)))
+        return entries, decoded[ERRORS_TAG]
+
+
+# ---------------------------------------------------------------------------------------------------- run
+def index_config(args: argparse.Namespace, config: Any, samples_per_shard: int) -> dict[str, Any]:
+    """What index["config"] records: everything that decides the output's bytes (not the output path, so two
+    runs into two folders give identical indexes)."""
+    return {"preprocess": to_dict(config), "samples_per_shard": samples_per_shard, "manifest": args.manifest,
+            "data_root": args.data_root, "participants": args.participants, "devices": list(args.devices),
+            "anatomic_regions": list(args.anatomic_regions), "val_fraction": args.val_fraction}
+
+
+def build_pipeline(pipeline: beam.Pipeline, args: argparse.Namespace, *, config: Any,
+                   recommended: Mapping[str, str] | None, samples_per_shard: int, record_workers: bool) -> None:
+    """Add the job's steps to ``pipeline`` (nothing runs until ``pipeline.run()``)."""
+    selection = mf.Selection(devices=tuple(args.devices), anatomic_regions=tuple(args.anatomic_regions))
+    read = (pipeline
+            | "ManifestUrl" >> beam.Create([args.manifest])
+            | "ReadManifest" >> beam.ParDo(ReadManifestFn(selection, recommended, args.val_fraction)).with_outputs(
+                ERRORS_TAG, STATS_TAG, main="rows"))
+    entries, decode_errors = read.rows | "Preprocess" >> Preprocess(
+        data_root=args.data_root, output=args.output, config=config, samples_per_shard=samples_per_shard,
+        record_workers=record_workers)
+    errors = (read[ERRORS_TAG], decode_errors) | "AllErrors" >> beam.Flatten()
+    _ = (pipeline
+         | "OutputUrl" >> beam.Create([args.output])
+         | "Finalise" >> beam.ParDo(FinaliseFn(index_config(args, config, samples_per_shard)),
+                                    entries=beam.pvalue.AsList(entries), errors=beam.pvalue.AsList(errors),
+                                    stats=beam.pvalue.AsSingleton(read[STATS_TAG])))
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the job to completion; returns ``{"index", "counters", "seconds"}``."""
+    from beam_jobs.config import load_preprocess_config
+
+    args, beam_args = build_parser().parse_known_args(argv)
+    # Workers may run in another directory (local worker processes do), so local paths are made absolute here.
+    for name in ("manifest", "data_root", "output", "participants"):
+        value = getattr(args, name)
+        if value is not None and not storage.is_remote(value):
+            setattr(args, name, os.path.abspath(value))
+    options = runner.pipeline_options(beam_args, job_name="octjepa-preprocess")
+    config = load_preprocess_config(args.config, args.overrides)
+    samples_per_shard = args.samples_per_shard or default_samples_per_shard(config)
+    if samples_per_shard < 1:
+        raise SystemExit(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise SystemExit(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    recommended = mf.read_participants(args.participants) if args.participants else None
+
+    # From here until index.json is written again, readers see an incomplete set and refuse it.
+    storage.remove(storage.join(args.output, INDEX_NAME))
+
+    started = time.monotonic()
+    pipeline = runner.make_pipeline(options)
+    build_pipeline(pipeline, args, config=config, recommended=recommended, samples_per_shard=samples_per_shard,
+                   record_workers=runner.is_local(options))
+    result = runner.run_and_wait(pipeline)
+    seconds = time.monotonic() - started
+    index = json.loads(storage.read_bytes(storage.join(args.output, INDEX_NAME)))
+    return {"index": index, "counters": runner.counters(result, NAMESPACE), "seconds": seconds}
+
+
+def summary(report: Mapping[str, Any]) -> str:
+    index, seconds = report["index"], report["seconds"]
+    shards = [s for split in index["splits"].values() for s in split["shards"]]
+    lines = [f"preprocess: {index['selected']} selected of {index['manifest_rows']} manifest rows -> "
+             f"{sum(index['counts']['by_split'].values())} samples in {len(shards)} shards, "
+             f"{index['errors']['count']} errors",
+             f"  by split:  {index['counts']['by_split']}",
+             f"  by device: {index['counts']['by_device']}",
+             f"  errors:    {index['errors']['by_reason']}",
+             f"  {index['selected'] / max(seconds, 1e-9):.2f} volumes/s over {seconds:.1f} s; "
+             f"{sum(s['bytes'] for s in shards) / 1e6:.1f} MB of shards written"]
+    workers = sorted(k for k in report["counters"] if k.startswith("worker_pid_"))
+    if workers:
+        lines.append(f"  worker processes: {len(workers)}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Beam logs every bundle at INFO; keep the job's own progress lines readable.
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    report = run(argv)
+    print(summary(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    # Re-enter through the package so the DoFns pickle by reference to beam_jobs.preprocess (importable on
+    # workers), not as __main__ classes.
+    from beam_jobs.preprocess import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,150 @@
+"""Pipeline options and runner choice shared by the Beam jobs (``preprocess``, ``reshard``).
+
+Local runs (no ``--runner``, or ``DirectRunner`` / ``FnApiRunner``) execute on Beam's FnApiRunner in multi-processing
+mode, one SDK worker process per core. The DirectRunner is not used directly because it first tries the Prism
+runner, which it downloads from the network. Dataflow runs get ``--setup_file`` pointing at this project's
+``setup.py`` (unless given) so every worker installs the package, without torch::
+
+    python -m beam_jobs.preprocess ... --direct_num_workers 2                       # local, 2 worker processes
+    python -m beam_jobs.preprocess ... --runner DataflowRunner --project P --region R --temp_location gs://b/tmp
+
+A job uses this module as::
+
+    args, beam_args = parser.parse_known_args(argv)
+    options = runner.pipeline_options(beam_args, job_name="octjepa-preprocess")
+    with runner.make_pipeline(options) as p: ...   # or p = make_pipeline(options); result = run_and_wait(p)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    GoogleCloudOptions,
+    PipelineOptions,
+    SetupOptions,
+    StandardOptions,
+)
+
+_LOG = logging.getLogger(__name__)
+
+LOCAL_RUNNERS = ("DirectRunner", "FnApiRunner", "SwitchingDirectRunner")
+# The project's setup.py (repository root, one level above this package). Only the launching machine needs it.
+PROJECT_SETUP_FILE = Path(__file__).resolve().parents[1] / "setup.py"
+
+
+class RunnerConfigError(ValueError):
+    """Pipeline options that cannot run as given; the message names the option."""
+
+
+def runner_name(options: PipelineOptions) -> str:
+    """The runner's short name ('' means the default, local)."""
+    name = options.view_as(StandardOptions).runner or ""
+    return name.rsplit(".", 1)[-1] if isinstance(name, str) else type(name).__name__
+
+
+def is_local(options: PipelineOptions) -> bool:
+    return runner_name(options) in ("",) + LOCAL_RUNNERS
+
+
+def pipeline_options(beam_args: Sequence[str], *, job_name: str | None = None,
+                     setup_file: str | os.PathLike[str] | None = None) -> PipelineOptions:
+    """Standard Beam options from ``beam_args`` plus this project's defaults.
+
+    Local: ``direct_running_mode=multi_processing`` and one worker per core unless the user set them.
+    Dataflow: ``setup_file`` (this project's ``setup.py`` unless the user named one) and ``save_main_session``.
+    Nothing is submitted here; tests inspect the result.
+    """
+    options = PipelineOptions(list(beam_args))
+    if is_local(options):
+        direct = options.view_as(DirectOptions)
+        given = _named_in(beam_args)
+        if "direct_running_mode" not in given:
+            direct.direct_running_mode = "multi_processing"
+        if "direct_num_workers" not in given:
+            direct.direct_num_workers = os.cpu_count() or 1
+        return options
+
+    setup = options.view_as(SetupOptions)
+    if not setup.setup_file:
+        path = Path(setup_file) if setup_file is not None else PROJECT_SETUP_FILE
+        if not path.is_file():
+            raise RunnerConfigError(
+                f"--runner {runner_name(options)}: workers need the package, but {path} does not exist; "
+                f"run from a source checkout or pass --setup_file /path/to/setup.py")
+        setup.setup_file = str(path)
+    # The jobs' DoFns live in importable modules (installed on workers from setup_file); save_main_session also
+    # ships anything a user defined in __main__ when calling run() from their own script.
+    if setup.save_main_session is None:
+        setup.save_main_session = True
+    gcloud = options.view_as(GoogleCloudOptions)
+    if job_name and not gcloud.job_name:
+        gcloud.job_name = job_name
+    return options
+
+
+def keep_torch_out_of_worker() -> None:
+    """Make ``import torch`` fail inside a Beam SDK worker process, as it does on a Dataflow worker (torch is not
+    installed there).
+
+    webdataset, which the shard writer and reader use, imports torch whenever it can (~650 MB resident and seconds
+    of start-up per process) though tar I/O never needs it; in a developer environment that has torch, every local
+    worker would otherwise carry it. Called from DoFn.setup; a no-op outside SDK workers (the driver, tests).
+    """
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if getattr(spec, "name", "") == "apache_beam.runners.worker.sdk_worker_main" and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # import raises ModuleNotFoundError
+
+
+def _named_in(beam_args: Sequence[str]) -> set[str]:
+    """Option names the user wrote (a value equal to Beam's default still counts as a choice)."""
+    return {a[2:].split("=", 1)[0].replace("-", "_") for a in beam_args if a.startswith("--")}
+
+
+def make_runner(options: PipelineOptions) -> Any:
+    """A runner instance for local runs (FnApiRunner carrying the pipeline options to its workers); None otherwise,
+    so that ``beam.Pipeline`` resolves ``--runner`` by name."""
+    if not is_local(options):
+        return None
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    # As Beam's own SwitchingDirectRunner does: workers read the pipeline options from the provision info.
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+    return fn_runner.FnApiRunner(provision_info=info)
+
+
+def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
+    runner = make_runner(options)
+    if runner is None:
+        return beam.Pipeline(options=options)
+    return beam.Pipeline(runner=runner, options=options)
+
+
+def run_and_wait(pipeline: beam.Pipeline) -> Any:
+    """Run the pipeline to completion; raise if it did not finish in state DONE."""
+    result = pipeline.run()
+    state = result.wait_until_finish()
+    if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
+        raise RuntimeError(f"pipeline finished in state {state}")
+    return result
+
+
+def counters(result: Any, namespace: str | None = None) -> dict[str, int]:
+    """Committed counter values of a finished pipeline, ``{name: value}`` (summed over steps)."""
+    out: dict[str, int] = {}
+    for counter in result.metrics().query()["counters"]:
+        name = counter.key.metric
+        if namespace is not None and name.namespace != namespace:
+            continue
+        value = counter.committed if counter.committed is not None else counter.attempted
+        out[name.name] = out.get(name.name, 0) + int(value or 0)
+    return out

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from model import Predictor, PredictorConfig
+
+
+@pytest.fixture(params=["rope", "sincos"])
+def predictor(request, tiny_encoder_cfg):
+    enc = tiny_encoder_cfg(pos_embed=request.param)  # grid (2, 4, 4), width 192
+    pred = Predictor(PredictorConfig(depth=2, embed_dim=48, num_heads=4), enc, num_mask_tokens=2)
+    with torch.no_grad():
+        pred.mask_tokens.normal_()  # zero-initialised; make the two configurations distinguishable
+        for blk in pred.blocks:  # at init attention is near uniform; sharpen it so positions visibly matter
+            blk.attn.qkv.weight.mul_(30)
+    return pred
+
+
+CTX = torch.tensor([[0, 4, 9, 13, 20, 27], [1, 2, 3, 16, 17, 31]])
+TGT = torch.tensor([[5, 6, 30], [8, 24, 25]])
+
+
+def test_shapes_and_width(predictor):
+    ctx = torch.randn(2, 6, 192)
+    out = predictor(ctx, CTX, TGT, mask_index=0)
+    assert out.shape == (2, 3, 192)
+
+
+def test_context_order_does_not_change_predictions(predictor):
+    ctx = torch.randn(2, 6, 192)
+    out = predictor(ctx, CTX, TGT)
+    perm = torch.tensor([3, 5, 0, 1, 4, 2])
+    assert torch.allclose(predictor(ctx[:, perm], CTX[:, perm], TGT), out, atol=1e-5)
+    # Target order only permutes the outputs: each prediction is tied to its position, not its slot.
+    tperm = torch.tensor([2, 0, 1])
+    assert torch.allclose(predictor(ctx, CTX, TGT[:, tperm]), out[:, tperm], atol=1e-5)
+
+
+def test_prediction_depends_on_the_target_position_and_mask_token(predictor):
+    ctx = torch.randn(2, 6, 192)
+    out = predictor(ctx, CTX, TGT)
+    moved = predictor(ctx, CTX, TGT + 1)  # same context, other target positions
+    assert (moved - out).abs().max() > 1e-2
+    assert (predictor(ctx, CTX, TGT, mask_index=1) - out).abs().max() > 1e-2
+
+
+def test_rejects_mismatched_indices(predictor):
+    with pytest.raises(ValueError, match="context_idx"):
+        predictor(torch.randn(2, 6, 192), CTX[:, :5], TGT)
+
+
+def test_configurations_batched_together_equal_separate_calls(predictor):
+    ctx_a, ctx_b = torch.randn(2, 6, 192), torch.randn(2, 4, 192)
+    ctx_idx_b = torch.tensor([[0, 1, 2, 3], [10, 11, 12, 13]])
+    tgt_b = torch.tensor([[4, 5, 6, 7, 8], [20, 21, 22, 23, 24]])  # 4 + 5 = 6 + 3: one batch
+    batched = predictor.forward_configs([(ctx_a, CTX, TGT), (ctx_b, ctx_idx_b, tgt_b)])
+    assert torch.allclose(batched[0], predictor(ctx_a, CTX, TGT, mask_index=0), atol=1e-5)
+    assert torch.allclose(batched[1], predictor(ctx_b, ctx_idx_b, tgt_b, mask_index=1), atol=1e-5)
+    # Unequal lengths fall back to one call per configuration.
+    ragged = predictor.forward_configs([(ctx_a, CTX, TGT), (ctx_b, ctx_idx_b, tgt_b[:, :2])])
+    assert torch.allclose(ragged[1], predictor(ctx_b, ctx_idx_b, tgt_b[:, :2], mask_index=1), atol=1e-5)

@@ -1,0 +1,266 @@
+"""Behaviour of the streaming loader: equal steps on every host, skipped samples, balancing, val, eval, gs://."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import shards
+from model.config import MaskConfig
+from model.masks import MultiBlockMasks
+from shards import storage
+from shards.typed_config import ConfigError, from_dict
+from tests.trainer.shardset_fixture import make_shard_set
+from trainer import augment
+from trainer.data import (
+    DataConfig, build_train_loader, build_val_loader, iter_eval_batches, split_shards, steps_per_epoch,
+    to_model_input,
+)
+from trainer.host_split import Shard, epoch_order, host_shards, worker_quota
+
+CROP = (4, 16, 16)
+MASKS = MultiBlockMasks((2, 2, 2), MaskConfig())  # the grid of CROP with (2, 8, 8) patches
+UNEVEN = [9, 1, 1, 5, 2, 6, 1]  # 25 train samples in shards of very different sizes
+
+
+def _cfg(root: str, **kw) -> DataConfig:
+    return DataConfig(shards=root, crop_shape=CROP, shuffle_buffer=4, num_workers=0, **kw)
+
+
+def _train(cfg: DataConfig, index: dict, *, host: int = 0, hosts: int = 1, epoch: int = 0, batch: int = 2,
+           seed: int = 0) -> list[dict]:
+    return list(build_train_loader(cfg, index=index, batch_size=batch, masks=MASKS, seed=seed, epoch=epoch,
+                                   host_index=host, host_count=hosts))
+
+
+def _number(key: str) -> int:
+    """Fake sample number from its key (participant id = 1000 + number; see the fixture)."""
+    return int(key.split(shards.contract.KEY_SEPARATOR)[1]) - 1000
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory) -> tuple[str, dict]:
+    root = str(tmp_path_factory.mktemp("uneven") / "set")
+    return root, make_shard_set(root, n_train=sum(UNEVEN), n_val=7, samples_per_shard=UNEVEN, val_samples_per_shard=3)
+
+
+# ---- host split ------------------------------------------------------------------------------------------------
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    shards_ = [Shard(f"s{i}", i + 1) for i in range(20)]
+    assert epoch_order(shards_, seed=3, epoch=1) == epoch_order(list(shards_), seed=3, epoch=1)
+    assert epoch_order(shards_, seed=3, epoch=1) != epoch_order(shards_, seed=3, epoch=2)
+    assert sorted(epoch_order(shards_, seed=3, epoch=1), key=lambda s: s.url) == sorted(shards_, key=lambda s: s.url)
+
+
+def test_host_slices_partition_the_shards_then_top_up_short_hosts():
+    ordered = epoch_order([Shard(f"s{i}", n) for i, n in enumerate(UNEVEN)], seed=0, epoch=0)
+    plain = [host_shards(ordered, host_index=h, host_count=3, min_samples=0, seed=0, epoch=0) for h in range(3)]
+    assert sorted(s.url for part in plain for s in part) == sorted(s.url for s in ordered)
+    assert len({sum(s.num_samples for s in part) for part in plain}) > 1  # the hosts really are unequal
+    for h in range(3):
+        mine = host_shards(ordered, host_index=h, host_count=3, min_samples=8, seed=0, epoch=0)
+        assert mine[: len(plain[h])] == plain[h] and sum(s.num_samples for s in mine) >= 8
+    assert [worker_quota(7, worker=w, num_workers=3) for w in range(3)] == [3, 2, 2]
+
+
+# ---- training stream -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("hosts", [3, 9])  # 9 hosts > 7 shards: some hosts own no shard at all
+def test_every_host_runs_exactly_steps_per_epoch_batches(uneven, hosts):
+    root, index = uneven
+    cfg = _cfg(root)
+    steps = steps_per_epoch(index, cfg, 2 * hosts)
+    assert steps == max(1, sum(UNEVEN) // (2 * hosts))
+    for epoch in (0, 1):
+        for host in range(hosts):
+            batches = _train(cfg, index, host=host, hosts=hosts, epoch=epoch)
+            assert len(batches) == steps
+            for b in batches:
+                assert b["volume"].shape == (2, 1, *CROP) and b["volume"].dtype == torch.uint8
+                assert b["scale"].shape == b["shift"].shape == (2,) and len(b["keys"]) == 2
+                assert [tuple(m.shape) for pair in b["masks"] for m in pair] == [
+                    (2, k) for kc, kt in zip(MASKS.num_context, MASKS.num_target) for k in (kc, kt)]
+
+
+def test_worker_processes_together_yield_exactly_steps_batches(uneven):
+    root, index = uneven
+    cfg = DataConfig(shards=root, crop_shape=CROP, shuffle_buffer=4, num_workers=2)
+    loader = build_train_loader(cfg, index=index, batch_size=3, masks=MASKS, seed=0, epoch=0, host_index=1,
+                                host_count=2)
+    batches = list(loader)
+    assert len(batches) == len(loader) == steps_per_epoch(index, cfg, 6) == 4
+    assert all(b["volume"].shape == (3, 1, *CROP) for b in batches)
+
+
+def test_same_seed_same_stream_and_each_epoch_reshuffles(uneven):
+    root, index = uneven
+    cfg = _cfg(root)
+    a, b = _train(cfg, index, seed=5), _train(cfg, index, seed=5)
+    assert [x["keys"] for x in a] == [x["keys"] for x in b]
+    assert all(torch.equal(x["volume"], y["volume"]) and torch.equal(x["scale"], y["scale"]) for x, y in zip(a, b))
+    assert all(torch.equal(mx[1], my[1]) for x, y in zip(a, b) for mx, my in zip(x["masks"], y["masks"]))
+    assert [x["keys"] for x in a] != [x["keys"] for x in _train(cfg, index, seed=5, epoch=1)]
+
+
+def test_batches_are_random_crops_of_the_stored_samples(uneven):
+    root, index = uneven
+    batches = _train(_cfg(root, intensity_jitter=0.0), index, batch=5)
+    for b in batches:
+        for key, vol, scale, shift in zip(b["keys"], b["volume"], b["scale"], b["shift"]):
+            level = _number(key) % 200 + 20  # every voxel of the sample is in [level, level + 8)
+            assert int(vol.min()) >= level and int(vol.max()) < level + 8
+            # No jitter: scale/shift are the plain z-score, so the crop's mean lands near 0.
+            assert abs(float(to_model_input(vol[None], scale[None], shift[None]).mean())) < 1.0
+            assert float(scale) == pytest.approx(1 / float(np.std(np.arange(8))), rel=0.2)
+
+
+def test_flips_are_drawn_on_the_host_and_applied_by_to_model_input(uneven):
+    root, index = uneven
+    flips = torch.cat([b["flip"] for b in _train(_cfg(root), index, batch=5)])
+    assert flips.dtype == torch.bool and 0 < int(flips.sum()) < len(flips)
+    assert not any(b["flip"].any() for b in _train(_cfg(root, flip_lateral=False), index, batch=5))
+    vol = torch.arange(2 * 2 * 3 * 4, dtype=torch.uint8).view(2, 1, 2, 3, 4)
+    scale, shift = torch.tensor([0.5, 2.0]), torch.tensor([1.0, -1.0])
+    x = to_model_input(vol, scale, shift, flip=torch.tensor([False, True]))
+    assert torch.equal(x[0], vol[0].float() * 0.5 + 1.0)
+    assert torch.equal(x[1], (vol[1].float() * 2.0 - 1.0).flip(-1))
+    assert torch.equal(to_model_input(vol, scale, shift)[1], vol[1].float() * 2.0 - 1.0)
+
+
+def test_undecodable_samples_are_skipped_counted_and_logged(tmp_path, caplog):
+    root = str(tmp_path / "set")
+    index = make_shard_set(root, n_train=12, n_val=2, samples_per_shard=4)
+    first = storage.join(root, shards.shard_name("train", 0))
+    with storage.open_url(first) as f:
+        samples = list(shards.iter_shard(f))
+    bad_key = samples[1]["__key__"]
+    samples[1] = {**samples[1], "npy": b"not an npy array"}
+    with open(first, "wb") as f:
+        shards.write_shard(f, samples)
+    last = storage.join(root, shards.shard_name("train", 2))
+    with open(last, "r+b") as f:  # a truncated upload: the reader keeps what it can, then moves on
+        f.truncate(os.path.getsize(last) // 2)
+    caplog.set_level(logging.WARNING, logger="trainer.data")
+    cfg = _cfg(root)
+    batches = _train(cfg, index, batch=2)
+    assert len(batches) == steps_per_epoch(index, cfg, 2) == 6
+    assert bad_key not in {k for b in batches for k in b["keys"]}
+    assert sum(int(b["skipped"]) for b in batches) >= 2
+    assert bad_key in caplog.text and "shard-000002.tar" in caplog.text
+
+
+def test_a_set_with_no_decodable_sample_raises_instead_of_hanging(tmp_path):
+    root = str(tmp_path / "set")
+    index = make_shard_set(root, n_train=4, n_val=2, samples_per_shard=4)
+    path = storage.join(root, shards.shard_name("train", 0))
+    with storage.open_url(path) as f:
+        samples = [{**s, "json": b"{}"} for s in shards.iter_shard(f)]
+    with open(path, "wb") as f:
+        shards.write_shard(f, samples)
+    with pytest.raises(RuntimeError, match="no decodable sample"):
+        _train(_cfg(root), index)
+
+
+# ---- domain balancing ------------------------------------------------------------------------------------------
+
+def _fraction_b(cfg: DataConfig, index: dict) -> float:
+    keys = [k for b in _train(cfg, index, batch=4) for k in b["keys"]]
+    return sum(k.startswith("b" + shards.contract.KEY_SEPARATOR) for k in keys) / len(keys)
+
+
+def test_domain_weights_balance_a_dominant_device(tmp_path):
+    root = str(tmp_path / "set")
+    index = make_shard_set(root, n_train=120, n_val=2, shape=(4, 16, 16), devices=("a",) * 5 + ("b",),
+                           samples_per_shard=10)
+    natural = _fraction_b(_cfg(root), index)
+    balanced = _fraction_b(_cfg(root, domain_weights={"a": 1.0, "b": 1.0}), index)
+    assert natural < 0.3 and 0.35 < balanced < 0.65, (natural, balanced)
+    only_a = _fraction_b(_cfg(root, domain_weights={"a": 1.0, "b": 0.0}), index)
+    assert only_a == 0.0
+    with pytest.raises(ValueError, match=r"no weight for device\(s\) \['b'\]"):
+        _train(_cfg(root, domain_weights={"a": 1.0}), index)
+    with pytest.raises(ValueError, match="does not hold"):
+        _train(_cfg(root, domain_weights={"a": 1.0, "b": 1.0, "zeiss_cirrus": 1.0}), index)
+
+
+# ---- validation and evaluation ---------------------------------------------------------------------------------
+
+def test_val_loader_is_identical_on_every_call_and_has_val_batches_on_every_host(uneven):
+    root, index = uneven
+    cfg = DataConfig(shards=root, crop_shape=CROP, num_workers=2, val_batches=3)
+    seen = set()
+    for host in range(3):
+        first, again = (list(build_val_loader(cfg, index=index, batch_size=2, masks=MASKS, seed=1, host_index=host,
+                                              host_count=3)) for _ in range(2))
+        assert len(first) == len(again) == 3
+        for x, y in zip(first, again):
+            assert x["keys"] == y["keys"] and torch.equal(x["volume"], y["volume"])
+            assert torch.equal(x["scale"], y["scale"]) and torch.equal(x["shift"], y["shift"])
+            assert not x["flip"].any()  # no augmentation in validation
+            assert all(torch.equal(a, b) for mx, my in zip(x["masks"], y["masks"]) for a, b in zip(mx, my))
+            seen |= set(x["keys"])
+    assert len(seen) == 7  # the hosts' slices together cover the val split
+
+
+def test_eval_batches_cover_the_split_once_and_keep_the_partial_batch(uneven):
+    root, index = uneven
+    batches = list(iter_eval_batches(root, "val", CROP, 3))
+    assert [len(b["keys"]) for b in batches] == [3, 3, 1]
+    val_keys = set()
+    for url in shards.shard_urls(root, index, "val"):
+        with storage.open_url(url) as f:
+            val_keys |= {x["__key__"] for x in shards.iter_shard(f)}
+    keys = [k for b in batches for k in b["keys"]]
+    assert len(keys) == len(val_keys) == 7 and set(keys) == val_keys
+    for b in batches:
+        assert [m["key"] for m in b["meta"]] == b["keys"] and b["volume"].shape[1:] == (1, *CROP)
+        expect = torch.tensor([1 / m["intensity_std"] for m in b["meta"]], dtype=torch.float32)
+        assert torch.allclose(b["scale"], expect)
+    with pytest.raises(shards.ContractError, match="no index.json"):
+        list(iter_eval_batches(str(os.path.dirname(root)), "val", CROP, 3))
+
+
+# ---- augmentation and config -----------------------------------------------------------------------------------
+
+def test_crop_pads_short_axes_and_flip_mirrors_lateral():
+    vol = np.arange(3 * 6 * 10, dtype=np.uint8).reshape(3, 6, 10)
+    rng = np.random.default_rng(0)
+    starts = augment.crop_starts(vol.shape, (4, 4, 4), rng)
+    out = augment.crop_or_pad(vol, (4, 4, 4), starts)
+    assert out.shape == (4, 4, 4) and starts[0] == 0
+    h0, w0 = starts[1:]
+    assert np.array_equal(out[:3], vol[:, h0:h0 + 4, w0:w0 + 4]) and not out[3].any()  # D: 3 -> 4, zero-padded
+    assert augment.crop_starts(vol.shape, (2, 4, 4), None) == (0, 1, 3)  # centre crop
+    assert np.array_equal(augment.flip_lateral(vol)[..., 0], vol[..., -1])
+    scale, shift = augment.scale_shift(100.0, 20.0, 0.0, rng)
+    assert (scale, shift) == (1 / 20.0, -5.0)
+    for _ in range(20):
+        scale, shift = augment.scale_shift(100.0, 20.0, 0.1, rng)
+        a = scale * 20.0
+        assert 0.9 <= a <= 1.1 and abs(shift + a * 5.0) <= 0.1
+
+
+def test_data_config_is_closed_and_checked():
+    cfg = from_dict(DataConfig, {"crop_shape": [8, 32, 32], "domain_weights": {"topcon_triton": 1}})
+    assert cfg.crop_shape == (8, 32, 32) and cfg.domain_weights == {"topcon_triton": 1.0}
+    with pytest.raises(ConfigError, match="shuffle_bufer"):
+        from_dict(DataConfig, {"shuffle_bufer": 8})
+    with pytest.raises(ConfigError, match="domain_weights"):
+        from_dict(DataConfig, {"domain_weights": {"a": -1.0}})
+
+
+# ---- gs:// -----------------------------------------------------------------------------------------------------
+
+def test_train_loader_reads_gcs_in_worker_processes(gcs):
+    root = f"{gcs}/set"
+    make_shard_set(root, n_train=12, n_val=4, samples_per_shard=3)
+    index = shards.read_index(root)  # the parent creates a gcsfs instance before the workers fork
+    assert [s.url for s in split_shards(root, index, "train")][0].startswith("gs://")
+    cfg = DataConfig(shards=root, crop_shape=CROP, shuffle_buffer=4, num_workers=2)
+    batches = list(build_train_loader(cfg, index=index, batch_size=2, masks=MASKS, seed=0, epoch=0, host_index=0,
+                                      host_count=2))
+    assert len(batches) == 3 and all(b["volume"].shape == (2, 1, *CROP) for b in batches)

@@ -1,0 +1,206 @@
+"""The whole pipeline on synthetic data, on this machine: the README's first command.
+
+    octjepa demo --workdir demo_workdir               # the default: well under 15 minutes on 2 CPU cores
+    octjepa demo --workdir /tmp/demo --reduced        # a few minutes: what CI runs
+    octjepa demo --workdir W --participants 24 --steps 60 --seed 1
+
+Stages, each a subprocess (``python -m octjepa_cli <stage> ...``) so Beam's worker processes and torch never share
+an interpreter; their output streams here under a stage header and is kept in ``W/logs/<stage>.log``:
+
+1. synth       a synthetic AI-READI-like dataset, all four devices, plus broken files   -> W/data
+2. preprocess  Beam (local FnApiRunner): DICOM -> shards, broken files -> errors.jsonl  -> W/shards
+3. reshard     Beam: one shard set per device domain                                   -> W/shards_by_device
+4. verify      every shard of the multi-domain set against its index
+5. train       CPU pretraining with configs/smoke.yaml on the multi-domain set W/shards -> W/run
+6. probe       linear probe on study_group, pretrained vs random-init encoder           -> W/probe
+7. embed       one embedding row per volume                                             -> W/embeddings.npz/.tsv
+8. preview     a row per device set of step 3, and the mask configurations              -> W/preview*.png
+
+Training and probing use the preprocessing output (every device in one set, natural mix); the per-device sets of
+step 3 are what a single-domain run (``data.shards=W/shards_by_device/<device>``) would train on.
+
+The demo preprocesses to the train config's input shape over a fixed physical window (``DEMO_WINDOW_MM``, about
+the 6 x 6 mm macular cube and the full ~2.5 mm depth), so the smoke model sees whole scans. With the seed grid
+(64 x 384 x 384 at 20 um) a 16 x 64 x 64 smoke crop would be 1.3 mm wide and mostly empty padding above or below
+the retina, and every stage would move 150 times more bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SMOKE_CONFIG = REPO_ROOT / "configs" / "smoke.yaml"
+DEMO_WINDOW_MM = (6.4, 2.56, 6.4)  # (across B-scans, depth, lateral) covered by the preprocessed volume
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    participants: int = 40
+    # 0.15 keeps every device's synthetic grid at least as fine as the demo's preprocessing grid on every axis
+    # (Triton's lateral pitch is the limit), and makes the synthesis ~5x cheaper than 0.25.
+    scale: float = 0.15
+    steps: int = 40
+    seed: int = 0
+    batch_size: int = 4
+
+
+REDUCED = DemoSettings(participants=8, scale=0.1, steps=4)
+
+
+class StageError(RuntimeError):
+    """A demo stage exited non-zero; the message names the stage, its exit code, command and log."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    what: str
+    args: list[str]  # octjepa subcommand and its arguments
+
+
+def demo_grid(input_shape: tuple[int, int, int]) -> list[str]:
+    """Preprocessing overrides: the model's input shape over DEMO_WINDOW_MM."""
+    spacing = [round(mm / n, 6) for mm, n in zip(DEMO_WINDOW_MM, input_shape)]
+    return ["--set", f"target_shape=[{','.join(map(str, input_shape))}]",
+            "--set", f"target_spacing_mm=[{','.join(map(str, spacing))}]"]
+
+
+def plan(work: Path, s: DemoSettings, config: Path, input_shape: tuple[int, int, int]
+         ) -> tuple[list[Stage], dict[str, Path]]:
+    """The stages and every output path they produce."""
+    out = {
+        "dataset": work / "data", "manifest": work / "data" / "retinal_oct" / "manifest.tsv",
+        "participants": work / "data" / "participants.tsv", "shards": work / "shards",
+        "errors": work / "shards" / "errors.jsonl", "shards_by_device": work / "shards_by_device",
+        "run": work / "run", "encoder": work / "run" / "encoder.pt", "loss_curve": work / "run" / "loss_curve.png",
+        "probe_report": work / "probe" / "report.json", "confusion_matrix": work / "probe" / "confusion.png",
+        "embeddings": work / "embeddings.npz", "embeddings_tsv": work / "embeddings.tsv",
+        "preview": work / "preview.png", "preview_masks": work / "preview_masks.png", "logs": work / "logs",
+    }
+    stages = [
+        Stage("synth", "synthetic AI-READI-like dataset: all four devices, plus broken files",
+              ["synth", "--out", str(out["dataset"]), "--participants", str(s.participants),
+               "--scale", str(s.scale), "--seed", str(s.seed), "--broken"]),
+        Stage("preprocess", "Beam on the local runner: DICOM -> WebDataset shards; bad files -> errors.jsonl",
+              ["preprocess", "--manifest", str(out["manifest"]), "--data-root", str(out["dataset"]),
+               "--output", str(out["shards"]), "--participants", str(out["participants"]), *demo_grid(input_shape)]),
+        Stage("reshard", "Beam: one shard set per device domain, sample bytes copied untouched",
+              ["reshard", "--input", str(out["shards"]), "--output", str(out["shards_by_device"]), "--by", "device"]),
+        Stage("verify", "every shard of the multi-domain set checked against index.json", ["verify", str(out["shards"])]),
+        Stage("train", f"V-JEPA 2 3D pretraining on the CPU, {config.name}, {s.steps} steps, multi-domain set",
+              ["train", "--config", str(config), f"data.shards={out['shards']}", f"run_dir={out['run']}",
+               f"max_steps={s.steps}", f"seed={s.seed}"]),
+        Stage("probe", "linear probe on study_group: pretrained vs random-init encoder",
+              ["probe", "--checkpoint", str(out["encoder"]), "--shards", str(out["shards"]),
+               "--labels", str(out["participants"]), "--label-column", "study_group", "--out", str(out["probe_report"].parent),
+               "--seed", str(s.seed), "--batch-size", str(s.batch_size), "--device", "cpu"]),
+        Stage("embed", "frozen-encoder embeddings, one row per volume",
+              ["embed", "--checkpoint", str(out["encoder"]), "--shards", str(out["shards"]),
+               "--out", str(out["embeddings"]), "--batch-size", str(s.batch_size), "--device", "cpu"]),
+        Stage("preview", "montage of each device's shard set, and the mask configurations",
+              ["preview", "--shards", str(out["shards_by_device"]), "--out", str(out["preview"]), "--masks",
+               "--config", str(config)]),
+    ]
+    return stages, out
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The children import the same checkout as this process, installed or not; and print as they go.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_stage(number: int, total: int, stage: Stage, logs: Path) -> float:
+    """Run one stage, streaming its output under a header; returns its wall time in seconds."""
+    command = [sys.executable, "-m", "octjepa_cli", *stage.args]
+    print(f"\n=== [{number}/{total}] {stage.name}: {stage.what}\n$ octjepa {' '.join(stage.args)}", flush=True)
+    log_path = logs / f"{stage.name}.log"
+    start = time.monotonic()
+    with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      text=True, env=child_env(), cwd=str(logs.parent)) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            print(f"  {stage.name:>10} | {line}", end="", flush=True)
+    seconds = time.monotonic() - start
+    if proc.returncode != 0:
+        raise StageError(f"demo stage {stage.name!r} failed with exit code {proc.returncode} after {seconds:.0f} s\n"
+                         f"  command: {' '.join(command)}\n  log: {log_path}")
+    print(f"=== {stage.name} done in {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def summary(out: dict[str, Path], timings: dict[str, float]) -> str:
+    """What was made and where, the dead letters, and the probe table."""
+    from trainer.probe import format_table
+
+    lines = ["", "=" * 78, "octjepa demo: done", "", "stage times (s): " +
+             ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + f"; total {sum(timings.values()):.0f}", "",
+             "outputs:"]
+    for name, path in out.items():
+        lines.append(f"  {name:<17} {path}{'' if path.exists() else '   (missing!)'}")
+    index_path = out["shards"] / "index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        lines += ["", (f"shards: {index['counts']['by_split']} by split, {index['counts']['by_device']} by device; "
+                      f"{index['errors']['count']} input(s) routed to errors.jsonl: {index['errors']['by_reason']}")]
+    if out["probe_report"].exists():
+        report = json.loads(out["probe_report"].read_text())
+        join = report["join"]
+        lines += ["", (f"probe on {report['label_column']!r} ({join['labelled_volumes']} labelled volumes, "
+                      f"{join['skipped_volumes_without_label']} without a label):"), format_table(report["encoders"])]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="octjepa demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="demo_workdir", help="everything the demo writes goes here")
+    parser.add_argument("--reduced", action="store_true", help=f"the CI setting: {REDUCED}")
+    parser.add_argument("--participants", type=int, default=None)
+    parser.add_argument("--scale", type=float, default=None, help="synthetic grid scale per axis")
+    parser.add_argument("--steps", type=int, default=None, help="training steps")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--config", default=str(SMOKE_CONFIG), help="train config (default: configs/smoke.yaml)")
+    args = parser.parse_args(argv)
+
+    base = REDUCED if args.reduced else DemoSettings()
+    settings = DemoSettings(**{k: getattr(args, k) if getattr(args, k) is not None else getattr(base, k)
+                               for k in ("participants", "scale", "steps", "seed")}, batch_size=base.batch_size)
+    config = Path(args.config).resolve()
+    if not config.exists():
+        raise FileNotFoundError(f"--config {config}: no such train config")
+    from trainer.config import load_train_config
+
+    input_shape = tuple(load_train_config(str(config), []).model.encoder.input_shape)
+    work = Path(args.workdir).resolve()
+    stages, out = plan(work, settings, config, input_shape)
+    # A fresh run: only the demo's own outputs are removed, never anything else in the workdir.
+    for name in ("dataset", "shards", "shards_by_device", "run", "logs"):
+        shutil.rmtree(out[name], ignore_errors=True)
+    for name in ("probe_report", "embeddings", "embeddings_tsv", "preview", "preview_masks"):
+        out[name].unlink(missing_ok=True)
+    out["logs"].mkdir(parents=True)
+    print(f"octjepa demo in {work}: {settings}")
+    timings: dict[str, float] = {}
+    for number, stage in enumerate(stages, start=1):
+        try:
+            timings[stage.name] = run_stage(number, len(stages), stage, out["logs"])
+        except StageError as exc:
+            print(f"\n{exc}", file=sys.stderr)
+            return 1
+    print(summary(out, timings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
