@@ -39,18 +39,15 @@ set that readers refuse.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import logging
 import math
 import os
 import posixpath
-import re
 import sys
 import time
 import traceback
-import uuid
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import apache_beam as beam
@@ -58,15 +55,13 @@ from apache_beam.metrics import Metrics
 
 from beam_jobs import manifest as mf
 from beam_jobs import runner
-from shards import ERRORS_NAME, INDEX_NAME, SPLITS, build_index, iter_shard, make_key, shard_name, stable_hash, \
-    storage, write_index, write_shard
+from shards import (ERRORS_NAME, INDEX_NAME, TARGET_SHARD_BYTES, build_index, iter_shard, make_key,
+                    remove_stale_shards, stable_hash, storage, write_index, write_shard, write_shard_file)
 from shards.typed_config import to_dict
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "octjepa.preprocess"
 CREATED_BY = "beam_jobs.preprocess"
-TARGET_SHARD_BYTES = 256 << 20  # "a few hundred MB": large enough for streaming reads, small enough to retry
-_SHARD_FILE = re.compile(r"^shard-\d{6}\.tar$")
 STAGING = "_staging"
 ERRORS_TAG = "errors"
 STATS_TAG = "stats"
@@ -143,7 +138,6 @@ class PreprocessFn(beam.DoFn):
         self._record_workers, self._progress_every = record_workers, progress_every
 
     def setup(self) -> None:
-        runner.keep_torch_out_of_worker()
         # Imported and created here, in the worker process: gcsfs must not be created before Beam forks/spawns.
         from beam_jobs.dicom import DicomReadError
         from beam_jobs.volume_to_sample import dicom_to_sample
@@ -181,7 +175,7 @@ class PreprocessFn(beam.DoFn):
         Metrics.counter(NAMESPACE, f"split_{row.split}").inc()
         if self._record_workers:  # local runs only: proves every worker process took work
             Metrics.counter(NAMESPACE, f"worker_pid_{os.getpid()}").inc()
-        if "torch" in sys.modules and sys.modules["torch"] is not None:
+        if "torch" in sys.modules:
             Metrics.counter(NAMESPACE, "volumes_on_workers_with_torch").inc()
         self._progress()
         yield row, sample["__key__"]
@@ -231,68 +225,18 @@ def assign_shard(item: tuple[mf.Row, str], rows_per_split: Mapping[str, int],
     return (row.split, shard_number(key, n_shards)), (key, row.device)
 
 
-class _HashingWriter:
-    """A write-only file object that also counts and hashes what passes through."""
-
-    def __init__(self, raw: Any):
-        self._raw, self.sha256, self.bytes = raw, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        if self._raw is None:  # abandoned: a half-built tar stream may still flush when it is collected
-            return len(data)
-        self.sha256.update(data)
-        self.bytes += len(data)
-        return self._raw.write(data)
-
-    def abandon(self) -> None:
-        self._raw = None
-
-
-def write_shard_streaming(output: str, split: str, number: int, samples: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """``shards.write_shard_file`` without holding the shard in memory: the tar is streamed to its destination
-    (same bytes, same entry). Locally through a temporary sibling renamed into place; on GCS an object appears
-    only when its upload completes, and a failed upload is discarded."""
-    path = shard_name(split, number)
-    url = storage.join(output, path)
-    fs, fspath = storage.get_fs(url)
-    remote = storage.is_remote(url)
-    target = fspath
-    if not remote:
-        os.makedirs(os.path.dirname(fspath), exist_ok=True)
-        target = posixpath.join(posixpath.dirname(fspath), f".{posixpath.basename(fspath)}.tmp-{uuid.uuid4().hex}")
-    f = fs.open(target, "wb")
-    out = _HashingWriter(f)
-    try:
-        count = write_shard(out, samples)
-    except BaseException:
-        out.abandon()
-        if remote and hasattr(f, "discard"):
-            f.discard()
-        else:
-            f.close()
-            fs.rm(target)
-        raise
-    f.close()
-    if not remote:
-        os.replace(target, fspath)
-    return {"split": split, "path": path, "num_samples": count, "bytes": out.bytes, "sha256": out.sha256.hexdigest()}
-
-
 class WriteShardFn(beam.DoFn):
     """((split, number), [(key, device)]) -> the shard's index entry, plus its per-device counts (``by_device``)."""
 
     def __init__(self, output: str):
         self._output = output
 
-    def setup(self) -> None:
-        runner.keep_torch_out_of_worker()
-
     def process(self, element: tuple[tuple[str, int], Iterable[tuple[str, str]]]) -> Iterator[dict[str, Any]]:
         (split, number), members = element
         # Sorted by key so the tar's bytes do not depend on the order the shuffle delivered the samples in.
         members = sorted(members)
         samples = (read_staged(self._output, key) for key, _ in members)
-        entry = write_shard_streaming(self._output, split, number, samples)
+        entry = write_shard_file(self._output, split, number, samples)
         by_device: dict[str, int] = {}
         for _, device in members:
             by_device[device] = by_device.get(device, 0) + 1
@@ -331,37 +275,13 @@ def finalise(output: str, *, entries: Sequence[Mapping[str, Any]], errors: Seque
     storage.write_bytes(storage.join(output, ERRORS_NAME), "".join(lines).encode("utf-8"))
     remove_stale_shards(output, {e["path"] for e in entries})
     storage.remove(storage.join(output, STAGING), recursive=True)
-    by_split_device: dict[str, dict[str, int]] = {}
-    for entry in entries:
-        counts = by_split_device.setdefault(entry["split"], {})
-        for device, n in entry["by_device"].items():
-            counts[device] = counts.get(device, 0) + n
     by_reason: dict[str, int] = {}
     for record in errors:
         by_reason[record["reason"]] = by_reason.get(record["reason"], 0) + 1
-    index = build_index(config=config, shards=entries, by_split_device=by_split_device, errors_by_reason=by_reason,
+    index = build_index(config=config, shards=entries, errors_by_reason=by_reason,
                         manifest_rows=manifest_rows, selected=selected, created_by=CREATED_BY)
     write_index(output, index)
     return index
-
-
-def remove_stale_shards(output: str, keep: set[str]) -> list[str]:
-    """Delete shard files (and interrupted temporaries) under ``output/<split>/`` that this run did not write."""
-    fs, root = storage.get_fs(output)
-    removed = []
-    for split in SPLITS:
-        folder = posixpath.join(root, split)
-        if not fs.exists(folder):
-            continue
-        for path in fs.ls(folder, detail=False):
-            name = posixpath.basename(path.rstrip("/"))
-            stale = _SHARD_FILE.match(name) and f"{split}/{name}" not in keep
-            if stale or (name.startswith(".shard-") and ".tmp-" in name):
-                fs.rm(path)
-                removed.append(f"{split}/{name}")
-    if removed:
-        _LOG.info("removed %d stale file(s) from an earlier run: %s", len(removed), removed[:10])
-    return removed
 
 
 # ---------------------------------------------------------------------------------------------------- transforms

@@ -56,9 +56,9 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from beam_jobs import runner
-from beam_jobs.preprocess import TARGET_SHARD_BYTES, remove_stale_shards
-from shards import (ERRORS_NAME, INDEX_NAME, META_EXT, VOLUME_EXT, ContractError, build_index, encode_index,
-                    read_index, storage, validate_meta, write_index, write_shard_file)
+from shards import (TARGET_SHARD_BYTES, ERRORS_NAME, INDEX_NAME, META_EXT, VOLUME_EXT, ContractError, build_index, encode_index,
+                    read_index, remove_stale_shards, storage, validate_meta, write_index,
+                    write_shard_file)
 from shards.typed_config import ConfigError, from_dict, to_dict
 from shards.verify import ROOT_INDEX_KIND, HashingReader, build_root_index, load_any_index
 
@@ -252,20 +252,12 @@ def finalise_domain(output: str, domain: str, entries: Sequence[Mapping[str, Any
     """errors.jsonl, stale shards out, then the domain's index.json (last); returns its root-index entry."""
     root = storage.join(output, domain_dir(domain))
     storage.write_bytes(storage.join(root, ERRORS_NAME), b"")
-    fs, _ = storage.get_fs(root)
-    fs.invalidate_cache()  # listings cached before this run's shards were written would hide or resurrect files
     removed = remove_stale_shards(root, {e["path"] for e in entries})
     if removed:
         _LOG.info("%s: removed %d stale file(s) of an earlier run", root, len(removed))
-    by_split_device: dict[str, dict[str, int]] = {}
-    for entry in entries:
-        counts = by_split_device.setdefault(entry["split"], {})
-        for device, n in entry["by_device"].items():
-            counts[device] = counts.get(device, 0) + n
     total = sum(e["num_samples"] for e in entries)
     index = build_index(
-        config=config, shards=[{k: v for k, v in e.items() if k != "by_device"} for e in entries],
-        by_split_device=by_split_device, errors_by_reason={}, manifest_rows=total, selected=total,
+        config=config, shards=entries, errors_by_reason={}, manifest_rows=total, selected=total,
         created_by=CREATED_BY, extra={"domain": {"by": config["reshard"]["by"], "value": domain}, "source": source})
     write_index(root, index)
     return {"path": domain_dir(domain), "by_split": index["counts"]["by_split"]}

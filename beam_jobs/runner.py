@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -86,20 +85,6 @@ def pipeline_options(beam_args: Sequence[str], *, job_name: str | None = None,
     if job_name and not gcloud.job_name:
         gcloud.job_name = job_name
     return options
-
-
-def keep_torch_out_of_worker() -> None:
-    """Make ``import torch`` fail inside a Beam SDK worker process, as it does on a Dataflow worker (torch is not
-    installed there).
-
-    webdataset, which the shard writer and reader use, imports torch whenever it can (~650 MB resident and seconds
-    of start-up per process) though tar I/O never needs it; in a developer environment that has torch, every local
-    worker would otherwise carry it. Called from DoFn.setup; a no-op outside SDK workers (the driver, tests).
-    """
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if getattr(spec, "name", "") == "apache_beam.runners.worker.sdk_worker_main" and "torch" not in sys.modules:
-        sys.modules["torch"] = None  # type: ignore[assignment]  # import raises ModuleNotFoundError
 
 
 def _named_in(beam_args: Sequence[str]) -> set[str]:

@@ -6,8 +6,12 @@ and the dead-letter file are in place, and readers refuse a directory without it
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import posixpath
+import re
+import tarfile
 import uuid
 from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 
@@ -18,6 +22,8 @@ INDEX_NAME = "index.json"
 ERRORS_NAME = "errors.jsonl"
 # Every member gets this mtime so the same samples give byte-identical tars on every run (2020-01-01T00:00:00Z).
 TAR_MTIME = 1577836800.0
+# Default shard size, "a few hundred MB": large enough for streaming reads, small enough to retry a failed write.
+TARGET_SHARD_BYTES = 256 << 20
 
 
 def shard_name(split: str, number: int) -> str:
@@ -31,16 +37,32 @@ def stable_hash(text: str) -> int:
 
 
 def write_shard(fileobj: BinaryIO, samples: Iterable[Mapping[str, Any]]) -> int:
-    """Write encoded samples, in the given order, as a deterministic tar; returns the number written."""
-    import webdataset as wds  # imported here so readers of the index alone need not import it
+    """Write encoded samples, in the given order, as a deterministic WebDataset tar; returns the number written.
 
+    Plain ``tarfile`` (no webdataset import: webdataset imports torch whenever it is installed, which a Beam worker
+    must not pay for). Every member has the same mtime, owner and mode, so the same samples give the same bytes.
+    """
     count = 0
-    writer = wds.TarWriter(fileobj, encoder=False, mtime=TAR_MTIME, user="octjepa", group="octjepa", mode=0o444)
-    for sample in samples:
-        writer.write({"__key__": sample["__key__"], VOLUME_EXT: sample[VOLUME_EXT], META_EXT: sample[META_EXT]})
-        count += 1
-    writer.close()
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for sample in samples:
+            key = sample["__key__"]
+            for ext in (META_EXT, VOLUME_EXT):
+                data = sample[ext]
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+                info.uname = info.gname = "octjepa"
+                tar.addfile(info, io.BytesIO(data))
+            count += 1
     return count
+
+
+def _split_member_name(name: str) -> tuple[str, str]:
+    # WebDataset's rule: the key is everything before the first dot of the last path component.
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot:
+        return name, ""
+    return (f"{folder}/{stem}" if folder else stem), ext
 
 
 def iter_shard(fileobj: BinaryIO, *, name: str = "<shard>") -> Iterator[dict[str, Any]]:
@@ -49,25 +71,25 @@ def iter_shard(fileobj: BinaryIO, *, name: str = "<shard>") -> Iterator[dict[str
 
     A seekable file is read with random access (one read per member): as a stream, tarfile pulls each multi-MB
     volume through its 10 KiB record buffer, 5-10x the CPU. Non-seekable readers (pipes, hashing wrappers) are
-    streamed. Key grouping is webdataset's own.
+    streamed. Members are grouped into samples by key, as WebDataset groups them.
     """
-    import tarfile
-
-    from webdataset import tariterators
-    from webdataset.handlers import reraise_exception
-
-    def members(tar: tarfile.TarFile) -> Iterator[dict[str, Any]]:
-        while (info := tar.next()) is not None:
-            if info.isreg():
-                yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": name}
-            tar.members = []  # tarfile keeps every header it has read; a shard can hold thousands
-
+    seekable = getattr(fileobj, "seekable", lambda: False)()
     try:
-        seekable = getattr(fileobj, "seekable", lambda: False)()
         with tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|") as tar:
-            for sample in tariterators.group_by_keys(members(tar), handler=reraise_exception):
-                sample.pop("__url__", None)
-                sample.pop("__local_path__", None)
+            sample: dict[str, Any] | None = None
+            while (info := tar.next()) is not None:
+                tar.members = []  # tarfile keeps every header it has read; a shard can hold thousands
+                if not info.isreg():
+                    continue
+                key, ext = _split_member_name(info.name)
+                if sample is not None and sample["__key__"] != key:
+                    yield sample
+                    sample = None
+                sample = sample or {"__key__": key}
+                if ext in sample:
+                    raise ContractError(f"shard {name}: member {info.name!r} appears twice")
+                sample[ext] = tar.extractfile(info).read()
+            if sample is not None:
                 yield sample
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         raise ContractError(f"shard {name}: unreadable tar ({type(exc).__name__}: {exc})") from exc
@@ -86,16 +108,24 @@ def build_index(
     *,
     config: Mapping[str, Any],
     shards: Iterable[Mapping[str, Any]],
-    by_split_device: Mapping[str, Mapping[str, int]],
+    by_split_device: Mapping[str, Mapping[str, int]] | None = None,
     errors_by_reason: Mapping[str, int],
     manifest_rows: int,
     selected: int,
     created_by: str,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble ``index.json``. ``shards`` are dicts with ``split, path, num_samples, bytes, sha256``."""
+    """Assemble ``index.json``. ``shards`` are dicts with ``split, path, num_samples, bytes, sha256`` and, when
+    ``by_split_device`` is not given, ``by_device`` (samples per device in that shard)."""
+    shards = sorted(shards, key=lambda s: s["path"])
+    if by_split_device is None:
+        by_split_device = {}
+        for shard in shards:
+            counts = by_split_device.setdefault(shard["split"], {})
+            for device, n in shard["by_device"].items():
+                counts[device] = counts.get(device, 0) + n
     splits: dict[str, dict[str, Any]] = {}
-    for shard in sorted(shards, key=lambda s: s["path"]):
+    for shard in shards:
         entry = splits.setdefault(shard["split"], {"num_samples": 0, "shards": []})
         entry["shards"].append({k: shard[k] for k in ("path", "num_samples", "bytes", "sha256")})
         entry["num_samples"] += shard["num_samples"]
@@ -181,8 +211,8 @@ def shard_urls(root: str, index: Mapping[str, Any], split: str) -> list[str]:
 class _HashingWriter:
     """A write-only file wrapper that hashes and counts every byte written through it, in large chunks.
 
-    tarfile writes 10 KiB records: one hash update and one write per 8 MiB instead of tens of thousands of small
-    calls per shard (each of which releases and re-takes the GIL next to the runner's threads).
+    tarfile writes 512-byte headers and 16 KiB data chunks: one hash update and one write per 8 MiB instead of
+    thousands of small calls per shard (each of which releases and re-takes the GIL next to the runner's threads).
     """
 
     def __init__(self, fileobj: Any, chunk: int = 8 << 20) -> None:
@@ -199,6 +229,9 @@ class _HashingWriter:
             self._buf[self._pos:self._pos + n] = data
             self._pos += n
         return n
+
+    def tell(self) -> int:
+        return self.size + self._pos
 
     def flush(self) -> None:
         self._drain()
@@ -220,30 +253,59 @@ def write_shard_file(root: str, split: str, number: int, records: Iterable[Mappi
     """Write one shard of a set, streamed to its destination while hashing, and return its index entry
     ``{split, path, num_samples, bytes, sha256}``.
 
-    Atomic: locally a temporary sibling renamed over the target; on GCS the object appears only when its upload
-    completes. Streaming (not a BytesIO first) keeps memory at one sample and avoids the buffer's regrowth.
+    All or nothing: locally a temporary sibling is renamed over the target; on GCS the object appears only when its
+    upload completes, and a failed write discards the upload instead of committing half a tar. Memory stays at
+    one sample, however large the shard.
     """
     path = shard_name(split, number)
     url = storage.join(root, path)
     fs, fspath = storage.get_fs(url)
-    if storage.is_remote(url):
-        with fs.open(fspath, "wb") as f:
-            writer = _HashingWriter(f)
-            count = write_shard(writer, records)
-            writer.flush()
-    else:
-        parent = os.path.dirname(os.path.abspath(fspath))
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(fspath)}.tmp-{uuid.uuid4().hex}")
-        try:
-            with open(tmp, "wb") as f:
-                writer = _HashingWriter(f)
-                count = write_shard(writer, records)
-                writer.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, fspath)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    remote = storage.is_remote(url)
+    target = fspath
+    if not remote:
+        os.makedirs(os.path.dirname(os.path.abspath(fspath)), exist_ok=True)
+        target = os.path.join(os.path.dirname(os.path.abspath(fspath)),
+                              f".{os.path.basename(fspath)}.tmp-{uuid.uuid4().hex}")
+    f = fs.open(target, "wb")
+    writer = _HashingWriter(f)
+    try:
+        count = write_shard(writer, records)
+        writer.flush()
+        if not remote:
+            os.fsync(f.fileno())
+    except BaseException:
+        if remote and hasattr(f, "discard"):
+            f.discard()
+        else:
+            f.close()
+            fs.rm(target)
+        raise
+    f.close()
+    if not remote:
+        os.replace(target, fspath)
     return {"split": split, "path": path, "num_samples": count, "bytes": writer.size,
             "sha256": writer.digest.hexdigest()}
+
+
+# Shard files, and temporaries of interrupted writes, as write_shard_file names them.
+_SHARD_FILE = re.compile(r"shard-\d{6}\.tar")
+_TEMP_FILE = re.compile(r"\.shard-\d{6}\.tar\.tmp-[0-9a-f]+")
+
+
+def remove_stale_shards(root: str, keep: set[str]) -> list[str]:
+    """Delete shard files (and temporaries of interrupted writes) under ``root/<split>/`` that are not in ``keep``
+    (relative paths such as ``train/shard-000000.tar``); returns what was removed. Writers call this just before
+    writing ``index.json``, so a re-run over an earlier output leaves exactly the files its index lists."""
+    fs, base = storage.get_fs(root)
+    fs.invalidate_cache()  # a listing cached before this run's shards were written would hide or resurrect files
+    removed = []
+    for split in SPLITS:
+        folder = posixpath.join(base, split)
+        if not fs.exists(folder):
+            continue
+        for path in fs.ls(folder, detail=False):
+            name = posixpath.basename(path.rstrip("/"))
+            if (_SHARD_FILE.fullmatch(name) and f"{split}/{name}" not in keep) or _TEMP_FILE.fullmatch(name):
+                fs.rm(path)
+                removed.append(f"{split}/{name}")
+    return removed

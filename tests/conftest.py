@@ -1,7 +1,6 @@
 """Shared fixtures: a local GCS emulator for every gs:// test (no credentials, loopback only)."""
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
