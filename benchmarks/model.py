@@ -8,6 +8,8 @@ other work slows both sides of the ratio alike. The ratio printed is the median 
 
     python benchmarks/model.py                       # CPU, small, 64x128x128 (1024 tokens), batch 2, fp32
     python benchmarks/model.py --size base --shape 64 384 384 --dtype bf16 --device cuda --peak-tflops 989
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/model.py   # on a CPU shared with other work: threads that
+                                                         # spin at barriers lose their core to the others
 
 Reference point (from the issue): V-JEPA 2's own code on this CPU step (small ViT, 1024 tokens, batch 2, both
 mask configurations, predictor 12 x 384) reaches about 0.5 (772 GFLOP a step, 8.4 s a step).

@@ -24,9 +24,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, impl: str) -> Tensor:
     if impl == "xla_flash":
         if q.device.type == "xla" and _xla_is_tpu() and _fits_flash_blocks(q.shape[-2]):
             # Imported here, never at module level: model/ must import without torch_xla.
+            import torch_xla.distributed.spmd as xs
             from torch_xla.experimental.custom_kernel import flash_attention
 
-            return flash_attention(q, k, v, causal=False, sm_scale=q.shape[-1] ** -0.5)
+            # Under SPMD the kernel must be told how the batch is split, or it runs on the gathered whole batch.
+            mesh = xs.get_global_mesh()
+            spmd = {"partition_spec": (mesh.axis_names[0], None, None, None), "mesh": mesh} if mesh else {}
+            return flash_attention(q, k, v, causal=False, sm_scale=q.shape[-1] ** -0.5, **spmd)
         return F.scaled_dot_product_attention(q, k, v)
     raise ValueError(f"attention impl must be 'sdpa', 'math' or 'xla_flash', got {impl!r}")
 

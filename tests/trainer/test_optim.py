@@ -100,6 +100,7 @@ def test_clip_gradients_returns_the_preclip_norm_and_clips() -> None:
 def _batch(vjepa: VJEPA, rows: slice, volume: torch.Tensor, masks: list) -> dict:
     return flatten_batch({"volume": volume[rows], "scale": torch.full((volume[rows].shape[0],), 0.05),
                           "shift": torch.full((volume[rows].shape[0],), -1.0),
+                          "flip": torch.zeros(volume[rows].shape[0], dtype=torch.bool),
                           "masks": [(c[rows], t[rows]) for c, t in masks], "skipped": torch.tensor(0)})
 
 
