@@ -35,7 +35,11 @@ TEST = [
     "gcp-storage-emulator==2026.7.19",
     # The static-graph test runs torch_xla on its CPU backend (PJRT_DEVICE=CPU); no TPU runtime needed.
     "torch_xla==2.9.0",
-    "build",
+    # The packaging test builds the Dataflow sdist and a wheel from it without build isolation: a new venv's
+    # setuptools (65 on Python 3.11) has no bdist_wheel of its own.
+    "build==1.6.1",
+    "setuptools==84.2.1",
+    "wheel==0.48.0",
 ]
 
 setup(
