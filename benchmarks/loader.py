@@ -7,8 +7,10 @@
 Printed, all from this run (CPU time per sample is the per-core cost; wall time is shown too, but on a shared
 machine it also counts waiting for a core):
   raw read     the shard tars' bytes read with plain 4 MiB reads (page cache warm, as for the loader)
-  loader       trainer.data.build_train_loader end to end: tar read, contract decode, shuffle buffer, crop, flip
-               and jitter draws, static batches with masks; batches stay uint8 (normalised and flipped on device)
+  loader       trainer.data.build_train_loader end to end: tar headers, contract check of metadata and .npy
+               header, crop/flip/jitter draws, voxels read from the shard straight into a random slot of the
+               open batches (the shuffle buffer), static batches with masks; batches stay uint8 (normalised and
+               flipped on the device). --workers N adds the worker processes and shared-memory batches.
   cost ratio   loader / raw read, per sample                                                   (target <= 3)
   per-sample   the path the shards replace, every time a sample is used: decode one realistic JPEG 2000
                DICOM (beam_jobs.synth's Maestro2, 128x885x512) with beam_jobs.dicom.read_oct_dicom and

@@ -10,7 +10,8 @@ import io
 import json
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -80,9 +81,10 @@ def encode_volume(volume: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_volume(data: bytes) -> np.ndarray:
-    """The ``.npy`` member as a read-only array viewing ``data`` (no copy: the loader's batch stacking copies once)."""
-    buf = io.BytesIO(data)
+def parse_npy_header(head: bytes) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """``(shape, dtype, fortran_order, data offset)`` from the first bytes of a ``.npy`` member (its header is
+    short: the loader reads a few KiB, then the voxels straight into a batch). Raises ValueError."""
+    buf = io.BytesIO(head)
     version = np.lib.format.read_magic(buf)
     if version not in ((1, 0), (2, 0)):
         raise ValueError(f"unsupported .npy format version {version}")
@@ -90,10 +92,16 @@ def decode_volume(data: bytes) -> np.ndarray:
     shape, fortran_order, dtype = read_header(buf)
     if dtype.hasobject:
         raise ValueError("object arrays are not volumes")
+    return tuple(shape), dtype, fortran_order, buf.tell()
+
+
+def decode_volume(data: bytes) -> np.ndarray:
+    """The ``.npy`` member as a read-only array viewing ``data`` (no copy: the loader's batch stacking copies once)."""
+    shape, dtype, fortran_order, offset = parse_npy_header(data)
     count = math.prod(shape)
-    if len(data) - buf.tell() < count * dtype.itemsize:
-        raise ValueError(f"truncated .npy: header says {shape} {dtype}, {len(data) - buf.tell()} data bytes")
-    array = np.frombuffer(data, dtype=dtype, count=count, offset=buf.tell())
+    if len(data) - offset < count * dtype.itemsize:
+        raise ValueError(f"truncated .npy: header says {shape} {dtype}, {len(data) - offset} data bytes")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
     return array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
 
 
@@ -127,17 +135,47 @@ def validate_meta(meta: Mapping[str, Any]) -> None:
 def validate_sample(volume: np.ndarray, meta: Mapping[str, Any]) -> None:
     """Reject a sample whose volume disagrees with its metadata or the contract, naming the field and the key."""
     validate_meta(meta)
+    check_layout(meta, volume.shape, volume.dtype)
+
+
+def check_layout(meta: Mapping[str, Any], shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Reject a volume shape/dtype (e.g. from a ``.npy`` header alone) that disagrees with validated metadata."""
     key = meta["key"]
-    if str(volume.dtype) != meta["dtype"]:
-        raise ContractError(f"sample {key}: field 'dtype' says {meta['dtype']}, volume is {volume.dtype}")
-    if volume.ndim != 3 or list(volume.shape) != list(meta["shape"]):
-        raise ContractError(f"sample {key}: field 'shape' says {meta['shape']}, volume is {list(volume.shape)}")
+    if str(dtype) != meta["dtype"]:
+        raise ContractError(f"sample {key}: field 'dtype' says {meta['dtype']}, volume is {dtype}")
+    if len(shape) != 3 or list(shape) != list(meta["shape"]):
+        raise ContractError(f"sample {key}: field 'shape' says {meta['shape']}, volume is {list(shape)}")
 
 
 def encode_sample(volume: np.ndarray, meta: Mapping[str, Any]) -> dict[str, Any]:
     """Volume + metadata -> a WebDataset record ``{"__key__": key, "npy": bytes, "json": bytes}``."""
     validate_sample(volume, meta)
     return {"__key__": meta["key"], VOLUME_EXT: encode_volume(volume), META_EXT: encode_meta(meta)}
+
+
+def decode_sample_header(sample: Mapping[str, Any], head: bytes, volume_size: int) -> tuple[dict[str, Any], int]:
+    """Validate a record before its voxels are read: ``sample`` holds the ``.json`` member's bytes, ``head`` the
+    first bytes of the ``.npy`` member (a few KiB hold its header) and ``volume_size`` that member's size. Returns
+    ``(meta, data offset)``: the C-order voxels of ``meta["shape"]``/``meta["dtype"]`` are the member's bytes from
+    the offset to its end."""
+    key = sample.get("__key__", "<no key>")
+    if META_EXT not in sample:
+        raise ContractError(f"sample {key}: member {META_EXT!r} is missing (members: {sorted(sample)})")
+    try:
+        meta = json.loads(sample[META_EXT])
+        shape, dtype, fortran_order, offset = parse_npy_header(head)
+    except (ValueError, UnicodeDecodeError, EOFError) as exc:
+        raise ContractError(f"sample {key}: undecodable member: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("key") != key:
+        raise ContractError(f"sample {key}: field 'key' says {meta.get('key') if isinstance(meta, dict) else meta!r}")
+    validate_meta(meta)
+    check_layout(meta, shape, dtype)
+    if fortran_order and len(shape) > 1 and math.prod(shape[1:]) > 1:
+        raise ContractError(f"sample {key}: the .npy member is Fortran-ordered; volumes are stored C-order")
+    expected = offset + math.prod(shape) * dtype.itemsize
+    if volume_size != expected:
+        raise ContractError(f"sample {key}: the .npy member holds {volume_size} bytes, its header says {expected}")
+    return meta, offset
 
 
 def decode_sample(sample: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:

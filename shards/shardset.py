@@ -13,7 +13,8 @@ import posixpath
 import re
 import tarfile
 import uuid
-from typing import Any, BinaryIO, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, BinaryIO
 
 from shards import storage
 from shards.contract import FORMAT_VERSION, META_EXT, SPLITS, VOLUME_EXT, ContractError
@@ -65,13 +66,52 @@ def _split_member_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext
 
 
-def iter_shard(fileobj: BinaryIO, *, name: str = "<shard>") -> Iterator[dict[str, Any]]:
+class MemberReader:
+    """A tar member not read yet, of a seekable shard: read it (or part of it) straight into the caller's buffer.
+
+    Reads seek to absolute offsets, so a reader stays valid while its shard file is open: in ``iter_shard``, until
+    the iterator moves past that shard. Truncation raises ContractError naming the shard and the member.
+    """
+
+    def __init__(self, fileobj: BinaryIO, info: tarfile.TarInfo, shard: str) -> None:
+        self._f, self._start, self.size, self.name, self.shard = fileobj, info.offset_data, info.size, info.name, shard
+
+    def _check(self, got: int, want: int, offset: int) -> None:
+        if got != want:
+            raise ContractError(f"shard {self.shard}: member {self.name!r} is truncated ({got} of {want} bytes "
+                                f"from offset {offset} of {self.size})")
+
+    def read(self, offset: int = 0, size: int | None = None) -> bytes:
+        size = self.size - offset if size is None else min(size, self.size - offset)
+        self._f.seek(self._start + offset)
+        data = self._f.read(size)
+        self._check(len(data), size, offset)
+        return data
+
+    def readinto(self, buf: Any, offset: int = 0) -> None:
+        """Fill ``buf`` (a writable buffer, e.g. a C-contiguous array) with ``len(buf)`` bytes from ``offset``."""
+        view = memoryview(buf).cast("B")
+        if offset + view.nbytes > self.size:
+            raise ValueError(f"{self.name}: {view.nbytes} bytes from offset {offset} overrun the member ({self.size})")
+        self._f.seek(self._start + offset)
+        done = 0
+        while done < view.nbytes:  # a file object may return fewer bytes than asked before its end
+            got = self._f.readinto(view[done:])
+            if not got:
+                break
+            done += got
+        self._check(done, view.nbytes, offset)
+
+
+def iter_shard(fileobj: BinaryIO, *, name: str = "<shard>", defer: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
     """Yield encoded samples ``{"__key__", "npy", "json"}`` from a shard file object; raise ContractError naming
     the shard when the tar is corrupt or truncated.
 
     A seekable file is read with random access (one read per member): as a stream, tarfile pulls each multi-MB
     volume through its 10 KiB record buffer, 5-10x the CPU. Non-seekable readers (pipes, hashing wrappers) are
-    streamed. Members are grouped into samples by key, as WebDataset groups them.
+    streamed. Members are grouped into samples by key, as WebDataset groups them. Members whose extension is in
+    ``defer`` come as a ``MemberReader`` instead of bytes when the file is seekable (the loader reads volumes
+    straight into its batches); truncation then surfaces on the caller's read.
     """
     seekable = getattr(fileobj, "seekable", lambda: False)()
     try:
@@ -88,7 +128,12 @@ def iter_shard(fileobj: BinaryIO, *, name: str = "<shard>") -> Iterator[dict[str
                 sample = sample or {"__key__": key}
                 if ext in sample:
                     raise ContractError(f"shard {name}: member {info.name!r} appears twice")
-                sample[ext] = tar.extractfile(info).read()
+                if not seekable:
+                    sample[ext] = tar.extractfile(info).read()
+                else:
+                    member = MemberReader(fileobj, info, name)
+                    # One read straight from the file (tarfile's extractfile copies every byte twice).
+                    sample[ext] = member if ext in defer else member.read()
             if sample is not None:
                 yield sample
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:

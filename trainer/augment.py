@@ -9,7 +9,7 @@ traffic and no float copy of the volume on the host.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -61,6 +61,23 @@ def scale_shift(mean: float, std: float, jitter: float, rng: np.random.Generator
     return a / std, b - a * mean / std
 
 
+def draw_view(
+    shape: Sequence[int],
+    meta: dict,
+    crop: Sequence[int],
+    *,
+    rng: np.random.Generator | None,
+    flip: bool,
+    jitter: float,
+) -> tuple[tuple[int, ...], bool, float, float]:
+    """One sample's random view of a stored ``shape`` volume, drawn before its voxels are read: (crop starts, flip
+    W?, scale, shift). ``rng=None`` gives the deterministic eval view (centre crop, no flip, no jitter)."""
+    starts = crop_starts(shape, crop, rng)
+    flipped = bool(rng is not None and flip and rng.random() < 0.5)
+    scale, shift = scale_shift(meta["intensity_mean"], meta["intensity_std"], jitter, rng)
+    return starts, flipped, scale, shift
+
+
 def augment(
     volume: np.ndarray,
     meta: dict,
@@ -70,9 +87,7 @@ def augment(
     flip: bool,
     jitter: float,
 ) -> tuple[np.ndarray, bool, float, float]:
-    """One sample's training view: (cropped volume, flip W?, scale, shift). ``rng=None`` gives the deterministic eval
-    view (centre crop, no flip, no jitter). The volume is a view where it can be (the batch stack copies it)."""
-    out = crop_or_pad(volume, crop, crop_starts(volume.shape, crop, rng))
-    flipped = bool(rng is not None and flip and rng.random() < 0.5)
-    scale, shift = scale_shift(meta["intensity_mean"], meta["intensity_std"], jitter, rng)
-    return out, flipped, scale, shift
+    """``draw_view`` applied to a decoded volume: (cropped volume, flip W?, scale, shift). The volume is a view where
+    it can be (the batch copies it)."""
+    starts, flipped, scale, shift = draw_view(volume.shape, meta, crop, rng=rng, flip=flip, jitter=jitter)
+    return crop_or_pad(volume, crop, starts), flipped, scale, shift

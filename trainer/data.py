@@ -7,13 +7,14 @@
         b = {k: batch[k].to(dev) for k in ("volume", "scale", "shift", "flip")}
         x = to_model_input(b["volume"], b["scale"], b["shift"], flip=b["flip"])   # z-score, jitter, lateral flip
 
-Each loader worker runs a webdataset pipeline of small stages:
+Each loader worker runs a webdataset pipeline of small stages (``trainer.stages``):
 shard source (explicit host/worker split, cycled) -> open + tar read (``shards.storage.open_url``: fsspec, gcsfs
-with retries, opened inside the worker) -> contract decode (failures logged with their key, counted, skipped)
--> shuffle buffer, or per-device buffers when domains are balanced -> crop, draw flip/jitter -> static batches
-with masks; the flip and the normalisation are applied on the accelerator by ``to_model_input``. The source
-stage is ours, not ``wds.WebDataset``'s ``split_by_node``/``split_by_worker``: those read torch.distributed's
-rank, which TPU hosts do not set.
+with retries, opened inside the worker) -> contract check of metadata and ``.npy`` header (failures logged with
+their key, counted, skipped) -> [per-device buffers when domains are balanced] -> draw crop, flip and jitter,
+read the voxels straight into a random slot of a few open batches (the shuffle buffer) -> static batches with
+masks; the flip and the normalisation are applied on the accelerator by ``to_model_input``. The source stage is
+ours, not ``wds.WebDataset``'s ``split_by_node``/``split_by_worker``: those read torch.distributed's rank, which
+TPU hosts do not set.
 """
 from __future__ import annotations
 
@@ -21,20 +22,26 @@ import ctypes
 import logging
 import math
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards import ContractError, decode_sample, iter_shard, read_index, shard_urls, storage
-from trainer.augment import augment
+from shards import ContractError, read_index, shard_urls
+from trainer import stages
 from trainer.host_split import (
-    Shard, cycle_rounds, derive_seed, epoch_order, host_shards, worker_quota, worker_shards,
+    Shard,
+    derive_seed,
+    epoch_order,
+    host_shards,
+    worker_quota,
+    worker_shards,
 )
 
 log = logging.getLogger(__name__)
@@ -46,7 +53,7 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     crop_shape: tuple[int, int, int] = (64, 384, 384)  # (D, H, W); must equal model.encoder.input_shape
-    shuffle_buffer: int = 32  # decoded volumes held per worker: this bounds the loader's memory
+    shuffle_buffer: int = 32  # volumes per worker in open batches (rounded up to whole batches): bounds memory
     num_workers: int = 2
     domain_weights: dict[str, float] = field(default_factory=dict)  # device -> weight; empty = natural mix
     flip_lateral: bool = True
@@ -92,134 +99,6 @@ def to_model_input(volume: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
     return torch.where(flip.view(view), x.flip(-1), x)
 
 
-# ---- pipeline stages (each runs inside one loader worker) ------------------------------------------------------
-
-@dataclass
-class _Counters:
-    skipped: int = 0  # samples (or unreadable shard tails) skipped since the last batch
-    good: int = 0  # samples decoded in the current pass over the worker's shards
-
-
-def _shard_source(shards: list[Shard], *, seed: int, stream: tuple, shuffle: bool, counters: _Counters):
-    urls = sorted({s.url for s in shards})
-    current = 0
-    for round_no, shard in cycle_rounds(shards, seed=seed, stream=stream, shuffle=shuffle):
-        if round_no != current:
-            # Every sample of the previous pass has been decoded by now (stages are pulled in order).
-            if counters.good == 0:
-                raise RuntimeError(f"no decodable sample in a full pass over shards {urls}; see the warnings above")
-            counters.good, current = 0, round_no
-        yield {"url": shard.url}
-
-
-def _read_shards(source: Iterable[dict], *, counters: _Counters) -> Iterator[dict]:
-    for item in source:
-        url = item["url"]
-        try:
-            # Opened here, in the worker process: a gcsfs instance is not fork-safe.
-            with storage.open_url(url, "rb") as f:
-                for sample in iter_shard(f, name=url):
-                    yield {**sample, "__url__": url}
-        except ContractError as exc:
-            counters.skipped += 1
-            log.warning("skipping the rest of shard %s: %s", url, exc)
-
-
-def _decode(samples: Iterable[dict], *, counters: _Counters) -> Iterator[dict]:
-    for sample in samples:
-        try:
-            volume, meta = decode_sample(sample)
-        except ContractError as exc:
-            counters.skipped += 1
-            log.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
-            continue
-        counters.good += 1
-        yield {"volume": volume, "meta": meta}
-
-
-def _balance(samples: Iterable[dict], *, weights: dict[str, float], capacity: int, patience: int,
-             rng: random.Random) -> Iterator[dict]:
-    """Emit devices in proportion to ``weights``: pick a device, then a random sample from its buffer.
-
-    Buffers are capped, so a dominant device is subsampled (a full buffer has a random entry replaced) instead of
-    growing memory while a rare one is awaited. A device not seen within ``patience`` reads is absent from this
-    worker's shards; it is dropped here with a warning rather than stalling the stream.
-    """
-    active = {d: w for d, w in sorted(weights.items()) if w > 0}
-    buffers: dict[str, list[dict]] = {d: [] for d in active}
-    source = iter(samples)
-    while active:
-        domain = rng.choices(list(active), weights=list(active.values()))[0]
-        waited = 0
-        while not buffers[domain] and waited <= patience:
-            sample = next(source, None)
-            if sample is None:
-                return
-            waited += 1
-            buf = buffers.get(sample["meta"]["device"])
-            if buf is None:  # weight 0: this device is left out of the run
-                continue
-            if len(buf) < capacity:
-                buf.append(sample)
-            else:
-                buf[rng.randrange(capacity)] = sample
-        if not buffers[domain]:
-            log.warning("device %s: no sample in %d reads of this worker's shards; balancing without it",
-                        domain, waited)
-            del active[domain]
-            continue
-        buf = buffers[domain]
-        i = rng.randrange(len(buf))
-        buf[i], buf[-1] = buf[-1], buf[i]
-        yield buf.pop()
-    raise RuntimeError(f"none of the weighted devices {sorted(weights)} has samples in this worker's shards")
-
-
-def _augment(samples: Iterable[dict], *, cfg: DataConfig, rng: np.random.Generator | None) -> Iterator[dict]:
-    for s in samples:
-        volume, flip, scale, shift = augment(s["volume"], s["meta"], cfg.crop_shape, rng=rng,
-                                             flip=cfg.flip_lateral, jitter=cfg.intensity_jitter)
-        yield {"key": s["meta"]["key"], "volume": volume, "flip": flip, "scale": scale, "shift": shift,
-               "meta": s["meta"]}
-
-
-def _collate(group: list[dict]) -> dict:
-    volumes = [g["volume"] for g in group]  # crops are views: this stack is their one copy
-    # A set mixing uint8 and uint16 volumes gives uint16 batches; values are never rescaled.
-    proto = torch.from_numpy(np.empty(0, np.result_type(*volumes)))
-    shape = (len(volumes), 1, *volumes[0].shape)  # (B, 1, D, H, W)
-    if get_worker_info() is None:
-        out = torch.empty(shape, dtype=proto.dtype)
-    else:
-        # Stacked straight into shared memory (as torch's default_collate does in workers), the batch reaches
-        # the main process without the extra copy that pickling a private tensor would make.
-        storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
-        out = proto.new(storage).view(shape)
-    np.stack(volumes, out=out.numpy()[:, 0])
-    return {
-        "volume": out,
-        "scale": torch.tensor([g["scale"] for g in group], dtype=torch.float32),
-        "shift": torch.tensor([g["shift"] for g in group], dtype=torch.float32),
-        "flip": torch.tensor([g["flip"] for g in group], dtype=torch.bool),
-        "keys": [g["key"] for g in group],
-    }
-
-
-def _batch(samples: Iterable[dict], *, batch_size: int, masks: Any, mask_seed: tuple,
-           counters: _Counters) -> Iterator[dict]:
-    source = iter(samples)
-    number = 0
-    while len(group := list(islice(source, batch_size))) == batch_size:  # never a partial batch: static shapes
-        generator = torch.Generator().manual_seed(derive_seed("masks", *mask_seed, number))
-        yield {
-            **_collate(group),
-            "masks": masks(batch_size, generator) if masks is not None else [],
-            "skipped": torch.tensor(counters.skipped, dtype=torch.int64),
-        }
-        counters.skipped = 0
-        number += 1
-
-
 # ---- the per-worker dataset and the host-level loader ------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -238,11 +117,13 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc mallo
 
 
 def _keep_freed_memory() -> None:
-    """In a loader worker, make glibc keep freed volume-sized blocks for reuse instead of returning them to the OS.
+    """In the process that runs a training loader, make glibc keep freed batch-sized blocks for reuse instead of
+    returning them to the OS.
 
-    By default each ~10 MiB buffer (tar member, decoded volume) is a fresh mmap, and the page faults plus kernel
-    zeroing of every new page cost about as much as the copy itself. The worker's footprint is bounded by the
-    shuffle buffer anyway, so holding on to that memory costs nothing; only loader worker processes are tuned.
+    By default each batch buffer (tens of MiB) is a fresh mmap, and the page faults plus kernel zeroing of every
+    new page cost more than reading the voxels into it. The loader's footprint is bounded by its open batches
+    anyway, so holding on to that memory costs nothing. Tuned: loader worker processes, and the main process
+    when it runs the training loader itself (``num_workers=0``); the few in-process validation batches are not.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -261,7 +142,7 @@ class _WorkerStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if info is not None:
+        if info is not None or self.plan.train:
             _keep_freed_memory()
         p, cfg = self.plan, self.plan.cfg
         quota = worker_quota(p.num_batches, worker=worker, num_workers=num_workers)
@@ -270,25 +151,29 @@ class _WorkerStream(IterableDataset):
         shards = worker_shards(list(p.host_list), worker=worker, num_workers=num_workers,
                                min_samples=quota * p.batch_size, seed=p.seed, stream=p.stream)
         stream = (*p.stream, worker)
-        counters = _Counters()
-        stages: list[Any] = [
-            partial(_shard_source, shards, seed=p.seed, stream=stream, shuffle=p.train, counters=counters),
-            partial(_read_shards, counters=counters),
-            partial(_decode, counters=counters),
+        counters = stages.Counters()
+        balanced = p.train and bool(cfg.domain_weights)
+        pipeline: list[Any] = [
+            partial(stages.shard_source, shards, seed=p.seed, stream=stream, shuffle=p.train, counters=counters),
+            partial(stages.read_shards, counters=counters, defer_volumes=True),
+            partial(stages.open_samples, counters=counters),
         ]
-        if p.train and cfg.domain_weights:
+        if balanced:
             patience = sum(s.num_samples for s in shards) + cfg.shuffle_buffer
             capacity = max(1, cfg.shuffle_buffer // len(cfg.domain_weights))
-            stages.append(partial(_balance, weights=cfg.domain_weights, capacity=capacity, patience=patience,
-                                  rng=random.Random(derive_seed("balance", p.seed, *stream))))
-        elif p.train and cfg.shuffle_buffer > 1:
-            stages.append(wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer,
-                                      rng=random.Random(derive_seed("shuffle", p.seed, *stream))))
-        aug_rng = np.random.default_rng(derive_seed("augment", p.seed, *stream)) if p.train else None
-        stages.append(partial(_augment, cfg=cfg, rng=aug_rng))
-        stages.append(partial(_batch, batch_size=p.batch_size, masks=self.masks, mask_seed=(p.seed, *stream),
-                              counters=counters))
-        return islice(iter(wds.DataPipeline(*stages)), quota)
+            pipeline += [partial(stages.materialize, counters=counters),
+                         partial(stages.balance, weights=cfg.domain_weights, capacity=capacity, patience=patience,
+                                 rng=random.Random(derive_seed("balance", p.seed, *stream)))]
+        # The shuffle buffer: shuffle_buffer samples' worth of open batches, filled at random slots (see stages).
+        shuffled = p.train and not balanced and cfg.shuffle_buffer > 1
+        pipeline.append(partial(
+            stages.assemble, crop=cfg.crop_shape, batch_size=p.batch_size,
+            open_batches=max(1, math.ceil(cfg.shuffle_buffer / p.batch_size)) if shuffled else 1,
+            view_rng=np.random.default_rng(derive_seed("augment", p.seed, *stream)) if p.train else None,
+            slot_rng=random.Random(derive_seed("shuffle", p.seed, *stream)) if shuffled else None,
+            flip=cfg.flip_lateral, jitter=cfg.intensity_jitter, masks=self.masks, mask_seed=(p.seed, *stream),
+            counters=counters))
+        return islice(iter(wds.DataPipeline(*pipeline)), quota)
 
 
 class Batches:
@@ -383,10 +268,10 @@ def iter_eval_batches(root: str, split: str, crop_shape: Sequence[int], batch_si
     partial batch kept. Dicts hold ``volume`` (B, 1, D, H, W), ``scale``, ``shift``, ``keys`` and ``meta``."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
-    cfg = DataConfig(shards=root, crop_shape=tuple(crop_shape), flip_lateral=False, intensity_jitter=0.0)
     index = read_index(root)
-    counters = _Counters()
+    counters = stages.Counters()
     sources = ({"url": s.url} for s in split_shards(root, index, split))
-    samples = _augment(_decode(_read_shards(sources, counters=counters), counters=counters), cfg=cfg, rng=None)
+    samples = stages.augment_all(stages.decode(stages.read_shards(sources, counters=counters), counters=counters),
+                                 crop=tuple(crop_shape), rng=None, flip=False, jitter=0.0)
     while group := list(islice(samples, batch_size)):
-        yield {**_collate(group), "meta": [g["meta"] for g in group]}
+        yield {**stages.collate(group), "meta": [g["meta"] for g in group]}

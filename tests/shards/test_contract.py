@@ -170,3 +170,18 @@ def test_read_index_refuses_a_directory_without_index(tmp_path):
         shards.read_index(str(root))
     with pytest.raises(shards.ContractError, match="no index.json"):
         shards.read_index(str(tmp_path / "never-written"))
+
+
+def test_decode_sample_header_checks_metadata_against_the_npy_header_and_member_size():
+    volume, meta = _sample()
+    record = shards.encode_sample(volume, meta)
+    data = record["npy"]
+    got, offset = shards.decode_sample_header(record, data[:4096], len(data))
+    assert got == meta and data[offset:] == volume.tobytes()
+    with pytest.raises(shards.ContractError, match=f"{meta['key']}.*holds {len(data) - 1} bytes"):
+        shards.decode_sample_header(record, data[:4096], len(data) - 1)
+    wide = shards.encode_sample(volume.astype(np.uint16), {**meta, "dtype": "uint16"})["npy"]
+    with pytest.raises(shards.ContractError, match="field 'dtype' says uint8, volume is uint16"):
+        shards.decode_sample_header(record, wide[:4096], len(wide))
+    with pytest.raises(shards.ContractError, match="field 'key'"):
+        shards.decode_sample_header({**record, "__key__": "other"}, data[:4096], len(data))

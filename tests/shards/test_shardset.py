@@ -1,9 +1,11 @@
 import io
+import tarfile
 
+import numpy as np
 import pytest
 
 import shards
-from tests.shards.helpers import make_shard_set
+from tests.shards.helpers import fake_meta, make_shard_set
 
 
 def test_write_shard_file_streams_the_same_bytes_as_write_shard(tmp_path):
@@ -39,3 +41,29 @@ def test_shards_are_readable_by_webdataset(tmp_path):
     assert sorted(read) == sorted(samples)
     for key, sample in samples.items():
         assert read[key]["npy"] == sample["npy"] and read[key]["json"] == sample["json"]
+
+
+def test_deferred_volume_members_read_straight_into_a_buffer_and_name_a_truncation(tmp_path):
+    volume = np.arange(4 * 6 * 8, dtype=np.uint8).reshape(4, 6, 8)
+    meta = {**fake_meta("topcon_triton", 1, "L", (4, 6, 8), "train"), "dtype": "uint8"}
+    path = tmp_path / "one.tar"
+    with open(path, "wb") as f:
+        shards.write_shard(f, [shards.encode_sample(volume, meta)])
+    with open(path, "rb") as f:
+        (sample,) = shards.iter_shard(f, name=str(path), defer=("npy",))
+        member = sample["npy"]
+        assert isinstance(member, shards.MemberReader) and isinstance(sample["json"], bytes)
+        got, offset = shards.decode_sample_header(sample, member.read(0, 4096), member.size)
+        assert got == meta
+        out = np.empty_like(volume)
+        member.readinto(out, offset=offset)
+        assert np.array_equal(out, volume)
+    with tarfile.open(path) as tar:
+        start = tar.getmember(f"{meta['key']}.npy").offset_data
+    with open(path, "rb") as f:
+        samples = shards.iter_shard(f, name=str(path), defer=("npy",))
+        sample = next(samples)
+        with open(path, "r+b") as w:  # the file shrinks under the reader (tarfile itself catches a short file
+            w.truncate(start + offset + 100)  # at the next header): only 100 voxels are left
+        with pytest.raises(shards.ContractError, match=r"one\.tar.*\.npy.*truncated \(100 of 192 bytes"):
+            sample["npy"].readinto(np.empty_like(volume), offset=offset)

@@ -73,12 +73,14 @@ def make_shard_set(
     samples_per_shard: int | Sequence[int] = 4,
     val_samples_per_shard: int | Sequence[int] | None = None,
     seed: int = 0,
+    dtypes: Sequence[str] = ("uint8",),
 ) -> dict[str, Any]:
     """Write a complete shard set (shards, empty errors.jsonl, index.json last) under ``root``; return its index.
 
     Devices are assigned round-robin over ``devices`` by sample number; repeat a name to make that device dominate
     (``devices=("a", "a", "a", "b")`` gives a 3:1 mix). ``samples_per_shard`` may be a list to make unequal
     shards (it then applies to train; ``val_samples_per_shard`` defaults to 4 per shard in that case).
+    ``dtypes`` are assigned round-robin by sample number too (same voxel values, stored at that dtype).
     """
     rng = np.random.default_rng(seed)
     entries: list[dict[str, Any]] = []
@@ -91,7 +93,7 @@ def make_shard_set(
             encoded = []
             for _ in range(size):
                 device = devices[number % len(devices)]
-                volume = make_volume(number, shape, rng)
+                volume = make_volume(number, shape, rng).astype(dtypes[number % len(dtypes)])
                 meta = make_meta(split=split, number=number, device=device, shape=shape, volume=volume)
                 encoded.append(shards.encode_sample(volume, meta))
                 counts = by_split_device.setdefault(split, {})

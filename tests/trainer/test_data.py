@@ -118,6 +118,52 @@ def test_batches_are_random_crops_of_the_stored_samples(uneven):
             assert float(scale) == pytest.approx(1 / float(np.std(np.arange(8))), rel=0.2)
 
 
+def _stored_volumes(root: str, index: dict, split: str = "train") -> dict[str, np.ndarray]:
+    out = {}
+    for url in shards.shard_urls(root, index, split):
+        with storage.open_url(url) as f:
+            for sample in shards.iter_shard(f):
+                volume, meta = shards.decode_sample(sample)
+                out[meta["key"]] = volume
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_volumes_stored_at_the_crop_shape_reach_batches_byte_for_byte(tmp_path, workers):
+    root = str(tmp_path / "set")
+    index = make_shard_set(root, n_train=16, n_val=2, shape=CROP, samples_per_shard=[5, 3, 8])
+    stored = _stored_volumes(root, index)
+    cfg = DataConfig(shards=root, crop_shape=CROP, shuffle_buffer=6, num_workers=workers)
+    batches = _train(cfg, index, batch=3)
+    assert len(batches) == steps_per_epoch(index, cfg, 3) == 5
+    for b in batches:
+        assert len(set(b["keys"])) == 3
+        for key, vol in zip(b["keys"], b["volume"]):
+            assert np.array_equal(vol[0].numpy(), stored[key])
+    if workers:
+        return
+    # The open batches are the shuffle buffer: samples land at random slots of 2 open batches, so the stream is
+    # reordered, but only within a window of about shuffle_buffer samples of the read order (shuffle_buffer=1).
+    read_order = [k for b in _train(DataConfig(shards=root, crop_shape=CROP, shuffle_buffer=1, num_workers=0),
+                                    index, batch=3) for k in b["keys"]]
+    shuffled = [k for b in batches for k in b["keys"]]
+    common = set(shuffled) & set(read_order)  # the epoch ends with some samples still in open batches
+    assert shuffled != read_order and len(common) >= len(read_order) - 6
+    assert max(abs(i - read_order.index(k)) for i, k in enumerate(shuffled) if k in common) < 2 * 6
+
+
+def test_a_set_mixing_uint8_and_uint16_gives_batches_of_one_dtype_with_exact_voxels(tmp_path):
+    root = str(tmp_path / "set")
+    index = make_shard_set(root, n_train=24, n_val=2, shape=CROP, dtypes=("uint8", "uint16", "uint16"))
+    stored = _stored_volumes(root, index)
+    batches = _train(_cfg(root), index, batch=2)
+    assert {b["volume"].dtype for b in batches} == {torch.uint8, torch.uint16}
+    for b in batches:
+        for key, vol in zip(b["keys"], b["volume"]):
+            assert str(stored[key].dtype) == str(vol.numpy().dtype)
+            assert np.array_equal(vol[0].numpy(), stored[key])
+
+
 def test_flips_are_drawn_on_the_host_and_applied_by_to_model_input(uneven):
     root, index = uneven
     flips = torch.cat([b["flip"] for b in _train(_cfg(root), index, batch=5)])
@@ -144,7 +190,7 @@ def test_undecodable_samples_are_skipped_counted_and_logged(tmp_path, caplog):
     last = storage.join(root, shards.shard_name("train", 2))
     with open(last, "r+b") as f:  # a truncated upload: the reader keeps what it can, then moves on
         f.truncate(os.path.getsize(last) // 2)
-    caplog.set_level(logging.WARNING, logger="trainer.data")
+    caplog.set_level(logging.WARNING, logger="trainer.stages")
     cfg = _cfg(root)
     batches = _train(cfg, index, batch=2)
     assert len(batches) == steps_per_epoch(index, cfg, 2) == 6

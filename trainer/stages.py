@@ -1,0 +1,285 @@
+"""The loader's pipeline stages: generators that one loader worker chains with ``wds.DataPipeline``.
+
+    train, val:  shard_source -> read_shards -> open_samples -> [materialize -> balance] -> assemble
+    eval:        read_shards -> decode -> augment_all -> collate             (``trainer.data.iter_eval_batches``)
+
+``assemble`` is the shuffle buffer and the batcher in one: it keeps ``open_batches`` batches open and puts each
+incoming sample into a uniformly random free slot among them, reading the sample's voxels from the shard file
+straight into that slot. A batch leaves as soon as its last slot is filled. So a batch mixes samples from a window
+of about ``open_batches x batch_size`` reads, as a shuffle buffer of that size would, and for a volume stored at the
+training crop shape (the usual case: preprocessing writes the training shape) the read from the shard is the
+loader's only copy of its voxels. A smaller or larger stored volume is read whole, then cropped or padded into its
+slot. Batches hold one dtype each (a set mixing uint8 and uint16 volumes gives batches of each; voxel values are
+never rescaled); memory is the open batches plus the batches in flight.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
+
+from shards import (
+    VOLUME_EXT,
+    ContractError,
+    MemberReader,
+    decode_sample,
+    decode_sample_header,
+    iter_shard,
+    storage,
+)
+from trainer.augment import augment, crop_or_pad, draw_view
+from trainer.host_split import Shard, cycle_rounds, derive_seed
+
+log = logging.getLogger(__name__)
+_NPY_HEAD = 4096  # bytes read ahead of a volume's voxels: numpy writes headers of 64-128 bytes
+
+
+@dataclass
+class Counters:
+    skipped: int = 0  # samples (or unreadable shard tails) skipped since the last batch
+    good: int = 0  # samples whose voxels were read in the current pass over the worker's shards
+
+
+def shard_source(shards: list[Shard], *, seed: int, stream: tuple, shuffle: bool, counters: Counters):
+    urls = sorted({s.url for s in shards})
+    current = 0
+    for round_no, shard in cycle_rounds(shards, seed=seed, stream=stream, shuffle=shuffle):
+        if round_no != current:
+            # Every sample of the previous pass has been read by now (stages pull one sample at a time, and
+            # assemble reads a sample's voxels before it pulls the next).
+            if counters.good == 0:
+                raise RuntimeError(f"no decodable sample in a full pass over shards {urls}; see the warnings above")
+            counters.good, current = 0, round_no
+        yield {"url": shard.url}
+
+
+def read_shards(source: Iterable[dict], *, counters: Counters, defer_volumes: bool = False) -> Iterator[dict]:
+    """Encoded samples of each shard. With ``defer_volumes``, a seekable shard's ``.npy`` members come as
+    ``MemberReader``s, valid until the next shard is opened: the consumer reads each before pulling the next."""
+    defer = (VOLUME_EXT,) if defer_volumes else ()
+    for item in source:
+        url = item["url"]
+        try:
+            # Opened here, in the worker process: a gcsfs instance is not fork-safe.
+            with storage.open_url(url, "rb") as f:
+                for sample in iter_shard(f, name=url, defer=defer):
+                    yield {**sample, "__url__": url}
+        except ContractError as exc:
+            counters.skipped += 1
+            log.warning("skipping the rest of shard %s: %s", url, exc)
+
+
+def _skip(counters: Counters, sample: dict, exc: Exception) -> None:
+    counters.skipped += 1
+    log.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
+
+
+def decode(samples: Iterable[dict], *, counters: Counters) -> Iterator[dict]:
+    """Eager decode: ``{"volume", "meta"}`` with the voxels in memory."""
+    for sample in samples:
+        try:
+            volume, meta = decode_sample(sample)
+        except ContractError as exc:
+            _skip(counters, sample, exc)
+            continue
+        counters.good += 1
+        yield {"volume": volume, "meta": meta}
+
+
+def open_samples(samples: Iterable[dict], *, counters: Counters) -> Iterator[dict]:
+    """Validate each sample from its metadata and ``.npy`` header; a deferred volume stays unread (``member`` and
+    ``offset`` of its voxels), an in-memory one is decoded (``volume``)."""
+    for sample in samples:
+        member = sample.get(VOLUME_EXT)
+        try:
+            if not isinstance(member, MemberReader):
+                volume, meta = decode_sample(sample)
+                counters.good += 1
+                yield {"volume": volume, "meta": meta}
+                continue
+            meta, offset = decode_sample_header(sample, member.read(0, _NPY_HEAD), member.size)
+        except ContractError as exc:
+            _skip(counters, sample, exc)
+            continue
+        yield {"member": member, "offset": offset, "meta": meta, "__url__": sample.get("__url__")}
+
+
+def _read_volume(item: dict) -> np.ndarray:
+    meta = item["meta"]
+    volume = np.empty(meta["shape"], dtype=meta["dtype"])
+    item["member"].readinto(volume, offset=item["offset"])
+    return volume
+
+
+def materialize(items: Iterable[dict], *, counters: Counters) -> Iterator[dict]:
+    """Read deferred volumes into memory, for stages that hold samples past their shard (domain balancing)."""
+    for item in items:
+        if "member" in item:
+            try:
+                item = {"volume": _read_volume(item), "meta": item["meta"]}
+            except ContractError as exc:
+                _skip(counters, {"__key__": item["meta"]["key"], **item}, exc)
+                continue
+            counters.good += 1
+        yield item
+
+
+def balance(samples: Iterable[dict], *, weights: dict[str, float], capacity: int, patience: int,
+            rng: random.Random) -> Iterator[dict]:
+    """Emit devices in proportion to ``weights``: pick a device, then a random sample from its buffer.
+
+    Buffers are capped, so a dominant device is subsampled (a full buffer has a random entry replaced) instead of
+    growing memory while a rare one is awaited. A device not seen within ``patience`` reads is absent from this
+    worker's shards; it is dropped here with a warning rather than stalling the stream.
+    """
+    active = {d: w for d, w in sorted(weights.items()) if w > 0}
+    buffers: dict[str, list[dict]] = {d: [] for d in active}
+    source = iter(samples)
+    while active:
+        domain = rng.choices(list(active), weights=list(active.values()))[0]
+        waited = 0
+        while not buffers[domain] and waited <= patience:
+            sample = next(source, None)
+            if sample is None:
+                return
+            waited += 1
+            buf = buffers.get(sample["meta"]["device"])
+            if buf is None:  # weight 0: this device is left out of the run
+                continue
+            if len(buf) < capacity:
+                buf.append(sample)
+            else:
+                buf[rng.randrange(capacity)] = sample
+        if not buffers[domain]:
+            log.warning("device %s: no sample in %d reads of this worker's shards; balancing without it",
+                        domain, waited)
+            del active[domain]
+            continue
+        buf = buffers[domain]
+        i = rng.randrange(len(buf))
+        buf[i], buf[-1] = buf[-1], buf[i]
+        yield buf.pop()
+    raise RuntimeError(f"none of the weighted devices {sorted(weights)} has samples in this worker's shards")
+
+
+def batch_tensor(shape: Sequence[int], dtype: np.dtype) -> torch.Tensor:
+    """An uninitialised batch tensor; in a loader worker it lives in shared memory, so the batch reaches the main
+    process without the copy that pickling a private tensor would make (as torch's default_collate does)."""
+    proto = torch.from_numpy(np.empty(0, dtype))
+    if get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=proto.dtype)
+    shared = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
+    return proto.new(shared).view(tuple(shape))
+
+
+@dataclass(eq=False)  # removed from the open list by identity
+class _OpenBatch:
+    volume: torch.Tensor  # (B, 1, D, H, W)
+    free: list[int]
+    fields: list[tuple | None] = field(default_factory=list)
+
+    @classmethod
+    def new(cls, batch_size: int, crop: Sequence[int], dtype: np.dtype) -> _OpenBatch:
+        return cls(batch_tensor((batch_size, 1, *crop), dtype), list(range(batch_size)), [None] * batch_size)
+
+    def finish(self) -> dict:
+        keys, flips, scales, shifts = zip(*self.fields)
+        return {
+            "volume": self.volume,
+            "scale": torch.tensor(scales, dtype=torch.float32),
+            "shift": torch.tensor(shifts, dtype=torch.float32),
+            "flip": torch.tensor(flips, dtype=torch.bool),
+            "keys": list(keys),
+        }
+
+
+def _fill(item: dict, dest: np.ndarray, starts: tuple[int, ...]) -> None:
+    """Write one sample's training view into its batch slot ``dest`` (D, H, W)."""
+    meta = item["meta"]
+    if "member" in item and tuple(meta["shape"]) == dest.shape:
+        item["member"].readinto(dest, offset=item["offset"])  # the only copy of the voxels
+        return
+    volume = item["volume"] if "volume" in item else _read_volume(item)
+    np.copyto(dest, crop_or_pad(volume, dest.shape, starts))
+
+
+def assemble(items: Iterable[dict], *, crop: Sequence[int], batch_size: int, open_batches: int,
+             view_rng: np.random.Generator | None, slot_rng: random.Random | None, flip: bool, jitter: float,
+             masks: Any, mask_seed: tuple, counters: Counters) -> Iterator[dict]:
+    """Static batches of ``batch_size``: each sample's voxels read into a random free slot of ``open_batches`` open
+    batches (``slot_rng=None``: slots in arrival order, one batch at a time), its view drawn by ``view_rng``.
+
+    Yields ``volume`` (B, 1, *crop) uint8/uint16, ``scale``, ``shift``, ``flip``, ``keys``, ``masks`` (one
+    [(context, target)] list per batch, seeded by ``mask_seed`` and the batch number) and ``skipped`` (samples
+    skipped since the previous batch). Never a partial batch.
+    """
+    crop = tuple(crop)
+    pending: dict[str, list[_OpenBatch]] = {}  # dtype -> open batches of that dtype
+    number = 0
+    for item in items:
+        meta = item["meta"]
+        dtype = np.dtype(meta["dtype"])
+        batches = pending.setdefault(dtype.str, [])
+        while len(batches) < open_batches:
+            batches.append(_OpenBatch.new(batch_size, crop, dtype))
+        starts, flipped, scale, shift = draw_view(meta["shape"], meta, crop, rng=view_rng, flip=flip, jitter=jitter)
+        if slot_rng is None:
+            batch = batches[0]
+            slot = batch.free[0]
+        else:
+            pick = slot_rng.randrange(sum(len(b.free) for b in batches))
+            for batch in batches:
+                if pick < len(batch.free):
+                    break
+                pick -= len(batch.free)
+            slot = batch.free[pick]
+        try:
+            _fill(item, batch.volume.numpy()[slot, 0], starts)
+        except ContractError as exc:
+            _skip(counters, {"__key__": meta["key"], **item}, exc)
+            continue
+        if "member" in item:
+            counters.good += 1
+        batch.free.remove(slot)
+        batch.fields[slot] = (meta["key"], flipped, scale, shift)
+        if batch.free:
+            continue
+        batches.remove(batch)
+        generator = torch.Generator().manual_seed(derive_seed("masks", *mask_seed, number))
+        yield {
+            **batch.finish(),
+            "masks": masks(batch_size, generator) if masks is not None else [],
+            "skipped": torch.tensor(counters.skipped, dtype=torch.int64),
+        }
+        counters.skipped = 0
+        number += 1
+
+
+def augment_all(samples: Iterable[dict], *, crop: Sequence[int], rng: np.random.Generator | None, flip: bool,
+                jitter: float) -> Iterator[dict]:
+    for s in samples:
+        volume, flipped, scale, shift = augment(s["volume"], s["meta"], crop, rng=rng, flip=flip, jitter=jitter)
+        yield {"key": s["meta"]["key"], "volume": volume, "flip": flipped, "scale": scale, "shift": shift,
+               "meta": s["meta"]}
+
+
+def collate(group: list[dict]) -> dict:
+    """Stack augmented samples (eval: the last batch may be partial). A set mixing uint8 and uint16 volumes gives
+    uint16 batches here; values are never rescaled."""
+    volumes = [g["volume"] for g in group]  # crops are views: this stack is their one copy
+    out = batch_tensor((len(volumes), 1, *volumes[0].shape), np.result_type(*volumes))
+    np.stack(volumes, out=out.numpy()[:, 0])
+    return {
+        "volume": out,
+        "scale": torch.tensor([g["scale"] for g in group], dtype=torch.float32),
+        "shift": torch.tensor([g["shift"] for g in group], dtype=torch.float32),
+        "flip": torch.tensor([g["flip"] for g in group], dtype=torch.bool),
+        "keys": [g["key"] for g in group],
+    }
