@@ -88,15 +88,17 @@ class MemberReader:
         self._check(len(data), size, offset)
         return data
 
-    def readinto(self, buf: Any, offset: int = 0) -> None:
-        """Fill ``buf`` (a writable buffer, e.g. a C-contiguous array) with ``len(buf)`` bytes from ``offset``."""
+    def readinto(self, buf: Any, offset: int = 0, fileobj: BinaryIO | None = None) -> None:
+        """Fill ``buf`` (a writable buffer, e.g. a C-contiguous array) with ``len(buf)`` bytes from ``offset``;
+        ``fileobj``: the same shard opened again, for a read after the iterator has closed it."""
+        f = self._f if fileobj is None else fileobj
         view = memoryview(buf).cast("B")
         if offset + view.nbytes > self.size:
             raise ValueError(f"{self.name}: {view.nbytes} bytes from offset {offset} overrun the member ({self.size})")
-        self._f.seek(self._start + offset)
+        f.seek(self._start + offset)
         done = 0
         while done < view.nbytes:  # a file object may return fewer bytes than asked before its end
-            got = self._f.readinto(view[done:])
+            got = f.readinto(view[done:])
             if not got:
                 break
             done += got

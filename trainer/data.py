@@ -111,6 +111,7 @@ class _Plan:
     train: bool
     seed: int
     stream: tuple  # (epoch, host) for train, ("val", host) for validation: seeds every random choice
+    start: int = 0  # batches of the epoch already consumed (mid-epoch resume): composed, not read or yielded
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc malloc.h
@@ -141,12 +142,16 @@ class _WorkerStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if info is not None or self.plan.train:
-            _keep_freed_memory()
         p, cfg = self.plan, self.plan.cfg
+        position, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None or p.train:
+            _keep_freed_memory()
+        # Batch g of the epoch comes from worker g % num_workers. The DataLoader asks its workers in turn from
+        # position 0, so after ``start`` batches position 0 must be the worker that makes batch ``start``.
+        worker = (position + p.start) % num_workers
         quota = worker_quota(p.num_batches, worker=worker, num_workers=num_workers)
-        if quota == 0:
+        done = worker_quota(p.start, worker=worker, num_workers=num_workers)  # its batches before ``start``
+        if quota == done:
             return iter(())
         shards = worker_shards(list(p.host_list), worker=worker, num_workers=num_workers,
                                min_samples=quota * p.batch_size, seed=p.seed, stream=p.stream)
@@ -172,16 +177,17 @@ class _WorkerStream(IterableDataset):
             view_rng=np.random.default_rng(derive_seed("augment", p.seed, *stream)) if p.train else None,
             slot_rng=random.Random(derive_seed("shuffle", p.seed, *stream)) if shuffled else None,
             flip=cfg.flip_lateral, jitter=cfg.intensity_jitter, masks=self.masks, mask_seed=(p.seed, *stream),
-            counters=counters))
-        return islice(iter(wds.DataPipeline(*pipeline)), quota)
+            counters=counters, skip_batches=done))
+        return islice(iter(wds.DataPipeline(*pipeline)), quota - done)
 
 
 class Batches:
     """Exactly ``len(self)`` batches per iteration, from ``num_workers`` loader processes (0: in-process)."""
 
     def __init__(self, dataset: _WorkerStream, num_batches: int, num_workers: int) -> None:
-        self.dataset, self.num_batches = dataset, num_batches
+        # The workers' share of the epoch depends on their count: a resumed epoch keeps it.
         self.num_workers = min(num_workers, num_batches)
+        self.dataset, self.num_batches = dataset, num_batches - dataset.plan.start
 
     def __len__(self) -> int:
         return self.num_batches
@@ -235,9 +241,12 @@ def _check_batch(batch_size: int, host_index: int, host_count: int) -> None:
 
 
 def build_train_loader(cfg: DataConfig, *, index: dict, batch_size: int, masks: Any, seed: int, epoch: int,
-                       host_index: int, host_count: int) -> Batches:
+                       host_index: int, host_count: int, start: int = 0) -> Batches:
     """One epoch of training batches for this host: ``steps_per_epoch(index, cfg, batch_size * host_count)``
-    batches of ``batch_size``, the same count on every host whatever share of the samples its shards hold."""
+    batches of ``batch_size``, the same count on every host whatever share of the samples its shards hold.
+
+    ``start``: resume the epoch after its first ``start`` batches; the rest are the batches an uninterrupted
+    epoch yields from there (the skipped ones are composed from shard headers, their voxels are not read)."""
     _check_batch(batch_size, host_index, host_count)
     if cfg.domain_weights:
         check_domain_weights(cfg.domain_weights, index, cfg.train_split)
@@ -245,7 +254,10 @@ def build_train_loader(cfg: DataConfig, *, index: dict, batch_size: int, masks: 
     ordered = epoch_order(split_shards(cfg.shards, index, cfg.train_split), seed=seed, epoch=epoch)
     mine = host_shards(ordered, host_index=host_index, host_count=host_count,
                        min_samples=num_batches * batch_size, seed=seed, epoch=epoch)
-    plan = _Plan(cfg, tuple(mine), num_batches, batch_size, train=True, seed=seed, stream=(epoch, host_index))
+    if not 0 <= start <= num_batches:
+        raise ValueError(f"start={start} is outside the epoch's [0, {num_batches}] batches")
+    plan = _Plan(cfg, tuple(mine), num_batches, batch_size, train=True, seed=seed, stream=(epoch, host_index),
+                 start=start)
     return Batches(_WorkerStream(plan, masks), num_batches, cfg.num_workers)
 
 

@@ -111,10 +111,10 @@ def open_samples(samples: Iterable[dict], *, counters: Counters) -> Iterator[dic
         yield {"member": member, "offset": offset, "meta": meta, "__url__": sample.get("__url__")}
 
 
-def _read_volume(item: dict) -> np.ndarray:
+def _read_volume(item: dict, fileobj: Any = None) -> np.ndarray:
     meta = item["meta"]
     volume = np.empty(meta["shape"], dtype=meta["dtype"])
-    item["member"].readinto(volume, offset=item["offset"])
+    item["member"].readinto(volume, offset=item["offset"], fileobj=fileobj)
     return volume
 
 
@@ -184,6 +184,7 @@ class _OpenBatch:
     volume: torch.Tensor  # (B, 1, D, H, W)
     free: list[int]
     fields: list[tuple | None] = field(default_factory=list)
+    unread: dict[int, tuple[dict, tuple[int, ...]]] = field(default_factory=dict)  # slot -> (item, crop starts)
 
     @classmethod
     def new(cls, batch_size: int, crop: Sequence[int], dtype: np.dtype) -> _OpenBatch:
@@ -200,25 +201,45 @@ class _OpenBatch:
         }
 
 
-def _fill(item: dict, dest: np.ndarray, starts: tuple[int, ...]) -> None:
+def _fill(item: dict, dest: np.ndarray, starts: tuple[int, ...], fileobj: Any = None) -> None:
     """Write one sample's training view into its batch slot ``dest`` (D, H, W)."""
     meta = item["meta"]
     if "member" in item and tuple(meta["shape"]) == dest.shape:
-        item["member"].readinto(dest, offset=item["offset"])  # the only copy of the voxels
+        item["member"].readinto(dest, offset=item["offset"], fileobj=fileobj)  # the only copy of the voxels
         return
-    volume = item["volume"] if "volume" in item else _read_volume(item)
+    volume = item["volume"] if "volume" in item else _read_volume(item, fileobj)
     np.copyto(dest, crop_or_pad(volume, dest.shape, starts))
+
+
+def _read_unread(open_batches: Iterable[_OpenBatch], counters: Counters) -> None:
+    """Read the voxels of slots filled while skipping, their shards opened again (the stream has moved on); a
+    slot whose read fails is freed again, as it would have been when first filled."""
+    for batch in open_batches:
+        for slot, (item, starts) in sorted(batch.unread.items()):
+            try:
+                with storage.open_url(item["__url__"], "rb") as f:
+                    _fill(item, batch.volume.numpy()[slot, 0], starts, fileobj=f)
+            except (ContractError, OSError) as exc:
+                _skip(counters, {"__key__": item["meta"]["key"], **item}, exc)
+                batch.free.append(slot)
+                batch.fields[slot] = None
+        batch.unread.clear()
 
 
 def assemble(items: Iterable[dict], *, crop: Sequence[int], batch_size: int, open_batches: int,
              view_rng: np.random.Generator | None, slot_rng: random.Random | None, flip: bool, jitter: float,
-             masks: Any, mask_seed: tuple, counters: Counters) -> Iterator[dict]:
+             masks: Any, mask_seed: tuple, counters: Counters, skip_batches: int = 0) -> Iterator[dict]:
     """Static batches of ``batch_size``: each sample's voxels read into a random free slot of ``open_batches`` open
     batches (``slot_rng=None``: slots in arrival order, one batch at a time), its view drawn by ``view_rng``.
 
     Yields ``volume`` (B, 1, *crop) uint8/uint16, ``scale``, ``shift``, ``flip``, ``keys``, ``masks`` (one
     [(context, target)] list per batch, seeded by ``mask_seed`` and the batch number) and ``skipped`` (samples
     skipped since the previous batch). Never a partial batch.
+
+    ``skip_batches``: the first batches are composed but not yielded, and their voxels are not read (mid-epoch
+    resume): every random draw happens as in the full stream, so the batches that follow are the same. Slots still
+    open when skipping ends are read then. (A sample whose voxels would have failed to read while skipping is not
+    noticed, so only a set with unreadable volumes can make the two streams differ.)
     """
     crop = tuple(crop)
     pending: dict[str, list[_OpenBatch]] = {}  # dtype -> open batches of that dtype
@@ -240,11 +261,14 @@ def assemble(items: Iterable[dict], *, crop: Sequence[int], batch_size: int, ope
                     break
                 pick -= len(batch.free)
             slot = batch.free[pick]
-        try:
-            _fill(item, batch.volume.numpy()[slot, 0], starts)
-        except ContractError as exc:
-            _skip(counters, {"__key__": meta["key"], **item}, exc)
-            continue
+        if number < skip_batches and "member" in item:
+            batch.unread[slot] = (item, starts)
+        else:
+            try:
+                _fill(item, batch.volume.numpy()[slot, 0], starts)
+            except ContractError as exc:
+                _skip(counters, {"__key__": meta["key"], **item}, exc)
+                continue
         if "member" in item:
             counters.good += 1
         batch.free.remove(slot)
@@ -252,6 +276,11 @@ def assemble(items: Iterable[dict], *, crop: Sequence[int], batch_size: int, ope
         if batch.free:
             continue
         batches.remove(batch)
+        if number < skip_batches:
+            number += 1
+            if number == skip_batches:
+                _read_unread((b for group in pending.values() for b in group), counters)
+            continue
         generator = torch.Generator().manual_seed(derive_seed("masks", *mask_seed, number))
         yield {
             **batch.finish(),

@@ -213,12 +213,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     mask_image_due = log.mask_images and device.is_main
     last_saved = run.step if resume_url else -1
     while run.step < plan.total_steps:
+        # Deterministic per (seed, epoch, host): starting after the consumed micro-batches (composed again, not
+        # read) resumes mid-epoch exactly.
         loader = build_train_loader(cfg.data, index=index, batch_size=plan.host_batch, masks=masks, seed=cfg.seed,
-                                    epoch=run.epoch, host_index=plan.host_index, host_count=plan.host_count)
+                                    epoch=run.epoch, host_index=plan.host_index, host_count=plan.host_count,
+                                    start=run.step_in_epoch * cfg.grad_accum)
         steps = min(plan.steps_per_epoch - run.step_in_epoch, plan.total_steps - run.step)
-        # Deterministic per (seed, epoch, host): skipping the consumed micro-batches resumes mid-epoch exactly.
-        first = run.step_in_epoch * cfg.grad_accum
-        cpu_batches: Iterator[dict] = _rng_isolated(islice(loader, first, first + steps * cfg.grad_accum))
+        cpu_batches: Iterator[dict] = _rng_isolated(islice(loader, steps * cfg.grad_accum))
         if mask_image_due:
             head = next(cpu_batches)
             monitor.log_mask_image(run.step, head["volume"][0, 0].numpy(),

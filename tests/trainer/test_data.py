@@ -310,3 +310,31 @@ def test_train_loader_reads_gcs_in_worker_processes(gcs):
     batches = list(build_train_loader(cfg, index=index, batch_size=2, masks=MASKS, seed=0, epoch=0, host_index=0,
                                       host_count=2))
     assert len(batches) == 3 and all(b["volume"].shape == (2, 1, *CROP) for b in batches)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_epoch_yields_the_rest_of_the_uninterrupted_epoch_without_reading_the_skipped_batches(
+        tmp_path, monkeypatch, workers):
+    root = str(tmp_path / "set")
+    index = make_shard_set(root, n_train=30, n_val=2, shape=CROP, samples_per_shard=[7, 5, 9, 9])
+    cfg = DataConfig(shards=root, crop_shape=CROP, shuffle_buffer=6, num_workers=workers)
+    full = _train(cfg, index, batch=2, epoch=1)
+    reads = []
+    if not workers:  # count voxel reads in this process
+        original = shards.MemberReader.readinto
+        monkeypatch.setattr(shards.MemberReader, "readinto",
+                            lambda self, *a, **kw: (reads.append(self.name), original(self, *a, **kw))[1])
+    for start in (0, 5, len(full) - 1, len(full)):
+        loader = build_train_loader(cfg, index=index, batch_size=2, masks=MASKS, seed=0, epoch=1, host_index=0,
+                                    host_count=1, start=start)
+        reads.clear()
+        rest = list(loader)
+        assert len(rest) == len(loader) == len(full) - start
+        for a, b in zip(rest, full[start:]):
+            assert a["keys"] == b["keys"] and torch.equal(a["volume"], b["volume"]) and torch.equal(a["flip"], b["flip"])
+            assert all(torch.equal(x, y) for ma, mb in zip(a["masks"], b["masks"]) for x, y in zip(ma, mb))
+        if not workers:  # the skipped batches' voxels are not read: at most the open batches' slots on top
+            assert len(rest) * 2 <= len(reads) <= len(rest) * 2 + 6
+    with pytest.raises(ValueError, match="outside the epoch"):
+        build_train_loader(cfg, index=index, batch_size=2, masks=MASKS, seed=0, epoch=1, host_index=0, host_count=1,
+                           start=len(full) + 1)
