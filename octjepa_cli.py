@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "reshard": ("beam_jobs.reshard", "main", "Beam job: re-shard a shard set per device domain / field"),
     "verify": ("shards.verify", "main", "check every shard of a set against its index"),
     "train": ("trainer.train", "main", "pretrain V-JEPA2 3D on a shard set"),
-    "embed": ("trainer.probe", "main_embed", "write frozen-encoder embeddings of a shard set"),
+    "embed": ("trainer.embed", "main_embed", "write frozen-encoder embeddings of a shard set"),
     "probe": ("trainer.probe", "main_probe", "linear probe of a frozen encoder vs random init"),
     "preview": ("trainer.preview", "main", "montage of a shard set per domain (and masks)"),
     "launch-tpu": ("trainer.launch_tpu", "main", "run training on every host of a TPU pod"),

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from trainer import probe
+from trainer import embed, probe
 
 
 def planted(n: int = 450, dim: int = 16, classes: int = 3, seed: int = 0):
@@ -98,7 +98,7 @@ def test_random_init_encoder_is_reproducible_and_seed_dependent():
     from model import EncoderConfig
 
     cfg = EncoderConfig(size="tiny", patch_size=(4, 16, 16), input_shape=(8, 32, 32))
-    a, b, c = (probe.random_init_encoder(cfg, s) for s in (0, 0, 1))
+    a, b, c = (embed.random_init_encoder(cfg, s) for s in (0, 0, 1))
     wa, wb, wc = (m.patch_embed.proj.weight for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
 
@@ -153,7 +153,7 @@ def test_probe_and_embed_commands_end_to_end(tmp_path, capsys):
     assert "balanced_accuracy" in printed and "random_init" in printed and "4 skipped" in printed
 
     emb_out = str(tmp_path / "emb" / "embeddings.npz")
-    assert probe.main_embed(["--checkpoint", checkpoint, "--shards", shards_root, "--out", emb_out]) == 0
+    assert embed.main_embed(["--checkpoint", checkpoint, "--shards", shards_root, "--out", emb_out]) == 0
     table = np.load(emb_out)
     assert table["embedding"].shape == (32, 192) and np.isfinite(table["embedding"]).all()
     assert len(set(table["key"].tolist())) == 32 and set(table["split"].tolist()) == {"train", "val"}
