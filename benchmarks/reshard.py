@@ -7,9 +7,9 @@ Printed, all from this run (page cache warm for every reader, as the source was 
   copy (fsync)     s to copy every file of the source set with storage.write_bytes(read_bytes(...)): the same
                    atomic, fsync'ed write the shard writer uses
   copy (kernel)    s for shutil.copyfile of the same files (no fsync; a lower bound, for reference)
-  reshard          s for beam_jobs.reshard.run by device (scan + sha256 check of every source shard, ranged reads
-                   of the volume bytes, tar + sha256 + fsync'ed write of every output shard, indexes), in this
-                   process after imports, for each local running mode given with --modes
+  reshard          s for beam_jobs.reshard.run by device (scan of every source shard's headers, its sha256 check,
+                   ranged reads of the volume bytes, tar + sha256 + fsync'ed write of every output shard, indexes),
+                   in this process after imports, for each local running mode given with --modes
   reshard CLI      s for `python -m beam_jobs.reshard` in a fresh process with the default local runner
                    (multi-threading, one worker per core): includes interpreter, imports and Beam start-up
   ratio            copy (fsync) time / reshard time = reshard throughput as a fraction of copy    (target >= 0.5)

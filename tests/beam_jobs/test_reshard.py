@@ -241,6 +241,38 @@ def test_a_corrupt_or_truncated_input_shard_fails_the_job_naming_it(source, tmp_
     assert not list(out.glob(f"*/{shards.INDEX_NAME}"))
     assert reshard.main(["--input", str(src), "--output", str(out), *FAST]) == 1
     assert str(shard) in capsys.readouterr().err
+    if damage == "flip_volume_byte":  # the default local runner re-raises a worker's error as a RuntimeError
+        assert reshard.main(["--input", str(src), "--output", str(out)]) == 1
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # after the runner's own log of the failure
+        assert last.startswith(f"octjepa reshard: {shard}: source shard is corrupt")
+
+
+def test_every_source_shard_is_checked_even_one_without_a_kept_sample(source, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(source[0], src)
+    shard = src / "train" / "shard-000002.tar"  # zeiss_cirrus samples only
+    with open(shard, "rb") as f:
+        assert {json.loads(r["json"])["device"] for r in shards.iter_shard(f)} == {"zeiss_cirrus"}
+    good = run_reshard(src, tmp_path / "good", "--domains", "topcon_triton")
+    assert good["counters"]["source_shards_checked"] == good["counters"]["source_shards_scanned"] == \
+        sum(len(e["shards"]) for e in source[1]["splits"].values())
+    data = bytearray(shard.read_bytes())
+    data[_first_volume_offset(shard)] ^= 0x01
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    with pytest.raises(shards.ContractError, match=str(shard)):
+        run_reshard(src, out, "--domains", "topcon_triton")
+    assert not (out / shards.INDEX_NAME).exists() and not list(out.glob(f"*/{shards.INDEX_NAME}"))
+
+
+def test_a_source_set_without_shards_gives_a_root_without_domains(tmp_path):
+    src = tmp_path / "empty"
+    make_shard_set(str(src), per_device=0)
+    report = run_reshard(src, tmp_path / "out")
+    assert report["index"]["domains"] == {} and verify.verify_shard_set(str(tmp_path / "out")).ok
+    with pytest.raises(shards.ContractError, match="topcon_triton"):
+        run_reshard(src, tmp_path / "out2", "--domains", "topcon_triton")
+    assert not (tmp_path / "out2" / shards.INDEX_NAME).exists()
 
 
 def test_input_without_index_is_refused(source, tmp_path, capsys):
