@@ -70,20 +70,30 @@ def make_shard_set(
             record = shards.encode_sample(volume, meta)
             samples[record["__key__"]] = record
             by_split.setdefault(split, []).append(record)
-    entries, by_split_device = [], {}
+    chunked = {}
     for split, records in sorted(by_split.items()):
         records.sort(key=lambda r: r["__key__"])
-        for n, start in enumerate(range(0, len(records), samples_per_shard)):
-            entries.append(shards.write_shard_file(root, split, n, records[start:start + samples_per_shard]))
-        for record in records:
-            device = json.loads(record["json"])["device"]
-            by_split_device.setdefault(split, {}).setdefault(device, 0)
-            by_split_device[split][device] += 1
-    storage.write_bytes(storage.join(root, shards.ERRORS_NAME), b"")
-    index = shards.build_index(
-        config={"made_by": "tests.shards.helpers", "samples_per_shard": samples_per_shard, "seed": seed},
-        shards=entries, by_split_device=by_split_device, errors_by_reason={},
-        manifest_rows=len(samples), selected=len(samples), created_by="tests.shards.helpers",
-    )
-    shards.write_index(root, index)
+        chunked[split] = [records[start:start + samples_per_shard] for start in range(0, len(records), samples_per_shard)]
+    index = write_set(root, chunked, config={"made_by": "tests.shards.helpers", "samples_per_shard": samples_per_shard,
+                                             "seed": seed}, created_by="tests.shards.helpers")
     return index, samples
+
+
+def write_set(root: str, shards_by_split: dict[str, list[list[dict[str, Any]]]], *, config: dict[str, Any],
+              created_by: str) -> dict[str, Any]:
+    """Write encoded records as a complete shard set: ``shards_by_split[split][n]`` is shard n's records, in order;
+    then an empty errors.jsonl and index.json, last. Returns the index."""
+    entries, by_split_device = [], {}
+    for split, shard_records in shards_by_split.items():
+        for n, records in enumerate(shard_records):
+            entries.append(shards.write_shard_file(root, split, n, records))
+            for record in records:
+                device = json.loads(record["json"])["device"]
+                by_split_device.setdefault(split, {}).setdefault(device, 0)
+                by_split_device[split][device] += 1
+    storage.write_bytes(storage.join(root, shards.ERRORS_NAME), b"")
+    total = sum(len(records) for shard_records in shards_by_split.values() for records in shard_records)
+    index = shards.build_index(config=config, shards=entries, by_split_device=by_split_device, errors_by_reason={},
+                               manifest_rows=total, selected=total, created_by=created_by)
+    shards.write_index(root, index)
+    return index

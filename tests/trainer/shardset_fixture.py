@@ -9,11 +9,13 @@ metadata whose intensity mean/std are the volume's own.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 import shards
+from tests.shards.helpers import write_set
 
 DEVICES = ("heidelberg_spectralis", "topcon_triton", "zeiss_cirrus")
 
@@ -83,34 +85,19 @@ def make_shard_set(
     ``dtypes`` are assigned round-robin by sample number too (same voxel values, stored at that dtype).
     """
     rng = np.random.default_rng(seed)
-    entries: list[dict[str, Any]] = []
-    by_split_device: dict[str, dict[str, int]] = {}
     if val_samples_per_shard is None:
         val_samples_per_shard = samples_per_shard if isinstance(samples_per_shard, int) else 4
+    shards_by_split: dict[str, list[list[dict[str, Any]]]] = {}
     for split, n, per_shard in (("train", n_train, samples_per_shard), ("val", n_val, val_samples_per_shard)):
         number = 0
-        for shard_no, size in enumerate(_chunks(n, per_shard)):
+        for size in _chunks(n, per_shard):
             encoded = []
             for _ in range(size):
                 device = devices[number % len(devices)]
                 volume = make_volume(number, shape, rng).astype(dtypes[number % len(dtypes)])
                 meta = make_meta(split=split, number=number, device=device, shape=shape, volume=volume)
                 encoded.append(shards.encode_sample(volume, meta))
-                counts = by_split_device.setdefault(split, {})
-                counts[device] = counts.get(device, 0) + 1
                 number += 1
-            entries.append(shards.write_shard_file(root, split, shard_no, encoded))
-    from shards import storage
-
-    storage.write_bytes(storage.join(root, shards.ERRORS_NAME), b"")
-    index = shards.build_index(
-        config={"fixture": "tests.trainer.shardset_fixture", "shape": list(shape), "seed": seed},
-        shards=entries,
-        by_split_device=by_split_device,
-        errors_by_reason={},
-        manifest_rows=n_train + n_val,
-        selected=n_train + n_val,
-        created_by="tests.trainer.shardset_fixture",
-    )
-    shards.write_index(root, index)
-    return index
+            shards_by_split.setdefault(split, []).append(encoded)
+    return write_set(root, shards_by_split, config={"fixture": "tests.trainer.shardset_fixture", "shape": list(shape),
+                                                    "seed": seed}, created_by="tests.trainer.shardset_fixture")
