@@ -22,7 +22,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, impl: str) -> Tensor:
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, K, K)
         return scores.softmax(dim=-1) @ v
     if impl == "xla_flash":
-        if q.device.type == "xla" and _xla_is_tpu() and _fits_flash_blocks(q.shape[-2]):
+        if (
+            q.device.type == "xla"
+            and _xla_is_tpu()
+            and q.shape[-2] == k.shape[-2]  # self-attention over all tokens: the case the kernel is checked for
+            and _fits_flash_blocks(q.shape[-2])
+        ):
             # Imported here, never at module level: model/ must import without torch_xla.
             import torch_xla.distributed.spmd as xs
             from torch_xla.experimental.custom_kernel import flash_attention
@@ -65,16 +70,19 @@ class Attention(nn.Module):
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, rope: RotaryCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: RotaryCache | None = None, queries_from: int = 0) -> Tensor:
+        """x (B, K, E) -> (B, K - queries_from, E): every token is a key and a value, and the tokens from
+        `queries_from` on are the queries (all of them by default)."""
         B, K, E = x.shape
         qkv = self.qkv(x).view(B, K, 3, self.num_heads, -1)  # (B, K, 3, heads, hd)
-        if rope is not None:
-            qkv = rope.apply_qkv(qkv)
+        q, k, v = qkv.unbind(2) if rope is None else rope.apply_qkv(qkv)  # (B, K, heads, hd) each
+        if queries_from:
+            q = q[:, queries_from:]
         # (B, heads, K, hd) views of the (B, K, heads, hd) memory: SDPA then writes its output in (B, K, E)
         # order, so the reshape below is free.
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-        out = attention(q, k, v, self.impl)  # (B, heads, K, hd)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, K, E)))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = attention(q, k, v, self.impl)  # (B, heads, Kq, hd)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, q.shape[2], E)))
 
 
 class MLP(nn.Module):
@@ -122,18 +130,28 @@ class Block(nn.Module):
         self.mlp = MLP(embed_dim, int(embed_dim * mlp_ratio), drop=dropout)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, rope: RotaryCache | None = None) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), rope))
+    def forward(self, x: Tensor, rope: RotaryCache | None = None, outputs_from: int = 0) -> Tensor:
+        """x (B, K, E) -> (B, K - outputs_from, E): the block's output at the tokens from `outputs_from` on,
+        which still attend to all K tokens. The rows before it cost only their keys and values, not their
+        queries, attention output, projection and MLP: the same arithmetic for the rows returned."""
+        h = self.attn(self.norm1(x), rope, outputs_from)
+        x = (x[:, outputs_from:] if outputs_from else x) + self.drop_path(h)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-def run_blocks(blocks: nn.ModuleList, x: Tensor, rope: RotaryCache | None, checkpointing: bool) -> Tensor:
-    """Apply the blocks in order, optionally recomputing each block's activations in the backward pass."""
-    for blk in blocks:
+def run_blocks(
+    blocks: nn.ModuleList | list[nn.Module], x: Tensor, rope: RotaryCache | None, checkpointing: bool,
+    outputs_from: int = 0,
+) -> Tensor:
+    """Apply the blocks in order, optionally recomputing each block's activations in the backward pass.
+
+    outputs_from > 0: only the rows from there on are wanted from the last block (see Block.forward)."""
+    for i, blk in enumerate(blocks):
+        start = outputs_from if i == len(blocks) - 1 else 0
         if checkpointing and torch.is_grad_enabled():
-            x = torch.utils.checkpoint.checkpoint(blk, x, rope, use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(blk, x, rope, start, use_reentrant=False)
         else:
-            x = blk(x, rope)
+            x = blk(x, rope, start)
     return x
 
 

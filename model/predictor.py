@@ -77,6 +77,20 @@ class Predictor(nn.Module):
         if self.pos_table is None:
             idx = torch.cat([i for _, i in seqs], dim=0)  # (n * B, L)
             rope = RotaryCache(rope_angles(idx, self.grid, self.head_dim))
-        x = run_blocks(self.blocks, x, rope, self.checkpointing)
-        outs = x.split([t.shape[0] for t, _ in seqs], dim=0)
-        return [self.predictor_proj(self.norm(o[:, kc:])) for o, kc in zip(outs, num_context)]  # (B, Kt, E)
+        sizes = [t.shape[0] for t, _ in seqs]
+        if x.device.type == "xla":
+            # One graph for TPUs as before: every block on every token (the flash kernel is checked for
+            # self-attention), the context rows dropped at the end.
+            x = run_blocks(self.blocks, x, rope, self.checkpointing)
+            outs = [o[:, kc:] for o, kc in zip(x.split(sizes, dim=0), num_context)]
+        else:
+            # Only the targets' outputs of the last block are used: there the context tokens are keys and
+            # values only (no queries, projection or MLP rows). The configurations differ in their number of
+            # targets, so the last block runs once per configuration.
+            x = run_blocks(self.blocks[:-1], x, rope, self.checkpointing)
+            outs, start = [], 0
+            for o, n, kc in zip(x.split(sizes, dim=0), sizes, num_context):
+                r = None if rope is None else rope.rows(start, start + n)
+                outs.append(run_blocks(self.blocks[-1:], o, r, self.checkpointing, outputs_from=kc))
+                start += n
+        return [self.predictor_proj(self.norm(o)) for o in outs]  # (B, Kt, E)

@@ -48,70 +48,143 @@ class RotaryCache:
     Channel pair (2j, 2j+1) of a head turns by the angle of pair j: the correct pair interleaving. V-JEPA 2
     keeps a `repeat` of the frequencies that gives the two channels of a pair different angles, for
     checkpoint compatibility only.
+
+    The rotation tables span the whole head: the pairs past the 3 * P rotated ones turn by angle 0 (cos 1,
+    sin 0, an exact copy), so one multiply pass over contiguous memory rotates a head, with no slice and no
+    separate copy of the leftover channels.
     """
 
     def __init__(self, angles: Tensor) -> None:
         angles = angles.float()
         self.cos = angles.cos().unsqueeze(-2)  # (B or 1, K, 1, P): the 1 broadcasts over heads
         self.sin = angles.sin().unsqueeze(-2)
-        self._qkv: tuple[Tensor, Tensor, Tensor] | None = None
+        self._tables: dict[int, _Tables] = {}
+
+    def rows(self, start: int, stop: int) -> RotaryCache:
+        """The cache of samples start:stop of a per-sample (B, K) set of positions (itself if shared by all)."""
+        if self.cos.shape[0] == 1:
+            return self
+        sub = RotaryCache.__new__(RotaryCache)
+        sub.cos, sub.sin = self.cos[start:stop], self.sin[start:stop]
+        sub._tables = {}
+        return sub
+
+    def tables(self, head_dim: int) -> _Tables:
+        """The full-head tables for `head_dim`, built once and shared by every block of that width."""
+        if head_dim not in self._tables:
+            self._tables[head_dim] = _Tables(self.cos, self.sin, head_dim)
+        return self._tables[head_dim]
 
     def apply(self, x: Tensor) -> Tensor:
-        """Rotate x (B, K, heads, head_dim); channels past 2 * P are left as they are."""
-        return _Rotate.apply(x, self.cos, self.sin, _complex(self.cos, self.sin))
+        """Rotate x (B, K, heads, head_dim) into a new tensor; channels past 2 * P are left as they are."""
+        return _Rotate.apply(x, self.tables(x.shape[-1]))
 
-    def apply_qkv(self, qkv: Tensor) -> Tensor:
-        """Rotate q and k of a fused (B, K, 3, heads, head_dim) projection in one pass; v passes unrotated.
+    def apply_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B, K, heads, head_dim) of a fused (B, K, 3, heads, head_dim) projection, q and k rotated.
 
-        One multiply over all of qkv (v turned by angle 0) writes q, k, v into a fresh buffer, so the backward
-        is one inverse rotation too, with no slice-and-scatter of the gradient."""
-        if self._qkv is None:
-            cos, sin = self.cos.unsqueeze(2), self.sin.unsqueeze(2)  # (B or 1, K, 1, 1, P)
-            cos = torch.cat((cos, cos, torch.ones_like(cos)), dim=2)  # (B or 1, K, 3, 1, P)
-            sin = torch.cat((sin, sin, torch.zeros_like(sin)), dim=2)
-            self._qkv = (cos, sin, _complex(cos, sin))  # built once, shared by all blocks
-        return _Rotate.apply(qkv, *self._qkv)
+        One multiply pass writes the rotated q and k into a fresh buffer; v is returned unrotated (a view of
+        qkv where the device allows). The backward writes the gradient of the whole qkv in one pass too: q's
+        and k's inverse rotations and v's copy land in their slots of one buffer, with no stack of the three
+        gradients followed by a rotation of the stack."""
+        return _RotateQK.apply(qkv, self.tables(qkv.shape[-1]))
 
 
-def _complex(cos: Tensor, sin: Tensor) -> Tensor | None:
-    """cos + i sin where complex multiplication is cheap (CPU, CUDA); None elsewhere (XLA: real arithmetic)."""
-    return torch.complex(cos, sin) if cos.device.type in ("cpu", "cuda") else None
+class _Tables:
+    """Rotation tables over the channel pairs of a whole head: (B or 1, K, 1, head_dim // 2) cos, sin and -sin,
+    and, where complex multiplication is cheap (CPU, CUDA), the complex cos + i sin and its conjugate."""
+
+    def __init__(self, cos: Tensor, sin: Tensor, head_dim: int) -> None:
+        pairs = head_dim // 2
+        p = cos.shape[-1]
+        if pairs < p:
+            raise ValueError(f"head_dim {head_dim} is too small for {p} rotated channel pairs")
+        pad = (0, pairs - p)
+        self.cos = torch.nn.functional.pad(cos, pad, value=1.0)  # angle 0 past the rotated pairs
+        self.sin = torch.nn.functional.pad(sin, pad, value=0.0)
+        self.neg_sin = -self.sin
+        if cos.device.type in ("cpu", "cuda"):
+            self.rot = torch.complex(self.cos, self.sin)
+            self.rot_conj = torch.complex(self.cos, self.neg_sin)
+        else:  # XLA: real arithmetic
+            self.rot = self.rot_conj = None
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor, rot: Tensor | None) -> Tensor:
-    """A new tensor: channel pairs of x[..., :2P] turned by (cos, sin) (..., P), also given as the complex
-    rot = cos + i sin; the other channels copied."""
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, rot: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """Channel pairs of x (..., head_dim) turned by (cos, sin) (..., head_dim // 2), also given as the complex
+    rot = cos + i sin, written into `out` (a new contiguous tensor when None, else any same-shape tensor or
+    view); an odd last channel is copied."""
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
     r = 2 * cos.shape[-1]
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    if rot is not None and x.dtype in (torch.float32, torch.float64):
+    whole = r == x.shape[-1]
+    src, dst = (x, out) if whole else (x[..., :r], out[..., :r])
+    if rot is not None and x.dtype in (torch.float32, torch.float64) and _pairs_viewable(src, dst):
         # A pair as one complex number: the rotation is a single multiply pass.
-        src = torch.view_as_complex(x[..., :r].unflatten(-1, (-1, 2)))
-        dst = torch.view_as_complex(out[..., :r].unflatten(-1, (-1, 2)))
-        torch.mul(src, rot.to(src.dtype), out=dst)
+        src_c = torch.view_as_complex(src.unflatten(-1, (-1, 2)))
+        dst_c = torch.view_as_complex(dst.unflatten(-1, (-1, 2)))
+        torch.mul(src_c, rot if rot.dtype == src_c.dtype else rot.to(src_c.dtype), out=dst_c)
     else:
-        # Real arithmetic in fp32: XLA lowers it everywhere, and complex has no bfloat16 form.
-        pairs = x[..., :r].unflatten(-1, (-1, 2)).float()
+        # Real arithmetic in fp32 (or fp64): XLA lowers it everywhere, and complex has no bfloat16 form.
+        pairs = src.unflatten(-1, (-1, 2))
+        pairs = pairs if pairs.dtype == torch.float64 else pairs.float()
         x0, x1 = pairs[..., 0], pairs[..., 1]
-        out[..., :r] = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(x.dtype)
-    if r < x.shape[-1]:
+        dst.copy_(torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2))
+    if not whole:
         out[..., r:] = x[..., r:]
     return out
 
 
+def _pairs_viewable(*ts: Tensor) -> bool:
+    """Whether view_as_complex takes these (..., 2P) tensors: unit last stride, even other strides and offset."""
+    return all(
+        t.stride(-1) == 1 and t.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in t.stride()[:-1]) for t in ts
+    )
+
+
 class _Rotate(torch.autograd.Function):
-    """Rotation whose backward is the inverse rotation (angle negated), saving only cos and sin."""
+    """Rotation of x (B, K, heads, head_dim) whose backward is the inverse rotation (angle negated)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor, rot: Tensor | None) -> Tensor:
-        ctx.save_for_backward(cos, sin)
-        ctx.rot = rot  # a constant (no grad): kept as is, since save_for_backward refuses None
-        return _rotate(x, cos, sin, rot)
+    def forward(ctx, x: Tensor, tables: _Tables) -> Tensor:
+        ctx.tables = tables  # constants (no grad), shared by every block
+        return _rotate(x, tables.cos, tables.sin, tables.rot)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        cos, sin = ctx.saved_tensors
-        rot = None if ctx.rot is None else ctx.rot.conj()
-        return _rotate(grad, cos, -sin, rot), None, None, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        t = ctx.tables
+        return _rotate(grad, t.cos, t.neg_sin, t.rot_conj), None
+
+
+class _RotateQK(torch.autograd.Function):
+    """(B, K, 3, heads, head_dim) qkv -> rotated q, rotated k, v, each (B, K, heads, head_dim)."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, tables: _Tables) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.tables = tables
+        cos, sin = tables.cos.unsqueeze(-3), tables.sin.unsqueeze(-3)  # (B or 1, K, 1, 1, pairs): q and k alike
+        rot = None if tables.rot is None else tables.rot.unsqueeze(-3)
+        qk = _rotate(qkv[:, :, :2], cos, sin, rot)  # (B, K, 2, heads, head_dim), fresh
+        v = qkv[:, :, 2]
+        if qkv.device.type not in ("cpu", "cuda"):
+            v = v.clone()  # XLA: outputs that are fresh tensors, as before
+        return qk[:, :, 0], qk[:, :, 1], v
+
+    @staticmethod
+    def backward(ctx, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None) -> tuple[Tensor, None]:
+        t = ctx.tables
+        ref = next(g for g in (dq, dk, dv) if g is not None)
+        B, K, H, D = ref.shape
+        dqkv = ref.new_empty((B, K, 3, H, D))
+        for i, g in enumerate((dq, dk)):
+            if g is None:
+                dqkv[:, :, i].zero_()
+            else:
+                _rotate(g, t.cos, t.neg_sin, t.rot_conj, out=dqkv[:, :, i])
+        if dv is None:
+            dqkv[:, :, 2].zero_()
+        else:
+            dqkv[:, :, 2].copy_(dv)
+        return dqkv, None
 
 
 def _sincos_1d(dim: int, pos: Tensor) -> Tensor:

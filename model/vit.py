@@ -23,7 +23,9 @@ class PatchEmbed3D(nn.Module):
         self.proj = nn.Conv3d(1, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, E, d, h, w) -> (B, N, E)
+        # (B, E, d, h, w) -> (B, N, E), made contiguous once: a transposed layout would otherwise travel through
+        # every residual add of the blocks and cost a copy in each LayerNorm.
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class VisionTransformer3D(nn.Module):

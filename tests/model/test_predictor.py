@@ -58,3 +58,47 @@ def test_configurations_batched_together_equal_separate_calls(predictor):
     # Unequal lengths fall back to one call per configuration.
     ragged = predictor.forward_configs([(ctx_a, CTX, TGT), (ctx_b, ctx_idx_b, tgt_b[:, :2])])
     assert torch.allclose(ragged[1], predictor(ctx_b, ctx_idx_b, tgt_b[:, :2], mask_index=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_last_block_computes_only_the_targets_and_equals_the_full_forward(predictor, checkpointing):
+    """The last block runs its queries, projection and MLP on the target rows only; the result and every
+    gradient equal running all blocks on every token and dropping the context rows afterwards."""
+    from model import RotaryCache, rope_angles
+
+    predictor.checkpointing = checkpointing
+    ctx_a, ctx_b = torch.randn(2, 6, 192), torch.randn(2, 4, 192)
+    ctx_idx_b = torch.tensor([[0, 1, 2, 3], [10, 11, 12, 13]])
+    tgt_b = torch.tensor([[4, 5, 6, 7, 8], [20, 21, 22, 23, 24]])
+    items = [(ctx_a, CTX, TGT), (ctx_b, ctx_idx_b, tgt_b)]
+
+    def full(items):
+        outs = []
+        for i, (c, ci, ti) in enumerate(items):
+            x, idx = predictor._tokens(c, ci, ti, i)
+            rope = None if predictor.pos_table is not None else RotaryCache(rope_angles(idx, predictor.grid, 12))
+            for blk in predictor.blocks:
+                x = blk(x, rope)
+            outs.append(predictor.predictor_proj(predictor.norm(x[:, c.shape[1]:])))
+        return outs
+
+    grads = []
+    for fn in (predictor.forward_configs, full):
+        predictor.zero_grad()
+        outs = fn(items)
+        sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs).backward()
+        grads.append((outs, {n: p.grad.clone() for n, p in predictor.named_parameters()}))
+    (fast, fast_g), (ref, ref_g) = grads
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast, ref))
+    for name, g in ref_g.items():
+        assert torch.allclose(fast_g[name], g, atol=1e-5), name
+
+
+def test_block_outputs_from_equals_the_tail_of_the_full_output():
+    from model import Block, RotaryCache, rope_angles
+
+    blk = Block(48, 4, 4.0)
+    x = torch.randn(2, 10, 48, requires_grad=True)
+    rope = RotaryCache(rope_angles(torch.randperm(32)[:10].expand(2, 10), (2, 4, 4), 12))
+    assert torch.allclose(blk(x, rope, 6), blk(x, rope)[:, 6:], atol=1e-6)
+    assert torch.allclose(blk(x, None, 3), blk(x, None)[:, 3:], atol=1e-6)

@@ -74,14 +74,30 @@ def test_rotation_backward_is_exact_and_the_real_path_matches_the_complex_one():
     x = torch.randn(1, 3, 2, 14, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(cache.apply, (x,))
     qkv = torch.randn(1, 3, 3, 2, 14)
-    fused = cache.apply_qkv(qkv)
-    assert torch.allclose(fused[:, :, 0], cache.apply(qkv[:, :, 0]), atol=1e-6)
-    assert torch.equal(fused[:, :, 2], qkv[:, :, 2])  # v is not rotated
+    q, k, v = cache.apply_qkv(qkv)
+    assert torch.allclose(q, cache.apply(qkv[:, :, 0]), atol=1e-6)
+    assert torch.allclose(k, cache.apply(qkv[:, :, 1]), atol=1e-6)
+    assert torch.equal(v, qkv[:, :, 2])  # v is not rotated
     # bfloat16 (GPU autocast, TPU) takes the real-arithmetic path.
     bf = cache.apply_qkv(qkv.bfloat16())
-    assert bf.dtype == torch.bfloat16 and torch.allclose(bf.float(), fused, atol=3e-2)
+    assert all(t.dtype == torch.bfloat16 for t in bf)
+    assert all(torch.allclose(a.float(), b, atol=3e-2) for a, b in zip(bf, (q, k, v)))
     # The real-arithmetic path (what XLA runs) agrees with the complex one in fp32.
     from model.rope import _rotate
 
-    cos, sin, rot = cache._qkv
-    assert torch.allclose(_rotate(qkv, cos, sin, None), _rotate(qkv, cos, sin, rot), atol=1e-6)
+    t = cache.tables(14)
+    assert torch.allclose(_rotate(qkv[:, :, 0], t.cos, t.sin, None), q, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_dim", [14, 15, 32])
+def test_fused_qkv_rotation_gradient_is_exact(head_dim):
+    """The fused q/k rotation's backward (one buffer for the qkv gradient) against autograd's numerical check,
+    with and without a gradient for every output; an odd head_dim keeps its last channel unrotated."""
+    idx = torch.tensor([[3, 17, 38], [0, 5, 39]])
+    cache = RotaryCache(rope_angles(idx, GRID, head_dim))
+    qkv = torch.randn(2, 3, 3, 2, head_dim, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: cache.apply_qkv(t), (qkv,))
+    assert torch.autograd.gradcheck(lambda t: cache.apply_qkv(t)[0], (qkv,))  # no gradient for k and v
+    # Rotation by the per-head formula, written out in real arithmetic.
+    q, k, v = cache.apply_qkv(qkv.detach())
+    assert torch.allclose(q, cache.apply(qkv.detach()[:, :, 0])) and torch.equal(v, qkv.detach()[:, :, 2])
