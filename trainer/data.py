@@ -283,7 +283,7 @@ def iter_eval_batches(root: str, split: str, crop_shape: Sequence[int], batch_si
     index = read_index(root)
     counters = stages.Counters()
     sources = ({"url": s.url} for s in split_shards(root, index, split))
-    samples = stages.augment_all(stages.decode(stages.read_shards(sources, counters=counters), counters=counters),
-                                 crop=tuple(crop_shape), rng=None, flip=False, jitter=0.0)
+    opened = stages.open_samples(stages.read_shards(sources, counters=counters), counters=counters)  # in memory
+    samples = stages.augment_all(opened, crop=tuple(crop_shape), rng=None, flip=False, jitter=0.0)
     while group := list(islice(samples, batch_size)):
         yield {**stages.collate(group), "meta": [g["meta"] for g in group]}

@@ -1,7 +1,7 @@
 """The loader's pipeline stages: generators that one loader worker chains with ``wds.DataPipeline``.
 
     train, val:  shard_source -> read_shards -> open_samples -> [materialize -> balance] -> assemble
-    eval:        read_shards -> decode -> augment_all -> collate             (``trainer.data.iter_eval_batches``)
+    eval:        read_shards -> open_samples -> augment_all -> collate       (``trainer.data.iter_eval_batches``)
 
 ``assemble`` is the shuffle buffer and the batcher in one: it keeps ``open_batches`` batches open and puts each
 incoming sample into a uniformly random free slot among them, reading the sample's voxels from the shard file
@@ -14,6 +14,7 @@ never rescaled); memory is the open batches plus the batches in flight.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -76,21 +77,9 @@ def read_shards(source: Iterable[dict], *, counters: Counters, defer_volumes: bo
             log.warning("skipping the rest of shard %s: %s", url, exc)
 
 
-def _skip(counters: Counters, sample: dict, exc: Exception) -> None:
+def _skip(counters: Counters, key: str | None, url: str | None, exc: Exception) -> None:
     counters.skipped += 1
-    log.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
-
-
-def decode(samples: Iterable[dict], *, counters: Counters) -> Iterator[dict]:
-    """Eager decode: ``{"volume", "meta"}`` with the voxels in memory."""
-    for sample in samples:
-        try:
-            volume, meta = decode_sample(sample)
-        except ContractError as exc:
-            _skip(counters, sample, exc)
-            continue
-        counters.good += 1
-        yield {"volume": volume, "meta": meta}
+    log.warning("skipping sample %s from %s: %s", key, url, exc)
 
 
 def open_samples(samples: Iterable[dict], *, counters: Counters) -> Iterator[dict]:
@@ -106,7 +95,7 @@ def open_samples(samples: Iterable[dict], *, counters: Counters) -> Iterator[dic
                 continue
             meta, offset = decode_sample_header(sample, member.read(0, _NPY_HEAD), member.size)
         except ContractError as exc:
-            _skip(counters, sample, exc)
+            _skip(counters, sample.get("__key__"), sample.get("__url__"), exc)
             continue
         yield {"member": member, "offset": offset, "meta": meta, "__url__": sample.get("__url__")}
 
@@ -125,7 +114,7 @@ def materialize(items: Iterable[dict], *, counters: Counters) -> Iterator[dict]:
             try:
                 item = {"volume": _read_volume(item), "meta": item["meta"]}
             except ContractError as exc:
-                _skip(counters, {"__key__": item["meta"]["key"], **item}, exc)
+                _skip(counters, item["meta"]["key"], item.get("__url__"), exc)
                 continue
             counters.good += 1
         yield item
@@ -214,16 +203,28 @@ def _fill(item: dict, dest: np.ndarray, starts: tuple[int, ...], fileobj: Any = 
 def _read_unread(open_batches: Iterable[_OpenBatch], counters: Counters) -> None:
     """Read the voxels of slots filled while skipping, their shards opened again (the stream has moved on); a
     slot whose read fails is freed again, as it would have been when first filled."""
-    for batch in open_batches:
-        for slot, (item, starts) in sorted(batch.unread.items()):
-            try:
-                with storage.open_url(item["__url__"], "rb") as f:
-                    _fill(item, batch.volume.numpy()[slot, 0], starts, fileobj=f)
-            except (ContractError, OSError) as exc:
-                _skip(counters, {"__key__": item["meta"]["key"], **item}, exc)
-                batch.free.append(slot)
-                batch.fields[slot] = None
-        batch.unread.clear()
+    todo = sorted(((item["__url__"], item["offset"], slot, batch, starts)
+                   for batch in open_batches for slot, (item, starts) in batch.unread.items()),
+                  key=lambda t: (t[0], t[1]))
+    for url, group in itertools.groupby(todo, key=lambda t: t[0]):
+        group = list(group)
+        try:
+            with storage.open_url(url, "rb") as f:
+                for _, _, slot, batch, starts in group:
+                    item = batch.unread.pop(slot)[0]
+                    try:
+                        _fill(item, batch.volume.numpy()[slot, 0], starts, fileobj=f)
+                    except ContractError as exc:
+                        _skip(counters, item["meta"]["key"], url, exc)
+                        batch.free.append(slot)
+                        batch.fields[slot] = None
+        except OSError as exc:  # the shard cannot be opened again: every slot still unread from it is freed
+            for _, _, slot, batch, _ in group:
+                if slot in batch.unread:
+                    item = batch.unread.pop(slot)[0]
+                    _skip(counters, item["meta"]["key"], url, exc)
+                    batch.free.append(slot)
+                    batch.fields[slot] = None
 
 
 def assemble(items: Iterable[dict], *, crop: Sequence[int], batch_size: int, open_batches: int,
@@ -267,7 +268,7 @@ def assemble(items: Iterable[dict], *, crop: Sequence[int], batch_size: int, ope
             try:
                 _fill(item, batch.volume.numpy()[slot, 0], starts)
             except ContractError as exc:
-                _skip(counters, {"__key__": meta["key"], **item}, exc)
+                _skip(counters, meta["key"], item.get("__url__"), exc)
                 continue
         if "member" in item:
             counters.good += 1

@@ -9,6 +9,7 @@ Samples are random uint8 volumes spread over several devices, both eyes, two ana
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,9 +22,13 @@ DEVICES = ("heidelberg_spectralis", "topcon_maestro2", "topcon_triton", "zeiss_c
 _SPLIT_OF = ("train", "val", "test", "train", "train")
 
 
-def fake_meta(device: str, participant: int, eye: str, shape: tuple[int, int, int], split: str) -> dict[str, Any]:
+def fake_meta(device: str, participant: int, eye: str, shape: Sequence[int], split: str, *, uid: str | None = None,
+              **fields: Any) -> dict[str, Any]:
+    """Valid contract metadata for participant ``1000 + participant``'s ``eye`` scan; ``fields`` override any
+    field but the ones derived from the UID (``key``, ``source_path``)."""
     participant_id = str(1000 + participant)
-    uid = f"1.2.826.0.1.3680043.{participant}.{ord(eye)}.{DEVICES.index(device) if device in DEVICES else 9}"
+    if uid is None:
+        uid = f"1.2.826.0.1.3680043.{participant}.{ord(eye)}.{DEVICES.index(device) if device in DEVICES else 9}"
     return {
         "format_version": shards.FORMAT_VERSION,
         "key": shards.make_key(device, participant_id, uid),
@@ -43,6 +48,7 @@ def fake_meta(device: str, participant: int, eye: str, shape: tuple[int, int, in
         "intensity_mean": 127.5,
         "intensity_std": 73.9,
         "split": split,
+        **fields,
     }
 
 

@@ -15,35 +15,19 @@ from typing import Any
 import numpy as np
 
 import shards
-from tests.shards.helpers import write_set
+from tests.shards.helpers import fake_meta, write_set
 
 DEVICES = ("heidelberg_spectralis", "topcon_triton", "zeiss_cirrus")
 
 
 def make_meta(*, split: str, number: int, device: str, shape: Sequence[int], volume: np.ndarray) -> dict[str, Any]:
     """Contract metadata for fake sample ``number`` of ``split`` (UIDs differ per split, so keys never collide)."""
-    participant = f"{1000 + number}"
-    uid = f"1.2.826.0.1.{shards.SPLITS.index(split) + 1}.{number}"
-    return {
-        "format_version": shards.FORMAT_VERSION,
-        "key": shards.make_key(device, participant, uid),
-        "participant_id": participant,
-        "device": device,
-        "laterality": "L" if number % 2 else "R",
-        "anatomic_region": "macula",
-        "sop_instance_uid": uid,
-        "source_path": f"retinal_oct/structural_oct/{device}/{participant}/{uid}.dcm",
-        "source_shape": list(shape),
-        "source_spacing_mm": [0.1, 0.004, 0.01],
-        "target_spacing_mm": [0.1, 0.004, 0.01],
-        "shape": list(shape),
-        "dtype": str(volume.dtype),
-        "fill_fraction": 1.0,
-        "crop_offsets": [0, 0, 0],
-        "intensity_mean": float(volume.mean()),
-        "intensity_std": float(max(volume.std(), 1e-3)),
-        "split": split,
-    }
+    return fake_meta(
+        device, number, "L" if number % 2 else "R", shape, split,
+        uid=f"1.2.826.0.1.{shards.SPLITS.index(split) + 1}.{number}",
+        anatomic_region="macula", source_spacing_mm=[0.1, 0.004, 0.01], target_spacing_mm=[0.1, 0.004, 0.01],
+        dtype=str(volume.dtype), intensity_mean=float(volume.mean()), intensity_std=float(max(volume.std(), 1e-3)),
+    )
 
 
 def make_volume(number: int, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
