@@ -9,12 +9,15 @@
     octjepa embed|probe|preview|launch-tpu|demo ...
 
 Each subcommand lives in its package and is imported only when asked for, so a Beam worker without torch and a
-trainer without Beam both have a working ``octjepa``.
+trainer without Beam both have a working ``octjepa``. Errors the user must fix (``shards.errors.OctjepaError``:
+bad settings, bad or incomplete inputs) become one line on stderr and the error's exit code, for every subcommand.
 """
 from __future__ import annotations
 
 import importlib
 import sys
+
+from shards.errors import OctjepaError
 
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -48,9 +51,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"octjepa: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module_name, func_name, _ = COMMANDS[name]
-    func = getattr(importlib.import_module(module_name), func_name)
-    result = func(rest)
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        result = func(rest)
+    except OctjepaError as exc:
+        print(f"octjepa {name}: {one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
     return int(result or 0)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (a message quoting a file's lines keeps them, separated by ' | ')."""
+    return " | ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from shards import SPLITS, stable_hash, storage
+from shards.errors import OctjepaError
 
 OCT_IMAGING = "OCT"
 DEVICES = ("heidelberg_spectralis", "topcon_maestro2", "topcon_triton", "zeiss_cirrus")
@@ -32,7 +33,7 @@ _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": 
                   "test": "test", "testing": "test"}
 
 
-class ManifestError(ValueError):
+class ManifestError(OctjepaError, ValueError):
     """A manifest or participants file that cannot be read at all (not a single bad row); names the file."""
 
 

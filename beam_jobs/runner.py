@@ -30,6 +30,8 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
+from shards.typed_config import ConfigError
+
 _LOG = logging.getLogger(__name__)
 
 LOCAL_RUNNERS = ("DirectRunner", "FnApiRunner", "SwitchingDirectRunner")
@@ -37,7 +39,7 @@ LOCAL_RUNNERS = ("DirectRunner", "FnApiRunner", "SwitchingDirectRunner")
 PROJECT_SETUP_FILE = Path(__file__).resolve().parents[1] / "setup.py"
 
 
-class RunnerConfigError(ValueError):
+class RunnerConfigError(ConfigError):
     """Pipeline options that cannot run as given; the message names the option."""
 
 

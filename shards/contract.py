@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from shards.errors import OctjepaError
+
 FORMAT_VERSION = 1
 VOLUME_EXT = "npy"
 META_EXT = "json"
@@ -47,8 +49,10 @@ _SAFE = re.compile(r"[A-Za-z0-9_-]")
 KEY_SEPARATOR = "_-_"
 
 
-class ContractError(ValueError):
+class ContractError(OctjepaError, ValueError):
     """A sample or shard set that does not meet the contract; the message names the field and the key."""
+
+    exit_code = 1
 
 
 def _escape(text: str) -> str:

@@ -9,10 +9,12 @@ import types
 import typing
 from typing import Any, Mapping, Sequence, TypeVar
 
+from shards.errors import OctjepaError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(OctjepaError, ValueError):
     """A configuration key that does not exist or a value of the wrong type; the message names the key."""
 
 

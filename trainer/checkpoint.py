@@ -31,6 +31,7 @@ import yaml
 
 from model import EncoderConfig, VisionTransformer3D
 from shards import storage
+from shards.errors import OctjepaError
 from shards.typed_config import from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,14 @@ ENCODER_FORMAT = "octjepa-encoder-v1"
 STATE_NAME = "state.pt"
 CONFIG_NAME = "config.yaml"
 LATEST_NAME = "latest"
+
+
+class CheckpointNotFound(OctjepaError, FileNotFoundError):
+    """No complete checkpoint or encoder export where one was named."""
+
+    exit_code = 1
+
+
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
 # Test hook: "<step>:<marker path>" makes the save of that step write its files, touch the marker and stall
 # before publishing, so a test can SIGKILL a process that is provably mid-save.
@@ -163,7 +172,7 @@ def load_checkpoint(url: str) -> dict:
     """The state dict saved in checkpoint directory `url` (or its state.pt), checked for its format."""
     state_url = url if url.endswith(STATE_NAME) else storage.join(url, STATE_NAME)
     if not storage.exists(state_url):
-        raise FileNotFoundError(f"{url}: no {STATE_NAME}; not a complete checkpoint")
+        raise CheckpointNotFound(f"{url}: no {STATE_NAME}; not a complete checkpoint")
     state = _load_torch(state_url)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{state_url}: format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
@@ -201,12 +210,12 @@ def load_encoder(path: str) -> tuple[VisionTransformer3D, EncoderConfig]:
     its state.pt, or a checkpoint root (its latest checkpoint)."""
     fs, fpath = storage.get_fs(path)
     if not fs.exists(fpath):
-        raise FileNotFoundError(f"{path}: no such encoder export or checkpoint")
+        raise CheckpointNotFound(f"{path}: no such encoder export or checkpoint")
     if fs.isdir(fpath):
         if not storage.exists(storage.join(path, STATE_NAME)):
             latest = CheckpointStore(path).latest()
             if latest is None:
-                raise FileNotFoundError(f"{path}: a directory with neither {STATE_NAME} nor any checkpoint")
+                raise CheckpointNotFound(f"{path}: a directory with neither {STATE_NAME} nor any checkpoint")
             path = latest
         state = load_checkpoint(path)
         return _encoder_from(state["target_encoder"], state["config"]["model"]["encoder"], path)
