@@ -161,8 +161,9 @@ def run_and_wait(pipeline: beam.Pipeline, *, on_signal: Callable[[], None] | Non
 def _ending_on_signal(pipeline: beam.Pipeline, on_signal: Callable[[], None] | None) -> Iterator[None]:
     from apache_beam.runners.portability.fn_api_runner import fn_runner
 
-    if not isinstance(pipeline.runner, fn_runner.FnApiRunner) or threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    if not isinstance(pipeline.runner, fn_runner.FnApiRunner) or not in_main_thread:
+        yield
         return
 
     def end(signum: int, _frame: Any) -> None:

@@ -141,7 +141,7 @@ def test_same_input_gives_the_same_bytes_and_reruns_replace_stale_output(source,
     shutil.copytree(out, again)
     stale = again / "topcon_triton" / "train" / "shard-000099.tar"
     stale.write_bytes(b"left over from an earlier run")
-    run_reshard(source[0], again, "--samples-per-shard", "2")
+    run_reshard(source[0], again, "--samples-per-shard", "2", "--overwrite")
     assert not stale.exists()
     fresh = tmp_path / "fresh"
     run_reshard(source[0], fresh, "--samples-per-shard", "2")
@@ -239,10 +239,10 @@ def test_a_corrupt_or_truncated_input_shard_fails_the_job_naming_it(source, tmp_
         run_reshard(src, out)
     assert not (out / shards.INDEX_NAME).exists()
     assert not list(out.glob(f"*/{shards.INDEX_NAME}"))
-    assert reshard.main(["--input", str(src), "--output", str(out), *FAST]) == 1
+    assert octjepa_cli.main(["reshard", "--input", str(src), "--output", str(out), *FAST]) == 1
     assert str(shard) in capsys.readouterr().err
     if damage == "flip_volume_byte":  # the default local runner re-raises a worker's error as a RuntimeError
-        assert reshard.main(["--input", str(src), "--output", str(out)]) == 1
+        assert octjepa_cli.main(["reshard", "--input", str(src), "--output", str(out)]) == 1
         last = capsys.readouterr().err.strip().splitlines()[-1]  # after the runner's own log of the failure
         assert last.startswith(f"octjepa reshard: {shard}: source shard is corrupt")
 
@@ -279,14 +279,14 @@ def test_input_without_index_is_refused(source, tmp_path, capsys):
     src = tmp_path / "src"
     shutil.copytree(source[0], src)
     (src / shards.INDEX_NAME).unlink()
-    assert reshard.main(["--input", str(src), "--output", str(tmp_path / "out"), *FAST]) == 1
+    assert octjepa_cli.main(["reshard", "--input", str(src), "--output", str(tmp_path / "out"), *FAST]) == 1
     assert "no index.json" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_a_resharded_root_is_refused_as_input_but_its_domain_sets_are_not(by_device, tmp_path, capsys):
     out, _ = by_device
-    assert reshard.main(["--input", str(out), "--output", str(tmp_path / "x"), *FAST]) == 1
+    assert octjepa_cli.main(["reshard", "--input", str(out), "--output", str(tmp_path / "x"), *FAST]) == 1
     assert "re-sharded root" in capsys.readouterr().err
     again = run_reshard(out / "zeiss_cirrus", tmp_path / "lat", "--by", "laterality")
     assert sum(d["num_samples"] for d in again["index"]["domains"].values()) == \
@@ -294,9 +294,10 @@ def test_a_resharded_root_is_refused_as_input_but_its_domain_sets_are_not(by_dev
 
 
 def test_bad_options_are_refused(source, tmp_path, capsys):
-    assert reshard.main(["--input", str(source[0]), "--output", str(tmp_path), "--shards-multiple-of", "0"]) == 2
+    assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(tmp_path),
+                             "--shards-multiple-of", "0"]) == 2
     assert "--shards-multiple-of" in capsys.readouterr().err
-    assert reshard.main(["--input", str(source[0]), "--output", str(source[0])]) == 2
+    assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(source[0])]) == 2
 
 
 def test_local_runs_default_to_threads_and_dataflow_gets_the_preprocessing_flags():
