@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 from typing import Any, Iterable
 
@@ -71,9 +72,7 @@ def remove_stale_domains(output: str, keep: Iterable[str]) -> list[str]:
         remove_stale_shards(folder, set())
         for leftover in (ERRORS_NAME, INDEX_NAME):
             storage.remove(storage.join(folder, leftover))
-        fs.invalidate_cache()
-        if _empty_but_split_folders(fs, entry["name"]):
-            fs.rm(entry["name"], recursive=True)
+        if _remove_empty_folders(output, name):
             removed.append(name)
         else:
             _LOG.warning("%s: not a domain of this run, and holds files reshard does not write; those are left", folder)
@@ -82,9 +81,19 @@ def remove_stale_domains(output: str, keep: Iterable[str]) -> list[str]:
     return removed
 
 
-def _empty_but_split_folders(fs: Any, path: str) -> bool:
-    for entry in fs.ls(path, detail=True):
-        name = posixpath.basename(entry["name"].rstrip("/"))
-        if entry["type"] != "directory" or name not in SPLITS or fs.ls(entry["name"]):
-            return False
+def _remove_empty_folders(output: str, name: str) -> bool:
+    """Remove the domain folder's split folders and itself where empty; True when nothing of it is left. On GCS a
+    folder is only a name prefix: it is gone with its last object."""
+    if storage.is_remote(output):
+        fs, path = storage.get_fs(storage.join(output, name))
+        fs.invalidate_cache()
+        return not fs.exists(path)
+    folder = os.path.join(output, name)
+    for split in SPLITS:
+        path = os.path.join(folder, split)
+        if os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+    if os.listdir(folder):
+        return False
+    os.rmdir(folder)
     return True

@@ -13,7 +13,7 @@ import pytest
 import octjepa_cli
 import shards
 from beam_jobs import reshard
-from shards import storage, verify
+from shards import lease, storage, verify
 from tests.shards.helpers import make_shard_set
 
 # In-process runner for speed; the CLI test below runs the default one (multi-threading, a worker per core).
@@ -340,6 +340,11 @@ def test_gcs_in_and_out_through_the_emulator(source, gcs):
             assert digest(record) == digest(samples[key])
     assert verify.verify_shard_set(out).ok
 
+    run_reshard(src, out, "--domains", "topcon_triton", "--overwrite")  # the earlier domains go
+    fs.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(bucket + "/out")) == ["index.json", "topcon_triton"]
+    assert verify.verify_shard_set(out).ok
+
 
 def test_cli_with_the_default_local_runner(source, tmp_path, capsys):
     _, _, samples = source
@@ -351,3 +356,70 @@ def test_cli_with_the_default_local_runner(source, tmp_path, capsys):
     assert {g: set(r) for g, r in got.items()} == expected_groups(samples, "anatomic_region")
     assert octjepa_cli.main(["verify", str(out)]) == 0
     assert {d for d, _ in got} == {"macula", "optic_disc"}
+
+
+# ---------------------------------------------------------------------------------------------- where it may write
+def test_an_output_equal_to_inside_or_above_the_input_is_refused_before_anything_is_deleted(source, tmp_path, capsys):
+    src = tmp_path / "sets" / "zeiss_cirrus"  # named like a domain: --output sets/ would write over it
+    shutil.copytree(source[0], src)
+    before = all_files(tmp_path)
+    for output, relation in ((src, "is"), (src / "by_device", "is inside"), (tmp_path / "sets", "is a parent of"),
+                             (tmp_path, "is a parent of")):
+        assert octjepa_cli.main(["reshard", "--input", str(src), "--output", str(output), *FAST]) == 2
+        err = capsys.readouterr().err
+        assert f"--output {output} {relation} --input {src}" in err and err.count("\n") == 1, err
+        assert all_files(tmp_path) == before
+
+
+def test_a_complete_output_is_replaced_only_with_overwrite_and_no_earlier_domain_is_left(source, by_device, tmp_path,
+                                                                                         capsys):
+    out = tmp_path / "out"
+    shutil.copytree(by_device[0], out)
+    (out / "notes").mkdir()
+    (out / "notes" / "readme.txt").write_text("not reshard's")
+    (out / "zeiss_cirrus" / "notes.txt").write_text("not reshard's either")
+    before = all_files(out)
+    assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(out), "--by", "laterality",
+                             *FAST]) == 2
+    assert "already holds a complete set" in capsys.readouterr().err and all_files(out) == before
+
+    report = run_reshard(source[0], out, "--by", "laterality", "--overwrite")
+    domains = sorted(entry["path"] for entry in report["index"]["domains"].values())
+    assert domains == ["L", "R"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["index.json", "notes", "zeiss_cirrus", *domains])
+    assert [p.name for p in (out / "zeiss_cirrus").rglob("*")] == ["notes.txt"]  # the rest of it is gone
+    assert (out / "notes" / "readme.txt").exists()
+    assert verify.verify_shard_set(str(out)).ok
+
+
+def test_an_interrupted_earlier_run_needs_no_overwrite_and_leaves_no_domain(source, by_device, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(by_device[0], out)
+    (out / shards.INDEX_NAME).unlink()  # killed before its root index: no complete set there
+    report = run_reshard(source[0], out, "--by", "anatomic_region")
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "macula", "optic_disc"]
+    assert sorted(report["index"]["domains"]) == ["macula", "optic_disc"]
+
+
+def test_an_output_holding_a_set_reshard_did_not_write_is_refused(source, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(source[0], out / "mine")  # a complete preprocessed set one level down
+    before = all_files(out)
+    assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(out), "--overwrite", *FAST]) == 2
+    assert "holds shard set(s) not written by octjepa reshard (mine)" in capsys.readouterr().err
+    assert all_files(out) == before
+    shutil.copytree(source[0], tmp_path / "plain")  # and a plain set at the top
+    assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(tmp_path / "plain"),
+                             "--overwrite", *FAST]) == 2
+    assert "holds a shard set, not a re-sharded root" in capsys.readouterr().err
+
+
+def test_reshard_takes_the_output_lease(source, by_device, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(by_device[0], out)
+    before = all_files(out)
+    with lease.hold(str(out), job="reshard"):
+        assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(out), "--overwrite",
+                                 *FAST]) == 1
+        assert "is being written by octjepa reshard on" in capsys.readouterr().err
+    assert all_files(out) == before
