@@ -90,11 +90,10 @@ def warnings_summary(warnings: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Decoded:
-    """A row whose sample is staged, with what its file says about itself."""
+    """A row whose sample is staged (keyed by its file's own SOPInstanceUID), and the file's PatientID."""
 
     row: mf.Row
-    file_uid: str     # the file's own SOPInstanceUID
-    patient_id: str   # the file's PatientID
+    patient_id: str
 
 
 def one_sample_per_file(file_uid: str, decoded: Iterable[Decoded]) -> tuple[Decoded | None, list[dict], list[dict]]:

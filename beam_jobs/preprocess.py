@@ -187,7 +187,7 @@ class PreprocessFn(beam.DoFn):
         if "torch" in sys.modules:
             Metrics.counter(NAMESPACE, "volumes_on_workers_with_torch").inc()
         self._progress()
-        yield header.sop_instance_uid, Decoded(row, header.sop_instance_uid, header.patient_id)
+        yield header.sop_instance_uid, Decoded(row, header.patient_id)
 
     def _error(self, row: mf.Row, stage: str, reason: str, message: str) -> Any:
         Metrics.counter(NAMESPACE, f"errors_{reason}").inc()

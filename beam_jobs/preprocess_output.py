@@ -89,8 +89,8 @@ def read_result(output: str) -> dict[str, Any]:
     fs.invalidate_cache()
     if fs.exists(path):
         errors = [json.loads(line) for line in storage.read_bytes(failed).decode("utf-8").splitlines()]
-        earlier = "the set already there is unchanged" if fs.exists(storage.get_fs(
-            storage.join(output, INDEX_NAME))[1]) else "no set was written"
+        earlier = ("the set already there is unchanged" if storage.exists(storage.join(output, INDEX_NAME))
+                   else "no set was written")
         first = f"; first: row {errors[0]['row']}: {errors[0]['message']}" if errors else ""
         raise AllRowsFailed(f"{output}: every one of the {len(errors)} selected rows failed "
                             f"({dl.count_by(errors, 'reason')}); no shard was written and {earlier}. Every row's "

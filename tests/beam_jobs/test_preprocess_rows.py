@@ -178,7 +178,7 @@ def _decoded(row_number: int, file_uid: str, manifest_uid: str | None = None) ->
     row = mf.Row(row_number=row_number, participant_id="1001", device="topcon_triton", laterality="L",
                  anatomic_region="macula", sop_instance_uid=manifest_uid or file_uid,
                  filepath=f"/r/{row_number}.dcm", split="train")
-    return dl.Decoded(row, file_uid, "1001")
+    return dl.Decoded(row, "1001")
 
 
 def test_the_first_row_in_manifest_order_wins_whatever_order_the_workers_finished_in():
