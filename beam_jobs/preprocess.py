@@ -358,7 +358,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             setattr(args, name, os.path.abspath(value))
     options = runner.pipeline_options(beam_args, job_name="octjepa-preprocess")
     config = load_preprocess_config(args.config, args.overrides)
-    samples_per_shard = args.samples_per_shard or default_samples_per_shard(config)
+    samples_per_shard = (default_samples_per_shard(config) if args.samples_per_shard is None
+                         else args.samples_per_shard)
     if samples_per_shard < 1:
         raise ConfigError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
     if not 0.0 <= args.val_fraction < 1.0:

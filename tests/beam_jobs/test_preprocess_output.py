@@ -177,3 +177,11 @@ def test_killing_the_driver_stops_its_workers_and_frees_the_output(dataset, tmp_
     finally:
         for pid in session_processes(proc.pid):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("extra, message", [(("--samples-per-shard", "0"), "--samples-per-shard must be >= 1"),
+                                            (("--val-fraction", "1.5"), "--val-fraction must be in [0, 1)")])
+def test_bad_options_are_one_line_errors(dataset, tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.setattr(runner, "make_pipeline", no_pipeline)
+    assert message in one_line_error(capsys, ["preprocess", *argv(dataset, str(tmp_path / "out"), *extra)], 2)
+    assert not (tmp_path / "out").exists()
