@@ -79,6 +79,7 @@ class OctHeader:
     spacing_mm: tuple[float, float, float]  # (dz, dy, dx)
     spacing_source: tuple[str, str, str]
     warnings: tuple[str, ...]
+    patient_id: str = ""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -240,6 +241,7 @@ def _header(ds: pydicom.Dataset, name: str, max_decoded_bytes: int, allow_other:
         spacing_mm=spacing.spacing_mm,
         spacing_source=spacing.source,
         warnings=tuple(warnings),
+        patient_id=str(ds.get("PatientID", "")).strip(),
     )
 
 

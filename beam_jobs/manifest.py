@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import posixpath
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from shards import SPLITS, stable_hash, storage
+from shards import SPLITS, make_key, stable_hash, storage
 from shards.errors import OctjepaError
+from shards.typed_config import ConfigError
 
 OCT_IMAGING = "OCT"
 DEVICES = ("heidelberg_spectralis", "topcon_maestro2", "topcon_triton", "zeiss_cirrus")
@@ -55,15 +58,28 @@ class Row:
                 "anatomic_region": self.anatomic_region, "sop_instance_uid": self.sop_instance_uid,
                 "filepath": self.filepath}
 
+    @property
+    def path(self) -> str:
+        """The file's path below the data root, normalised: the job reads this, and two rows with the same one
+        name the same file."""
+        return normalise_path(self.filepath)
+
+    @property
+    def key(self) -> str:
+        return make_key(self.device, self.participant_id, self.sop_instance_uid)
+
 
 @dataclass(frozen=True)
 class BadRow:
-    """A manifest row that cannot be turned into a ``Row``; it becomes a ``malformed_row`` line in errors.jsonl."""
+    """A selected manifest row that is not read: it becomes a line in errors.jsonl with ``reason``
+    (``malformed_row``, or ``duplicate_file`` for a second row naming an already listed file)."""
 
     row_number: int
     filepath: str
     sop_instance_uid: str
     message: str
+    reason: str = "malformed_row"
+    key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,11 @@ class Selection:
 def normalise_region(region: str) -> str:
     """'Optic Disc', 'optic_disc' and 'optic-disc' name the same region."""
     return re.sub(r"[\s_\-]+", "_", region.strip().lower())
+
+
+def normalise_path(filepath: str) -> str:
+    """``a/./b``, ``a//b``, ``/a/b`` and ``a/x/../b`` are one file: ``a/b`` (relative to the data root)."""
+    return posixpath.normpath("/" + filepath.strip()).lstrip("/")
 
 
 def _slug(text: str) -> str:
@@ -134,6 +155,8 @@ def _read_tsv(url: str, text: str | None = None) -> tuple[list[str], list[list[s
             raise ManifestError(f"{url}: file not found") from exc
         except UnicodeDecodeError as exc:
             raise ManifestError(f"{url}: not UTF-8 text ({exc})") from exc
+        except OSError as exc:  # a directory, permission denied, ...
+            raise ManifestError(f"{url}: cannot be read ({type(exc).__name__}: {exc})") from exc
     lines = list(csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE))
     if not lines:
         raise ManifestError(f"{url}: empty file, expected a tab-separated heading row")
@@ -176,25 +199,30 @@ def parse_manifest(url: str, *, selection: Selection = Selection(), recommended:
     """(number of data rows, the selected rows): ``imaging == OCT`` rows of the selected devices and regions, each
     a ``Row`` or, when it cannot be read, a ``BadRow``. A structurally broken row (wrong column count, empty
     required field, no derivable device) is reported rather than dropped, because it cannot be shown not to be
-    selected."""
+    selected. One file, one sample: a row naming the normalised path of an earlier row is a ``duplicate_file``."""
     heading, lines = _read_tsv(url, text)
     pid_col = _participant_column(url, heading)
     missing = [c for c in REQUIRED if c not in heading]
     if missing:
         raise ManifestError(f"{url}: missing column(s) {missing}; columns are {heading}")
-    total, out, first_row = 0, [], {}
+    total, out, first_row, first_path = 0, [], {}, {}
     for n, values in enumerate(lines, start=1):
         if not any(v.strip() for v in values):
             continue  # a blank line (e.g. a trailing newline pair) is not a row
         total += 1
         for row in _select_row(url, n, heading, values, pid_col, selection, recommended, val_fraction):
-            # A second row for the same image would write the same sample key twice.
-            if isinstance(row, Row) and row.sop_instance_uid in first_row:
+            if isinstance(row, Row) and row.path in first_path:
+                kept = first_path[row.path]
+                row = BadRow(n, row.filepath, row.sop_instance_uid, reason="duplicate_file", key=row.key,
+                             message=f"{url}: row {n}: {row.filepath} is the file of row {kept.row_number} "
+                                     f"({kept.filepath}); one file, one sample: row {kept.row_number} is kept")
+            elif isinstance(row, Row) and row.sop_instance_uid in first_row:
+                # A second row for the same image would write the same sample key twice.
                 row = BadRow(n, row.filepath, row.sop_instance_uid,
                              f"{url}: row {n}: sop_instance_uid {row.sop_instance_uid} already listed at row "
                              f"{first_row[row.sop_instance_uid]}")
             elif isinstance(row, Row):
-                first_row[row.sop_instance_uid] = n
+                first_row[row.sop_instance_uid], first_path[row.path] = n, row
             out.append(row)
     return total, out
 
@@ -228,6 +256,23 @@ def _select_row(url: str, n: int, heading: Sequence[str], values: Sequence[str],
               split=assign_split(pid, recommended, val_fraction))
 
 
+def check_inputs(manifest: str, *, participants: str | None, data_root: str, selection: Selection,
+                 val_fraction: float) -> dict[str, str] | None:
+    """What a job checks before it touches its output: the participants file and the manifest parse, the manifest
+    selects a row, the data root is a readable folder. Returns the recommended splits (None without
+    participants.tsv)."""
+    recommended = read_participants(participants) if participants else None
+    total, rows = parse_manifest(manifest, selection=selection, recommended=recommended, val_fraction=val_fraction)
+    if not rows:
+        raise ManifestError(f"{manifest}: none of its {total} rows is selected (OCT rows of devices "
+                            f"{list(selection.devices) or 'any'}, regions {list(selection.anatomic_regions) or 'any'})")
+    fs, path = storage.get_fs(data_root)
+    if not (fs.isdir(path) and (storage.is_remote(data_root) or os.access(path, os.R_OK | os.X_OK))):
+        raise ConfigError(f"--data-root {data_root}: not a readable folder; expected the folder the manifest's "
+                          f"filepath column is relative to (it holds retinal_oct/)")
+    return recommended
+
+
 def rows_per_split(rows: Iterable[Row | BadRow]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for row in rows:
@@ -237,6 +282,6 @@ def rows_per_split(rows: Iterable[Row | BadRow]) -> dict[str, int]:
 
 
 def bad_row_record(row: BadRow) -> dict[str, Any]:
-    """The errors.jsonl line of a malformed row."""
-    return {"key": None, "row": row.row_number, "filepath": row.filepath, "sop_instance_uid": row.sop_instance_uid,
-            "stage": "manifest", "reason": "malformed_row", "message": row.message}
+    """The errors.jsonl line of a row not read."""
+    return {"key": row.key, "row": row.row_number, "filepath": row.filepath, "sop_instance_uid": row.sop_instance_uid,
+            "stage": "manifest", "reason": row.reason, "message": row.message}

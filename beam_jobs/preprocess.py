@@ -3,7 +3,7 @@
     octjepa preprocess --manifest data/retinal_oct/manifest.tsv --data-root data --output shards/ \\
         [--config configs/<preset>.yaml] [--participants data/participants.tsv] \\
         [--devices zeiss_cirrus topcon_triton] [--anatomic-regions macula] [--samples-per-shard 32] \\
-        [--direct_num_workers 2]
+        [--overwrite] [--direct_num_workers 2]
     python -m beam_jobs.preprocess ...            # the same job
     octjepa preprocess --manifest gs://b/retinal_oct/manifest.tsv --data-root gs://b --output gs://b/shards \\
         --runner DataflowRunner --project P --region us-central1 --temp_location gs://b/tmp
@@ -12,15 +12,27 @@
 ``retinal_oct/``). Any of the paths may be local or ``gs://``. Without ``--runner`` the job runs locally on Beam's
 FnApiRunner with one worker process per core (see ``beam_jobs.runner``).
 
+Before anything under ``--output`` is touched, the driver reads the participants file and the manifest (which must
+parse and select at least one row) and checks that the data root is a readable folder: a wrong path is a one-line
+error within seconds. Then it takes the output's lease (``shards.lease``: a second job into the same output is
+refused) and refuses an output that already holds a complete set (its ``index.json``) unless ``--overwrite``.
+
 The pipeline::
 
-    manifest url -ReadManifest-> rows (+ malformed rows -> errors)
-      -Reshuffle-> Preprocess (read via fsspec, decode, resample, encode, stage; bad files -> errors)
+    manifest url -ReadManifest-> rows (+ malformed and duplicate rows -> errors)
+      -Reshuffle-> DecodeResample (read via fsspec, decode, resample, encode, stage; a row that fails -> errors)
+      -GroupByFileUid-> OneSamplePerFile (first row of each in-file SOPInstanceUID; the others -> errors)
       -AssignShard-> (split, shard number) -GroupByKey-> WriteShards (sorted by key, streamed into one tar each)
-    shard entries + errors + manifest stats -Finalise-> errors.jsonl, stale shards removed, index.json
+    shard entries + errors + warnings + manifest stats -Finalise-> errors.jsonl, stale shards removed, index.json
 
-Volumes do not travel through the shuffle: each encoded sample is staged as a one-sample tar under
-``O/_staging/`` and only its key crosses the GroupByKey, so a worker holds one volume at a time, whether it decodes
+One bad row never fails the job: whatever reading, decoding or resampling one file raises is routed to errors.jsonl
+with its reason (``beam_jobs.dead_letters`` lists them and which storage errors count as transient). One file, one
+sample: rows naming the same normalised path, or files holding the same SOPInstanceUID, keep the first row in
+manifest order (``duplicate_file`` for the others); a file whose own SOPInstanceUID differs from its row's is a
+``manifest_mismatch``; a PatientID that differs from the row's participant is a warning counted in the index.
+
+Volumes do not travel through the shuffles: each encoded sample is staged as a one-sample tar under
+``O/_staging/`` and only its key crosses the GroupByKeys, so a worker holds one volume at a time, whether it decodes
 or writes a shard of a few hundred MB (Beam materialises a grouped value list in memory; a shard's worth of volumes
 would be several times the largest volume). Staged samples are deterministic, so a retried bundle rewrites the same
 bytes; Finalise deletes the staging folder.
@@ -33,38 +45,38 @@ index lists exactly the shards that exist.
 Finalisation runs inside the pipeline, as one element whose side inputs are every shard entry and every error:
 Beam only computes it once all shards are written, and on Dataflow the job completes its output even when the
 launching machine detaches. Re-running it (a retried bundle, or a second run) rewrites the same bytes.
-``index.json`` of an existing output is deleted before the pipeline starts, so a run that dies midway leaves a
-set that readers refuse.
+An earlier set's ``index.json`` is deleted just before the first new shard is written, so a run that dies midway
+leaves a set that readers refuse, and a run in which every selected row fails writes no shard at all: it leaves an
+earlier set as it was, puts its dead letters in ``O/failed-run-errors.jsonl`` and exits non-zero.
 """
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import logging
 import math
 import os
 import posixpath
 import sys
 import time
-import traceback
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from beam_jobs import dead_letters as dl
 from beam_jobs import manifest as mf
 from beam_jobs import runner
-from shards import (ERRORS_NAME, INDEX_NAME, TARGET_SHARD_BYTES, build_index, iter_shard, make_key,
-                    remove_stale_shards, stable_hash, storage, write_index, write_shard, write_shard_file)
-from shards.typed_config import to_dict
+from beam_jobs.dead_letters import Decoded, one_sample_per_file
+from beam_jobs.preprocess_output import (FAILED_RUN_ERRORS, AllRowsFailed, finalise, read_result,  # noqa: F401
+                                         read_staged, retract_index, stage_sample, staged_url)
+from shards import TARGET_SHARD_BYTES, lease, stable_hash, storage, write_shard_file
+from shards.typed_config import ConfigError, to_dict
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "octjepa.preprocess"
-CREATED_BY = "beam_jobs.preprocess"
-STAGING = "_staging"
 ERRORS_TAG = "errors"
 STATS_TAG = "stats"
+WARNINGS_TAG = "warnings"
 
 
 # ---------------------------------------------------------------------------------------------------- options
@@ -73,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True, help="manifest.tsv (local path or gs://)")
     parser.add_argument("--data-root", required=True, help="folder the manifest's filepath column is relative to")
-    parser.add_argument("--output", required=True, help="shard-set folder to write (replaced if it exists)")
+    parser.add_argument("--output", required=True, help="shard-set folder to write")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the complete set that --output already holds")
     parser.add_argument("--config", default=None, help="preprocessing preset YAML (default: built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config field, e.g. --set target_spacing_mm=[0.1,0.01,0.02]")
@@ -96,14 +110,9 @@ def default_samples_per_shard(config: Any) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- DoFns
-def error_record(row: mf.Row, *, stage: str, reason: str, message: str) -> dict[str, Any]:
-    return {"key": make_key(row.device, row.participant_id, row.sop_instance_uid), "row": row.row_number,
-            "filepath": row.filepath, "sop_instance_uid": row.sop_instance_uid, "stage": stage, "reason": reason,
-            "message": message}
-
-
 class ReadManifestFn(beam.DoFn):
-    """Manifest URL -> selected ``Row``s; malformed rows to ERRORS_TAG; ``{manifest_rows, selected}`` to STATS_TAG."""
+    """Manifest URL -> selected ``Row``s; malformed and duplicate rows to ERRORS_TAG; ``{manifest_rows, selected}``
+    to STATS_TAG."""
 
     def __init__(self, selection: mf.Selection, recommended: Mapping[str, str] | None, val_fraction: float):
         self._selection, self._recommended, self._val_fraction = selection, recommended, val_fraction
@@ -116,7 +125,7 @@ class ReadManifestFn(beam.DoFn):
         _LOG.info("manifest %s: %d rows, %d selected", url, total, len(rows))
         for row in rows:
             if isinstance(row, mf.BadRow):
-                Metrics.counter(NAMESPACE, "errors_malformed_row").inc()
+                Metrics.counter(NAMESPACE, f"errors_{row.reason}").inc()
                 yield beam.pvalue.TaggedOutput(ERRORS_TAG, mf.bad_row_record(row))
             else:
                 yield row
@@ -124,13 +133,9 @@ class ReadManifestFn(beam.DoFn):
 
 
 class PreprocessFn(beam.DoFn):
-    """Row -> ``(row, key)`` after staging the encoded sample; a file that cannot become a sample goes to
-    ERRORS_TAG with its reason.
-
-    I/O errors other than a missing file propagate, so that Beam retries the bundle (a transient GCS failure is not
-    a property of the input). Any other unexpected exception is routed with reason ``unexpected`` and counted, so
-    one odd file cannot stop a long job; the summary and index show that count.
-    """
+    """Row -> ``(the file's SOPInstanceUID, Decoded)`` after staging the encoded sample; a row whose file cannot be
+    read or become a sample goes to ERRORS_TAG with its reason (``beam_jobs.dead_letters``), so that one file
+    never stops the job. Writing the staged sample is the output's business: a failure there fails the bundle."""
 
     def __init__(self, data_root: str, output: str, config: Any, record_workers: bool = False,
                  progress_every: int = 25):
@@ -140,51 +145,55 @@ class PreprocessFn(beam.DoFn):
     def setup(self) -> None:
         # Imported and created here, in the worker process: gcsfs must not be created before Beam forks/spawns.
         from beam_jobs.dicom import DicomReadError
-        from beam_jobs.volume_to_sample import dicom_to_sample
+        from beam_jobs.volume_to_sample import dicom_to_sample_and_header
 
-        self._dicom_error, self._to_sample = DicomReadError, dicom_to_sample
+        self._dicom_error, self._to_sample = DicomReadError, dicom_to_sample_and_header
         self._fs, self._base = storage.get_fs(self._data_root)
         self._done, self._started = 0, time.monotonic()
         self._decode_ms = Metrics.distribution(NAMESPACE, "decode_ms")
 
     def process(self, row: mf.Row) -> Iterator[Any]:
+        url = storage.join(self._data_root, row.path)
         try:
-            data = self._fs.cat_file(posixpath.join(self._base, row.filepath.lstrip("/")))
-        except FileNotFoundError as exc:
-            yield self._error(row, "read", "missing_file", f"{storage.join(self._data_root, row.filepath)}: "
-                                                           f"file not found ({exc})")
+            data = self._fs.cat_file(posixpath.join(self._base, row.path))
+        # Whatever reading this one file raises is a property of this row, routed with its reason (see
+        # dead_letters.read_failure_reason: gcsfs has already retried the transient ones).
+        except Exception as exc:  # noqa: BLE001
+            reason = dl.read_failure_reason(exc)
+            detail = "file not found" if reason == "missing_file" else "cannot be read"
+            yield self._error(row, "read", reason, f"{url}: {detail} ({dl.exception_message(exc)})")
             return
         start = time.monotonic()
         try:
-            sample = self._to_sample(data, row=row.as_dict(), config=self._config, split=row.split)
+            sample, header = self._to_sample(data, row=row.as_dict(), config=self._config, split=row.split)
         except self._dicom_error as exc:
             yield self._error(row, "decode", exc.reason, str(exc))
             return
-        except (MemoryError, OSError):
-            raise
-        except Exception as exc:  # noqa: BLE001 -- routed and counted, see the class docstring
-            Metrics.counter(NAMESPACE, "unexpected_errors").inc()
-            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            yield self._error(row, "decode", "unexpected", f"{row.filepath}: unexpected {detail}")
+        # Any other exception of the decoder, resampler or encoder (MemoryError and OSError included) is this
+        # file's: routed and counted, never a reason to stop the job.
+        except Exception as exc:  # noqa: BLE001
+            yield self._error(row, "decode", "decode_error", f"{row.filepath}: {dl.exception_message(exc)}")
             return
         del data
         self._decode_ms.update(int((time.monotonic() - start) * 1000))
+        if not header.sop_instance_uid:
+            yield self._error(row, "decode", "manifest_mismatch", f"{row.filepath}: the file has no SOPInstanceUID; "
+                                                                  f"the row says {row.sop_instance_uid}")
+            return
         stage_sample(self._output, sample)
-        Metrics.counter(NAMESPACE, "samples").inc()
-        Metrics.counter(NAMESPACE, f"samples_{row.device}").inc()
-        Metrics.counter(NAMESPACE, f"split_{row.split}").inc()
+        Metrics.counter(NAMESPACE, "decoded").inc()
         if self._record_workers:  # local runs only: proves every worker process took work
             Metrics.counter(NAMESPACE, f"worker_pid_{os.getpid()}").inc()
         if "torch" in sys.modules:
             Metrics.counter(NAMESPACE, "volumes_on_workers_with_torch").inc()
         self._progress()
-        yield row, sample["__key__"]
+        yield header.sop_instance_uid, Decoded(row, header.patient_id)
 
     def _error(self, row: mf.Row, stage: str, reason: str, message: str) -> Any:
         Metrics.counter(NAMESPACE, f"errors_{reason}").inc()
         Metrics.counter(NAMESPACE, "errors").inc()
         self._progress()
-        return beam.pvalue.TaggedOutput(ERRORS_TAG, error_record(row, stage=stage, reason=reason, message=message))
+        return beam.pvalue.TaggedOutput(ERRORS_TAG, dl.error_record(row, stage=stage, reason=reason, message=message))
 
     def _progress(self) -> None:
         self._done += 1
@@ -193,24 +202,31 @@ class PreprocessFn(beam.DoFn):
             _LOG.info("worker %d: %d volumes done (%.2f volumes/s)", os.getpid(), self._done, rate)
 
 
-def staged_url(output: str, key: str) -> str:
-    return storage.join(output, STAGING, f"{key}.tar")
+class OneSamplePerFileFn(beam.DoFn):
+    """(file SOPInstanceUID, [Decoded]) -> ``(row, key)`` of the row kept; the others' staged samples are deleted
+    and their rows go to ERRORS_TAG; a PatientID that differs from the participant goes to WARNINGS_TAG."""
 
+    def __init__(self, output: str):
+        self._output = output
 
-def stage_sample(output: str, sample: Mapping[str, Any]) -> None:
-    """Write one encoded sample as a one-sample tar (the shard format itself, so nothing is restated)."""
-    buf = io.BytesIO()
-    write_shard(buf, [sample])
-    storage.write_bytes(staged_url(output, sample["__key__"]), buf.getvalue())
-
-
-def read_staged(output: str, key: str) -> dict[str, Any]:
-    url = staged_url(output, key)
-    with storage.open_url(url, "rb") as f:
-        samples = list(iter_shard(f, name=url))
-    if len(samples) != 1 or samples[0]["__key__"] != key:
-        raise RuntimeError(f"{url}: expected the one staged sample {key}, found {[s['__key__'] for s in samples]}")
-    return samples[0]
+    def process(self, element: tuple[str, Iterable[Decoded]]) -> Iterator[Any]:
+        decoded = list(element[1])
+        kept, errors, warnings = one_sample_per_file(element[0], decoded)
+        for record in errors:
+            storage.remove(staged_url(self._output, record["key"]))
+            Metrics.counter(NAMESPACE, f"errors_{record['reason']}").inc()
+            Metrics.counter(NAMESPACE, "errors").inc()
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, record)
+        for record in warnings:
+            _LOG.warning("row %d: %s", record["row"], record["message"])
+            Metrics.counter(NAMESPACE, f"warnings_{record['kind']}").inc()
+            yield beam.pvalue.TaggedOutput(WARNINGS_TAG, record)
+        if kept is not None:
+            row = kept.row
+            Metrics.counter(NAMESPACE, "samples").inc()
+            Metrics.counter(NAMESPACE, f"samples_{row.device}").inc()
+            Metrics.counter(NAMESPACE, f"split_{row.split}").inc()
+            yield row, row.key
 
 
 def shard_number(key: str, n_shards: int) -> int:
@@ -226,13 +242,17 @@ def assign_shard(item: tuple[mf.Row, str], rows_per_split: Mapping[str, int],
 
 
 class WriteShardFn(beam.DoFn):
-    """((split, number), [(key, device)]) -> the shard's index entry, plus its per-device counts (``by_device``)."""
+    """((split, number), [(key, device)]) -> the shard's index entry, plus its per-device counts (``by_device``).
+
+    Deletes an earlier set's index.json before writing: from the first new shard on, readers see an incomplete set
+    and refuse it, while a run that writes no shard (every row failed) leaves the earlier set whole."""
 
     def __init__(self, output: str):
         self._output = output
 
     def process(self, element: tuple[tuple[str, int], Iterable[tuple[str, str]]]) -> Iterator[dict[str, Any]]:
         (split, number), members = element
+        retract_index(self._output)
         # Sorted by key so the tar's bytes do not depend on the order the shuffle delivered the samples in.
         members = sorted(members)
         samples = (read_staged(self._output, key) for key, _ in members)
@@ -247,46 +267,22 @@ class WriteShardFn(beam.DoFn):
 
 
 class FinaliseFn(beam.DoFn):
-    """Output URL -> the index, after checking that no input was lost; writes errors.jsonl, removes shards left by
-    an earlier run, then writes index.json (last)."""
+    """Output URL -> the index (nothing when every row failed), after checking that no input was lost."""
 
     def __init__(self, config: Mapping[str, Any]):
         self._config = dict(config)
 
     def process(self, output: str, entries: list[dict[str, Any]], errors: list[dict[str, Any]],
-                stats: Mapping[str, int]) -> Iterator[dict[str, Any]]:
-        index = finalise(output, entries=entries, errors=errors, manifest_rows=stats["manifest_rows"],
-                         selected=stats["selected"], config=self._config)
-        yield index
-
-
-def error_sort_key(record: Mapping[str, Any]) -> tuple[int, str]:
-    return (record["row"] if record.get("row") is not None else -1, record.get("key") or "")
-
-
-def finalise(output: str, *, entries: Sequence[Mapping[str, Any]], errors: Sequence[Mapping[str, Any]],
-             manifest_rows: int, selected: int, config: Mapping[str, Any]) -> dict[str, Any]:
-    """Write errors.jsonl, remove stale shards and write index.json; refuse (no index) if inputs went missing."""
-    written = sum(e["num_samples"] for e in entries)
-    if written + len(errors) != selected:
-        raise RuntimeError(f"{output}: {selected} selected manifest rows, but {written} samples in shards + "
-                           f"{len(errors)} errors; refusing to write {INDEX_NAME}")
-    lines = [json.dumps(r, sort_keys=True) + "\n" for r in sorted(errors, key=error_sort_key)]
-    storage.write_bytes(storage.join(output, ERRORS_NAME), "".join(lines).encode("utf-8"))
-    remove_stale_shards(output, {e["path"] for e in entries})
-    storage.remove(storage.join(output, STAGING), recursive=True)
-    by_reason: dict[str, int] = {}
-    for record in errors:
-        by_reason[record["reason"]] = by_reason.get(record["reason"], 0) + 1
-    index = build_index(config=config, shards=entries, errors_by_reason=by_reason,
-                        manifest_rows=manifest_rows, selected=selected, created_by=CREATED_BY)
-    write_index(output, index)
-    return index
+                warnings: list[dict[str, Any]], stats: Mapping[str, int]) -> Iterator[dict[str, Any]]:
+        index = finalise(output, entries=entries, errors=errors, warnings=warnings,
+                         manifest_rows=stats["manifest_rows"], selected=stats["selected"], config=self._config)
+        if index is not None:
+            yield index
 
 
 # ---------------------------------------------------------------------------------------------------- transforms
 class Preprocess(beam.PTransform):
-    """Selected rows -> ``(shard entries, error records)``."""
+    """Selected rows -> ``(shard entries, error records, warning records)``."""
 
     def __init__(self, *, data_root: str, output: str, config: Any, samples_per_shard: int,
                  record_workers: bool = False):
@@ -294,7 +290,7 @@ class Preprocess(beam.PTransform):
         self._data_root, self._output, self._config = data_root, output, config
         self._samples_per_shard, self._record_workers = samples_per_shard, record_workers
 
-    def expand(self, rows: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
+    def expand(self, rows: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection, beam.PCollection]:
         rows_per_split = (rows
                           | "KeyBySplit" >> beam.Map(lambda row: (row.split, 1))
                           | "CountPerSplit" >> beam.CombinePerKey(sum))
@@ -303,13 +299,18 @@ class Preprocess(beam.PTransform):
                    | "Reshuffle" >> beam.Reshuffle()
                    | "DecodeResample" >> beam.ParDo(PreprocessFn(self._data_root, self._output, self._config,
                                                                  self._record_workers)).with_outputs(
-                       ERRORS_TAG, main="samples"))
-        entries = (decoded.samples
+                       ERRORS_TAG, main="decoded"))
+        kept = (decoded.decoded
+                | "GroupByFileUid" >> beam.GroupByKey()
+                | "OneSamplePerFile" >> beam.ParDo(OneSamplePerFileFn(self._output)).with_outputs(
+                    ERRORS_TAG, WARNINGS_TAG, main="samples"))
+        entries = (kept.samples
                    | "AssignShard" >> beam.Map(assign_shard, rows_per_split=beam.pvalue.AsDict(rows_per_split),
                                                samples_per_shard=self._samples_per_shard)
                    | "GroupByShard" >> beam.GroupByKey()
                    | "WriteShards" >> beam.ParDo(WriteShardFn(self._output)))
-        return entries, decoded[ERRORS_TAG]
+        errors = (decoded[ERRORS_TAG], kept[ERRORS_TAG]) | "RowErrors" >> beam.Flatten()
+        return entries, errors, kept[WARNINGS_TAG]
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -321,22 +322,27 @@ def index_config(args: argparse.Namespace, config: Any, samples_per_shard: int) 
             "anatomic_regions": list(args.anatomic_regions), "val_fraction": args.val_fraction}
 
 
+def selection_of(args: argparse.Namespace) -> mf.Selection:
+    return mf.Selection(devices=tuple(args.devices), anatomic_regions=tuple(args.anatomic_regions))
+
+
 def build_pipeline(pipeline: beam.Pipeline, args: argparse.Namespace, *, config: Any,
                    recommended: Mapping[str, str] | None, samples_per_shard: int, record_workers: bool) -> None:
     """Add the job's steps to ``pipeline`` (nothing runs until ``pipeline.run()``)."""
-    selection = mf.Selection(devices=tuple(args.devices), anatomic_regions=tuple(args.anatomic_regions))
     read = (pipeline
             | "ManifestUrl" >> beam.Create([args.manifest])
-            | "ReadManifest" >> beam.ParDo(ReadManifestFn(selection, recommended, args.val_fraction)).with_outputs(
+            | "ReadManifest" >> beam.ParDo(ReadManifestFn(selection_of(args), recommended,
+                                                          args.val_fraction)).with_outputs(
                 ERRORS_TAG, STATS_TAG, main="rows"))
-    entries, decode_errors = read.rows | "Preprocess" >> Preprocess(
+    entries, row_errors, warnings = read.rows | "Preprocess" >> Preprocess(
         data_root=args.data_root, output=args.output, config=config, samples_per_shard=samples_per_shard,
         record_workers=record_workers)
-    errors = (read[ERRORS_TAG], decode_errors) | "AllErrors" >> beam.Flatten()
+    errors = (read[ERRORS_TAG], row_errors) | "AllErrors" >> beam.Flatten()
     _ = (pipeline
          | "OutputUrl" >> beam.Create([args.output])
          | "Finalise" >> beam.ParDo(FinaliseFn(index_config(args, config, samples_per_shard)),
                                     entries=beam.pvalue.AsList(entries), errors=beam.pvalue.AsList(errors),
+                                    warnings=beam.pvalue.AsList(warnings),
                                     stats=beam.pvalue.AsSingleton(read[STATS_TAG])))
 
 
@@ -352,23 +358,24 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             setattr(args, name, os.path.abspath(value))
     options = runner.pipeline_options(beam_args, job_name="octjepa-preprocess")
     config = load_preprocess_config(args.config, args.overrides)
-    samples_per_shard = args.samples_per_shard or default_samples_per_shard(config)
+    samples_per_shard = (default_samples_per_shard(config) if args.samples_per_shard is None
+                         else args.samples_per_shard)
     if samples_per_shard < 1:
-        raise SystemExit(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+        raise ConfigError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
     if not 0.0 <= args.val_fraction < 1.0:
-        raise SystemExit(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    recommended = mf.read_participants(args.participants) if args.participants else None
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    recommended = mf.check_inputs(args.manifest, participants=args.participants, data_root=args.data_root,
+                                  selection=selection_of(args), val_fraction=args.val_fraction)
 
-    # From here until index.json is written again, readers see an incomplete set and refuse it.
-    storage.remove(storage.join(args.output, INDEX_NAME))
-
-    started = time.monotonic()
-    pipeline = runner.make_pipeline(options)
-    build_pipeline(pipeline, args, config=config, recommended=recommended, samples_per_shard=samples_per_shard,
-                   record_workers=runner.is_local(options))
-    result = runner.run_and_wait(pipeline)
-    seconds = time.monotonic() - started
-    index = json.loads(storage.read_bytes(storage.join(args.output, INDEX_NAME)))
+    with lease.hold(args.output, job="preprocess") as held:
+        lease.require_overwrite(args.output, args.overwrite)
+        started = time.monotonic()
+        pipeline = runner.make_pipeline(options)
+        build_pipeline(pipeline, args, config=config, recommended=recommended, samples_per_shard=samples_per_shard,
+                       record_workers=runner.is_local(options))
+        result = runner.run_and_wait(pipeline, on_signal=held.release)
+        seconds = time.monotonic() - started
+        index = read_result(args.output)
     return {"index": index, "counters": runner.counters(result, NAMESPACE), "seconds": seconds}
 
 
@@ -377,10 +384,11 @@ def summary(report: Mapping[str, Any]) -> str:
     shards = [s for split in index["splits"].values() for s in split["shards"]]
     lines = [f"preprocess: {index['selected']} selected of {index['manifest_rows']} manifest rows -> "
              f"{sum(index['counts']['by_split'].values())} samples in {len(shards)} shards, "
-             f"{index['errors']['count']} errors",
+             f"{index['errors']['count']} errors, {index['warnings']['count']} warnings",
              f"  by split:  {index['counts']['by_split']}",
              f"  by device: {index['counts']['by_device']}",
              f"  errors:    {index['errors']['by_reason']}",
+             f"  warnings:  {index['warnings']['by_kind']}",
              f"  {index['selected'] / max(seconds, 1e-9):.2f} volumes/s over {seconds:.1f} s; "
              f"{sum(s['bytes'] for s in shards) / 1e6:.1f} MB of shards written"]
     workers = sorted(k for k in report["counters"] if k.startswith("worker_pid_"))
@@ -390,6 +398,7 @@ def summary(report: Mapping[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run and print the summary; user errors (OctjepaError) propagate to the ``octjepa`` dispatcher."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Beam logs every bundle at INFO; keep the job's own progress lines readable.
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
@@ -399,8 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Re-enter through the package so the DoFns pickle by reference to beam_jobs.preprocess (importable on
-    # workers), not as __main__ classes.
-    from beam_jobs.preprocess import main as _main
+    # Through the dispatcher, for its one-line errors; it imports beam_jobs.preprocess, so the DoFns pickle by
+    # reference to that module (importable on workers), not as __main__ classes.
+    import octjepa_cli
 
-    sys.exit(_main())
+    sys.exit(octjepa_cli.main(["preprocess", *sys.argv[1:]]))

@@ -3,6 +3,7 @@
     octjepa reshard --input O --output O2                                   # one set per device, all devices
     octjepa reshard --input O --output O2 --domains topcon_triton           # the single-domain run
     octjepa reshard --input O --output O2 --by laterality --samples-per-shard 16 --shards-multiple-of 32
+    octjepa reshard --input O --output O2 --by laterality --overwrite     # replace the complete O2 of an earlier run
     python -m beam_jobs.reshard ...                                         # the same job
     octjepa reshard --input gs://b/O --output gs://b/O2 \\
         --runner DataflowRunner --project P --region us-central1 --temp_location gs://b/tmp
@@ -33,6 +34,12 @@ their disk writes, and on Dataflow it spreads like them. A flipped byte therefor
 shards are written, but before any index.json: ``index.json`` files of an earlier run in O2 are deleted before the
 pipeline starts, so a run that fails or dies midway leaves sets readers refuse.
 
+Before anything is deleted: ``--output`` must be apart from ``--input`` (not equal, inside or a parent,
+``shards.lease.check_separate``); the job takes the output's lease (a second preprocess or reshard into it is
+refused, ``shards.lease``); an output holding a complete earlier result needs ``--overwrite``, and one holding a set
+this job did not write is refused (``beam_jobs.reshard_output``). Domain folders of an earlier ``--by`` or
+``--domains`` are removed at the end, before the root index: a root never sits beside half a domain set.
+
 Splits are kept as they are (they are per participant). Shards per (domain, split): ``n = ceil(samples /
 samples_per_shard)`` (default: about 256 MB of volumes per shard), rounded up to a multiple of
 ``--shards-multiple-of K``; dealing sorted keys round-robin keeps every shard within one sample of the others, so
@@ -60,10 +67,11 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from beam_jobs import runner
+from beam_jobs.reshard_output import check_output, remove_stale_domains
 from beam_jobs.reshard_files import (CREATED_BY, TARGET_SHARD_BYTES, SampleRef, ShardWrite, SourceCheck,  # noqa: F401
                                      check_source_shard, deal, domain_dir, finalise_domain, retract_indexes,
                                      scan_shard, shard_count, write_domain_shard)
-from shards import INDEX_NAME, ContractError, encode_index, read_index, storage
+from shards import INDEX_NAME, ContractError, encode_index, lease, read_index, storage
 from shards.typed_config import ConfigError, from_dict, to_dict
 from shards.verify import ROOT_INDEX_KIND, build_root_index, load_any_index
 
@@ -91,8 +99,6 @@ class ReshardConfig:
             raise ConfigError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
         if self.shards_multiple_of < 1:
             raise ConfigError(f"--shards-multiple-of must be >= 1, got {self.shards_multiple_of}")
-        if self.input.rstrip("/") == self.output.rstrip("/"):
-            raise ConfigError(f"--output must differ from --input ({self.input})")
 
     def recorded(self) -> dict[str, Any]:
         """What the indexes record: everything that decides the output's bytes (not the output path, so two runs
@@ -104,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="octjepa reshard", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="complete shard set (with index.json), local or gs://")
-    parser.add_argument("--output", required=True, help="folder for the domain sets (rewritten if it exists)")
+    parser.add_argument("--output", required=True, help="folder for the domain sets, apart from --input")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the complete result of an earlier run that --output holds")
     parser.add_argument("--by", default="device", choices=typing.get_args(ByField),
                         help="metadata field whose values are the domains")
     parser.add_argument("--domains", default="", help="comma-separated domain values to keep (default: all)")
@@ -133,8 +141,10 @@ def check_requested_domains(cfg: ReshardConfig, domains: Iterable[str]) -> None:
 
 def finalise_root(output: str, domains: Mapping[str, Mapping[str, Any]], *, cfg: ReshardConfig,
                   source_config: Mapping[str, Any]) -> dict[str, Any]:
-    """O2/index.json, written last: refuses when a requested domain had no sample."""
+    """O2/index.json, written last, after the domain folders of an earlier run are removed: refuses when a requested
+    domain had no sample."""
     check_requested_domains(cfg, domains)
+    remove_stale_domains(output, {entry["path"] for entry in domains.values()})
     index = build_root_index(by=cfg.by, domains=domains, created_by=CREATED_BY,
                              config={"reshard": cfg.recorded(), "source": dict(source_config)})
     storage.write_bytes(storage.join(output, INDEX_NAME), encode_index(index))
@@ -277,21 +287,36 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "samples_per_shard": args.samples_per_shard, "shards_multiple_of": args.shards_multiple_of,
     }, where="octjepa reshard")
     options = pipeline_options(beam_args)
+    lease.check_separate(cfg.input, cfg.output)
     if load_any_index(cfg.input).get("kind") == ROOT_INDEX_KIND:  # also refuses a folder without index.json
         raise ContractError(f"{cfg.input} is a re-sharded root, not a shard set; pass one of its domain folders")
     source_index = read_index(cfg.input)
     source_sha256 = hashlib.sha256(storage.read_bytes(storage.join(cfg.input, INDEX_NAME))).hexdigest()
 
-    retract_indexes(cfg.output)
-    started = time.monotonic()
-    pipeline = runner.make_pipeline(options)
-    _ = pipeline | "Reshard" >> Reshard(cfg, source_index, source_sha256)
-    result = runner.run_and_wait(pipeline)
-    if not any(entry["shards"] for entry in source_index["splits"].values()):  # nothing reached Finalise
-        finalise_root(cfg.output, {}, cfg=cfg, source_config=source_index["config"])
-    seconds = time.monotonic() - started
-    index = json.loads(storage.read_bytes(storage.join(cfg.output, INDEX_NAME)))
+    with lease.hold(cfg.output, job="reshard") as held:
+        check_output(cfg.output, overwrite=args.overwrite)
+        retract_indexes(cfg.output)
+        started = time.monotonic()
+        pipeline = runner.make_pipeline(options)
+        _ = pipeline | "Reshard" >> Reshard(cfg, source_index, source_sha256)
+        result = run_reporting_contract_errors(pipeline, on_signal=held.release)
+        if not any(entry["shards"] for entry in source_index["splits"].values()):  # nothing reached Finalise
+            finalise_root(cfg.output, {}, cfg=cfg, source_config=source_index["config"])
+        seconds = time.monotonic() - started
+        index = json.loads(storage.read_bytes(storage.join(cfg.output, INDEX_NAME)))
     return {"index": index, "counters": runner.counters(result, NAMESPACE), "seconds": seconds}
+
+
+def run_reporting_contract_errors(pipeline: beam.Pipeline, **kwargs: Any) -> Any:
+    """``runner.run_and_wait``, with a ContractError raised by a worker raised again as itself: Beam's threaded and
+    multi-process local runners re-raise it as a RuntimeError that keeps only its traceback text."""
+    try:
+        return runner.run_and_wait(pipeline, **kwargs)
+    except RuntimeError as exc:
+        reason = worker_contract_error(str(exc))
+        if reason is None:
+            raise
+        raise ContractError(reason) from None
 
 
 def summary(report: Mapping[str, Any]) -> str:
@@ -312,27 +337,16 @@ def worker_contract_error(text: str) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run and print the summary; user errors (OctjepaError) propagate to the ``octjepa`` dispatcher."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        report = run(argv)
-    except ConfigError as exc:
-        print(f"octjepa reshard: {exc}", file=sys.stderr)
-        return 2
-    except ContractError as exc:  # bad input: no index, a corrupt shard, a requested domain with no samples
-        print(f"octjepa reshard: {exc}", file=sys.stderr)
-        return 1
-    except RuntimeError as exc:
-        reason = worker_contract_error(str(exc))
-        if reason is None:
-            raise
-        print(f"octjepa reshard: {reason}", file=sys.stderr)
-        return 1
+    report = run(argv)
     print(summary(report), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    # Re-enter through the package so the DoFns pickle by reference to beam_jobs.reshard, not as __main__ classes.
-    from beam_jobs.reshard import main as _main
+    # Through the dispatcher, for its one-line errors; it imports beam_jobs.reshard, so the DoFns pickle by
+    # reference to that module, not as __main__ classes.
+    import octjepa_cli
 
-    sys.exit(_main())
+    sys.exit(octjepa_cli.main(["reshard", *sys.argv[1:]]))

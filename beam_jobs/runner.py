@@ -16,10 +16,16 @@ A job uses this module as::
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import os
+import shlex
+import signal
+import sys
+import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (
@@ -96,33 +102,85 @@ def _named_in(beam_args: Sequence[str]) -> set[str]:
 
 def make_runner(options: PipelineOptions) -> Any:
     """A runner instance for local runs (FnApiRunner carrying the pipeline options to its workers); None otherwise,
-    so that ``beam.Pipeline`` resolves ``--runner`` by name."""
+    so that ``beam.Pipeline`` resolves ``--runner`` by name.
+
+    In multi-processing mode the workers are Beam's own, started through ``beam_jobs.local_worker`` so that they
+    die with the driver (see there); FnApiRunner takes the command as its ``default_environment``.
+    """
     if not is_local(options):
         return None
     from apache_beam.portability.api import beam_provision_api_pb2
     from apache_beam.runners.portability.fn_api_runner import fn_runner
     from apache_beam.runners.portability.portable_runner import JobServiceHandle
+    from apache_beam.transforms import environments
 
     # As Beam's own SwitchingDirectRunner does: workers read the pipeline options from the provision info.
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
     info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
-    return fn_runner.FnApiRunner(provision_info=info)
+    environment = None
+    if options.view_as(DirectOptions).direct_running_mode == "multi_processing":
+        environment = environments.SubprocessSDKEnvironment.from_command_string(worker_command())
+    return fn_runner.FnApiRunner(default_environment=environment, provision_info=info)
+
+
+def worker_command() -> str:
+    """The shell command (Beam runs it with ``shell=True``) of one local SDK worker. ``exec`` makes the worker the
+    driver's own child, which ``beam_jobs.local_worker`` binds its life to."""
+    return f"exec {shlex.quote(sys.executable)} -m beam_jobs.local_worker {os.getpid()}"
 
 
 def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
     runner = make_runner(options)
     if runner is None:
         return beam.Pipeline(options=options)
+    if options.view_as(DirectOptions).direct_running_mode == "multi_processing":
+        # FnApiRunner replaces its default environment by Beam's worker command when it sees this mode; the
+        # runner already has the same workers started through beam_jobs.local_worker.
+        options = copy.deepcopy(options)
+        options.view_as(DirectOptions).direct_running_mode = None
     return beam.Pipeline(runner=runner, options=options)
 
 
-def run_and_wait(pipeline: beam.Pipeline) -> Any:
-    """Run the pipeline to completion; raise if it did not finish in state DONE."""
-    result = pipeline.run()
-    state = result.wait_until_finish()
+def run_and_wait(pipeline: beam.Pipeline, *, on_signal: Callable[[], None] | None = None) -> Any:
+    """Run the pipeline to completion; raise if it did not finish in state DONE.
+
+    On a local runner, SIGINT and SIGTERM during the run call ``on_signal`` (e.g. to release the output's lease)
+    and then end the driver at once, as the signal's default action would: its workers die with it
+    (``beam_jobs.local_worker``). Python's own SIGINT handling would instead unwind through the runner, which waits
+    for every worker to finish its bundle first.
+    """
+    with _ending_on_signal(pipeline, on_signal):
+        result = pipeline.run()
+        state = result.wait_until_finish()
     if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
         raise RuntimeError(f"pipeline finished in state {state}")
     return result
+
+
+@contextlib.contextmanager
+def _ending_on_signal(pipeline: beam.Pipeline, on_signal: Callable[[], None] | None) -> Iterator[None]:
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    if not isinstance(pipeline.runner, fn_runner.FnApiRunner) or not in_main_thread:
+        yield
+        return
+
+    def end(signum: int, _frame: Any) -> None:
+        _LOG.error("received %s: ending the job and its local workers", signal.Signals(signum).name)
+        try:
+            if on_signal is not None:
+                on_signal()
+        finally:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    previous = {signum: signal.signal(signum, end) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def counters(result: Any, namespace: str | None = None) -> dict[str, int]:

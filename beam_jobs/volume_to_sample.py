@@ -1,7 +1,9 @@
 """The per-volume work of the preprocessing job: DICOM bytes + manifest row -> one encoded shard sample.
 
-    from beam_jobs.volume_to_sample import dicom_to_sample
+    from beam_jobs.volume_to_sample import dicom_to_sample, dicom_to_sample_and_header
     sample = dicom_to_sample(data, row=row, config=load_preprocess_config(None), split="train")
+    sample, header = dicom_to_sample_and_header(data, row=row, config=config, split="train")  # + the file's own
+                                                                    # SOPInstanceUID and PatientID, for the job
 
 Read (all header checks before decoding), resample to the configured grid, fill the contract's metadata and encode.
 Bad input raises ``beam_jobs.dicom.DicomReadError`` with its reason; the Beam job routes it to errors.jsonl.
@@ -11,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from beam_jobs.config import PreprocessConfig
-from beam_jobs.dicom import read_oct_dicom
+from beam_jobs.dicom import OctHeader, read_oct_dicom
 from beam_jobs.resample import resample_to_grid
 from shards import FORMAT_VERSION, encode_sample, make_key
 
@@ -19,6 +21,12 @@ ROW_KEYS = ("participant_id", "device", "laterality", "anatomic_region", "sop_in
 
 
 def dicom_to_sample(data: bytes, *, row: Mapping[str, Any], config: PreprocessConfig, split: str) -> dict[str, Any]:
+    return dicom_to_sample_and_header(data, row=row, config=config, split=split)[0]
+
+
+def dicom_to_sample_and_header(data: bytes, *, row: Mapping[str, Any], config: PreprocessConfig,
+                               split: str) -> tuple[dict[str, Any], OctHeader]:
+    """The encoded sample and the file's header (which says what the file itself claims to be)."""
     missing = [k for k in ROW_KEYS if k not in row]
     if missing:
         raise ValueError(f"dicom_to_sample: row for {row.get('filepath', '<no filepath>')!r} lacks {missing}")
@@ -50,4 +58,4 @@ def dicom_to_sample(data: bytes, *, row: Mapping[str, Any], config: PreprocessCo
         "intensity_std": float(resampled.intensity_std),
         "split": split,
     }
-    return encode_sample(out, meta)
+    return encode_sample(out, meta), header

@@ -113,3 +113,28 @@ def test_participants_file_errors_name_the_row():
         mf.read_participants("p.tsv", text="participant_id\trecommended_split\n1\ttrain\n1\tval\n")
     with pytest.raises(mf.ManifestError, match="no 'recommended_split' column"):
         mf.read_participants("p.tsv", text="participant_id\tage\n1\t50\n")
+
+
+def test_a_second_row_naming_the_same_file_is_a_duplicate_naming_the_row_kept():
+    same = path("topcon_triton", "1001", "b")
+    triton = ["Topcon", "Triton", "Macula", "OCT", "R"]
+    rows = [
+        ROWS[1],
+        ["2001", *triton, "1.9.1", same.replace("/structural_oct/", "/./structural_oct/")],
+        ["2002", *triton, "1.9.2", same.replace("/1001/", "//1001/")],
+        ["2003", *triton, "1.9.3", "retinal_oct/structural_oct/x/../topcon_triton/1001/b.dcm"],
+        ["2004", *triton, "1.9.4", path("topcon_triton", "1001", "c")],  # another file
+    ]
+    recommended = {"2001": "val", "2002": "test"}  # other participants, other splits: still the same file
+    total, out = mf.parse_manifest("m.tsv", recommended=recommended, text=tsv(rows))
+    assert total == 5 and [type(r).__name__ for r in out] == ["Row", "BadRow", "BadRow", "BadRow", "Row"]
+    for bad in out[1:4]:
+        record = mf.bad_row_record(bad)
+        assert record["reason"] == "duplicate_file" and record["stage"] == "manifest" and record["key"]
+        assert "is the file of row 1 (/retinal_oct/structural_oct/topcon_triton/1001/b.dcm)" in record["message"]
+    assert out[0].path == "retinal_oct/structural_oct/topcon_triton/1001/b.dcm" == mf.normalise_path(rows[3][7])
+
+
+def test_an_unreadable_manifest_is_a_manifest_error(tmp_path):
+    with pytest.raises(mf.ManifestError, match=r"cannot be read \(IsADirectoryError"):
+        mf.parse_manifest(str(tmp_path))

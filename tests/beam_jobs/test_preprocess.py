@@ -161,8 +161,8 @@ def test_killed_run_leaves_no_index_and_a_rerun_replaces_the_output(first: dict[
     Path(output, "train", "shard-000077.tar").write_bytes(b"stale")
     Path(output, "val", ".shard-000000.tar.tmp-0123abcd").write_bytes(b"partial")
 
-    proc = subprocess.Popen([sys.executable, "-m", "beam_jobs.preprocess",
-                             *job_args(dataset, output, "--samples-per-shard", "2", "--direct_num_workers", "1")],
+    args = job_args(dataset, output, "--samples-per-shard", "2", "--direct_num_workers", "1", "--overwrite")
+    proc = subprocess.Popen([sys.executable, "-m", "beam_jobs.preprocess", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120

@@ -1,6 +1,7 @@
 """Bad input never stops the job: every kind lands in errors.jsonl with its own reason, the rest is sharded."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,7 +58,7 @@ def test_errors_lines_are_complete_and_counted(broken_run: dict[str, Any]):
     for record in errors:
         counted[record["reason"]] = counted.get(record["reason"], 0) + 1
     assert index["errors"]["by_reason"] == counted
-    assert "unexpected" not in counted, [e["message"] for e in errors if e["reason"] == "unexpected"]
+    assert "decode_error" not in counted, [e["message"] for e in errors if e["reason"] == "decode_error"]
     assert [e["row"] for e in errors] == sorted(e["row"] for e in errors)  # deterministic order
 
 
@@ -68,6 +69,14 @@ def test_good_volumes_still_sharded_and_nothing_lost(broken_run: dict[str, Any])
     samples, errors = check_nothing_lost_with_malformed(broken_run["output"], uids)
     good = sum(len(v) for v in samples.values())
     assert good >= dataset["volumes"] - 2 and good > 0
+
+
+def test_errors_jsonl_is_byte_identical_across_runs(broken_run: dict[str, Any], tmp_path: Path):
+    """A second run (its own worker process, so objects live at other addresses) writes the same dead letters."""
+    output = str(tmp_path / "again")
+    preprocess.run(job_args(broken_run["dataset"], output, "--samples-per-shard", "4", "--direct_num_workers", "1"))
+    again, first = Path(output, "errors.jsonl").read_bytes(), Path(broken_run["output"], "errors.jsonl").read_bytes()
+    assert again == first and b" at 0x" not in first
 
 
 def check_nothing_lost_with_malformed(output: str, uids: list[str]):

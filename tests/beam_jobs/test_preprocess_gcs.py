@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from beam_jobs import preprocess
 from beam_jobs.synth import generate_dataset
-from shards import read_index, storage
+from shards import lease, read_index, storage
 from tests.beam_jobs.test_preprocess import check_nothing_lost, job_args, manifest_uids
 
 
@@ -20,8 +22,14 @@ def test_gcs_in_gcs_out(gcs: str, tmp_path: Path):
     assert dataset["manifest"].startswith("gs://")
     output = f"{gcs}/shards"
     storage.write_bytes(f"{output}/index.json", b"{}")  # an earlier set's index, which the run replaces
+    with pytest.raises(lease.OutputExists, match="--overwrite"):
+        preprocess.run(job_args(dataset, output))
+    with lease.hold(output, job="test"), pytest.raises(lease.LeaseHeld, match="octjepa test on"):
+        preprocess.run(job_args(dataset, output, "--overwrite"))
+    assert storage.read_bytes(f"{output}/index.json") == b"{}"
 
-    report = preprocess.run(job_args(dataset, output, "--samples-per-shard", "3", "--direct_num_workers", "2"))
+    report = preprocess.run(job_args(dataset, output, "--samples-per-shard", "3", "--direct_num_workers", "2",
+                                     "--overwrite"))
 
     index = read_index(output)
     assert index == report["index"]

@@ -13,7 +13,7 @@ import pytest
 import octjepa_cli
 import shards
 from beam_jobs import reshard
-from shards import storage, verify
+from shards import lease, storage, verify
 from tests.shards.helpers import make_shard_set
 
 # In-process runner for speed; the CLI test below runs the default one (multi-threading, a worker per core).
@@ -141,7 +141,7 @@ def test_same_input_gives_the_same_bytes_and_reruns_replace_stale_output(source,
     shutil.copytree(out, again)
     stale = again / "topcon_triton" / "train" / "shard-000099.tar"
     stale.write_bytes(b"left over from an earlier run")
-    run_reshard(source[0], again, "--samples-per-shard", "2")
+    run_reshard(source[0], again, "--samples-per-shard", "2", "--overwrite")
     assert not stale.exists()
     fresh = tmp_path / "fresh"
     run_reshard(source[0], fresh, "--samples-per-shard", "2")
@@ -239,10 +239,10 @@ def test_a_corrupt_or_truncated_input_shard_fails_the_job_naming_it(source, tmp_
         run_reshard(src, out)
     assert not (out / shards.INDEX_NAME).exists()
     assert not list(out.glob(f"*/{shards.INDEX_NAME}"))
-    assert reshard.main(["--input", str(src), "--output", str(out), *FAST]) == 1
+    assert octjepa_cli.main(["reshard", "--input", str(src), "--output", str(out), *FAST]) == 1
     assert str(shard) in capsys.readouterr().err
     if damage == "flip_volume_byte":  # the default local runner re-raises a worker's error as a RuntimeError
-        assert reshard.main(["--input", str(src), "--output", str(out)]) == 1
+        assert octjepa_cli.main(["reshard", "--input", str(src), "--output", str(out)]) == 1
         last = capsys.readouterr().err.strip().splitlines()[-1]  # after the runner's own log of the failure
         assert last.startswith(f"octjepa reshard: {shard}: source shard is corrupt")
 
@@ -279,14 +279,14 @@ def test_input_without_index_is_refused(source, tmp_path, capsys):
     src = tmp_path / "src"
     shutil.copytree(source[0], src)
     (src / shards.INDEX_NAME).unlink()
-    assert reshard.main(["--input", str(src), "--output", str(tmp_path / "out"), *FAST]) == 1
+    assert octjepa_cli.main(["reshard", "--input", str(src), "--output", str(tmp_path / "out"), *FAST]) == 1
     assert "no index.json" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_a_resharded_root_is_refused_as_input_but_its_domain_sets_are_not(by_device, tmp_path, capsys):
     out, _ = by_device
-    assert reshard.main(["--input", str(out), "--output", str(tmp_path / "x"), *FAST]) == 1
+    assert octjepa_cli.main(["reshard", "--input", str(out), "--output", str(tmp_path / "x"), *FAST]) == 1
     assert "re-sharded root" in capsys.readouterr().err
     again = run_reshard(out / "zeiss_cirrus", tmp_path / "lat", "--by", "laterality")
     assert sum(d["num_samples"] for d in again["index"]["domains"].values()) == \
@@ -294,9 +294,10 @@ def test_a_resharded_root_is_refused_as_input_but_its_domain_sets_are_not(by_dev
 
 
 def test_bad_options_are_refused(source, tmp_path, capsys):
-    assert reshard.main(["--input", str(source[0]), "--output", str(tmp_path), "--shards-multiple-of", "0"]) == 2
+    assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(tmp_path),
+                             "--shards-multiple-of", "0"]) == 2
     assert "--shards-multiple-of" in capsys.readouterr().err
-    assert reshard.main(["--input", str(source[0]), "--output", str(source[0])]) == 2
+    assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(source[0])]) == 2
 
 
 def test_local_runs_default_to_threads_and_dataflow_gets_the_preprocessing_flags():
@@ -339,6 +340,11 @@ def test_gcs_in_and_out_through_the_emulator(source, gcs):
             assert digest(record) == digest(samples[key])
     assert verify.verify_shard_set(out).ok
 
+    run_reshard(src, out, "--domains", "topcon_triton", "--overwrite")  # the earlier domains go
+    fs.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(bucket + "/out")) == ["index.json", "topcon_triton"]
+    assert verify.verify_shard_set(out).ok
+
 
 def test_cli_with_the_default_local_runner(source, tmp_path, capsys):
     _, _, samples = source
@@ -350,3 +356,70 @@ def test_cli_with_the_default_local_runner(source, tmp_path, capsys):
     assert {g: set(r) for g, r in got.items()} == expected_groups(samples, "anatomic_region")
     assert octjepa_cli.main(["verify", str(out)]) == 0
     assert {d for d, _ in got} == {"macula", "optic_disc"}
+
+
+# ---------------------------------------------------------------------------------------------- where it may write
+def test_an_output_equal_to_inside_or_above_the_input_is_refused_before_anything_is_deleted(source, tmp_path, capsys):
+    src = tmp_path / "sets" / "zeiss_cirrus"  # named like a domain: --output sets/ would write over it
+    shutil.copytree(source[0], src)
+    before = all_files(tmp_path)
+    for output, relation in ((src, "is"), (src / "by_device", "is inside"), (tmp_path / "sets", "is a parent of"),
+                             (tmp_path, "is a parent of")):
+        assert octjepa_cli.main(["reshard", "--input", str(src), "--output", str(output), *FAST]) == 2
+        err = capsys.readouterr().err
+        assert f"--output {output} {relation} --input {src}" in err and err.count("\n") == 1, err
+        assert all_files(tmp_path) == before
+
+
+def test_a_complete_output_is_replaced_only_with_overwrite_and_no_earlier_domain_is_left(source, by_device, tmp_path,
+                                                                                         capsys):
+    out = tmp_path / "out"
+    shutil.copytree(by_device[0], out)
+    (out / "notes").mkdir()
+    (out / "notes" / "readme.txt").write_text("not reshard's")
+    (out / "zeiss_cirrus" / "notes.txt").write_text("not reshard's either")
+    before = all_files(out)
+    assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(out), "--by", "laterality",
+                             *FAST]) == 2
+    assert "already holds a complete set" in capsys.readouterr().err and all_files(out) == before
+
+    report = run_reshard(source[0], out, "--by", "laterality", "--overwrite")
+    domains = sorted(entry["path"] for entry in report["index"]["domains"].values())
+    assert domains == ["L", "R"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["index.json", "notes", "zeiss_cirrus", *domains])
+    assert [p.name for p in (out / "zeiss_cirrus").rglob("*")] == ["notes.txt"]  # the rest of it is gone
+    assert (out / "notes" / "readme.txt").exists()
+    assert verify.verify_shard_set(str(out)).ok
+
+
+def test_an_interrupted_earlier_run_needs_no_overwrite_and_leaves_no_domain(source, by_device, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(by_device[0], out)
+    (out / shards.INDEX_NAME).unlink()  # killed before its root index: no complete set there
+    report = run_reshard(source[0], out, "--by", "anatomic_region")
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "macula", "optic_disc"]
+    assert sorted(report["index"]["domains"]) == ["macula", "optic_disc"]
+
+
+def test_an_output_holding_a_set_reshard_did_not_write_is_refused(source, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(source[0], out / "mine")  # a complete preprocessed set one level down
+    before = all_files(out)
+    assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(out), "--overwrite", *FAST]) == 2
+    assert "holds shard set(s) not written by octjepa reshard (mine)" in capsys.readouterr().err
+    assert all_files(out) == before
+    shutil.copytree(source[0], tmp_path / "plain")  # and a plain set at the top
+    assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(tmp_path / "plain"),
+                             "--overwrite", *FAST]) == 2
+    assert "holds a shard set, not a re-sharded root" in capsys.readouterr().err
+
+
+def test_reshard_takes_the_output_lease(source, by_device, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(by_device[0], out)
+    before = all_files(out)
+    with lease.hold(str(out), job="reshard"):
+        assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(out), "--overwrite",
+                                 *FAST]) == 1
+        assert "is being written by octjepa reshard on" in capsys.readouterr().err
+    assert all_files(out) == before

@@ -1,0 +1,98 @@
+"""What the preprocessing job writes under ``--output`` besides the shards, without Beam: staged samples, the
+finalisation (errors.jsonl, stale shards out, index.json last), and the driver's reading of the result.
+
+A run in which every selected row failed writes no shard and no index: its dead letters go to
+``O/FAILED_RUN_ERRORS`` (errors.jsonl and index.json belong to whatever set the output already held, which stays
+whole) and the driver raises ``AllRowsFailed``. The next run that writes a set removes that file.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from typing import Any, Mapping, Sequence
+
+from beam_jobs import dead_letters as dl
+from shards import (ERRORS_NAME, INDEX_NAME, build_index, iter_shard, remove_stale_shards, storage, write_index,
+                    write_shard)
+from shards.errors import OctjepaError
+
+CREATED_BY = "beam_jobs.preprocess"
+STAGING = "_staging"
+# Where a run in which every selected row failed puts its dead letters (errors.jsonl belongs to the set it left).
+FAILED_RUN_ERRORS = "failed-run-errors.jsonl"
+
+
+class AllRowsFailed(OctjepaError):
+    """Every selected row of the run failed: no shard was written; the message counts the reasons."""
+
+    exit_code = 1
+
+
+def retract_index(output: str) -> None:
+    """Delete the output's index.json if it has one; shard writers call it concurrently, so one that finds it
+    already gone has nothing to do."""
+    fs, path = storage.get_fs(storage.join(output, INDEX_NAME))
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path)
+
+
+def staged_url(output: str, key: str) -> str:
+    return storage.join(output, STAGING, f"{key}.tar")
+
+
+def stage_sample(output: str, sample: Mapping[str, Any]) -> None:
+    """Write one encoded sample as a one-sample tar (the shard format itself, so nothing is restated)."""
+    buf = io.BytesIO()
+    write_shard(buf, [sample])
+    storage.write_bytes(staged_url(output, sample["__key__"]), buf.getvalue())
+
+
+def read_staged(output: str, key: str) -> dict[str, Any]:
+    url = staged_url(output, key)
+    with storage.open_url(url, "rb") as f:
+        samples = list(iter_shard(f, name=url))
+    if len(samples) != 1 or samples[0]["__key__"] != key:
+        raise RuntimeError(f"{url}: expected the one staged sample {key}, found {[s['__key__'] for s in samples]}")
+    return samples[0]
+
+
+def finalise(output: str, *, entries: Sequence[Mapping[str, Any]], errors: Sequence[Mapping[str, Any]],
+             warnings: Sequence[Mapping[str, Any]] = (), manifest_rows: int, selected: int,
+             config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Write errors.jsonl, remove stale shards and write index.json (last); refuse (no index) if inputs went
+    missing. When no sample was written, only the dead letters are written (to FAILED_RUN_ERRORS) and None is
+    returned: whatever set the output held stays as it was."""
+    written = sum(e["num_samples"] for e in entries)
+    if written + len(errors) != selected:
+        raise RuntimeError(f"{output}: {selected} selected manifest rows, but {written} samples in shards + "
+                           f"{len(errors)} errors; refusing to write {INDEX_NAME}")
+    lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in sorted(errors, key=dl.sort_key)).encode("utf-8")
+    storage.remove(storage.join(output, STAGING), recursive=True)
+    if written == 0:
+        storage.write_bytes(storage.join(output, FAILED_RUN_ERRORS), lines)
+        return None
+    storage.write_bytes(storage.join(output, ERRORS_NAME), lines)
+    storage.remove(storage.join(output, FAILED_RUN_ERRORS))
+    remove_stale_shards(output, {e["path"] for e in entries})
+    index = build_index(config=config, shards=entries, errors_by_reason=dl.count_by(errors, "reason"),
+                        manifest_rows=manifest_rows, selected=selected, created_by=CREATED_BY,
+                        extra={"warnings": dl.warnings_summary(warnings)})
+    write_index(output, index)
+    return index
+
+
+def read_result(output: str) -> dict[str, Any]:
+    """The index this run wrote; AllRowsFailed when it wrote dead letters only."""
+    failed = storage.join(output, FAILED_RUN_ERRORS)
+    fs, path = storage.get_fs(failed)
+    fs.invalidate_cache()
+    if fs.exists(path):
+        errors = [json.loads(line) for line in storage.read_bytes(failed).decode("utf-8").splitlines()]
+        earlier = ("the set already there is unchanged" if storage.exists(storage.join(output, INDEX_NAME))
+                   else "no set was written")
+        first = f"; first: row {errors[0]['row']}: {errors[0]['message']}" if errors else ""
+        raise AllRowsFailed(f"{output}: every one of the {len(errors)} selected rows failed "
+                            f"({dl.count_by(errors, 'reason')}); no shard was written and {earlier}. Every row's "
+                            f"reason is in {failed}{first}")
+    return json.loads(storage.read_bytes(storage.join(output, INDEX_NAME)))
