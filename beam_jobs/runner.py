@@ -91,7 +91,7 @@ def pipeline_options(beam_args: Sequence[str], *, job_name: str | None = None,
                 f"--runner {runner_name(options)}: workers need the package, but {path} does not exist; "
                 f"run from a source checkout or pass --setup_file /path/to/setup.py")
         setup.setup_file = str(path)
-    # The jobs' DoFns live in importable modules (installed on workers from setup_file); save_main_session also
+    # The jobs' DoFns live in importable modules (on workers from setup_file or the image); save_main_session also
     # ships anything a user defined in __main__ when calling run() from their own script.
     if setup.save_main_session is None:
         setup.save_main_session = True
