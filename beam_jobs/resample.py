@@ -10,9 +10,10 @@ Sampling: the source is the linear interpolation of its voxels (constant beyond 
 On an axis that grows or keeps its spacing each output voxel is that interpolant at the voxel's centre. On an axis
 that shrinks by ``f`` (target / source spacing > 1) each output voxel is the interpolant's mean over the voxel's
 own cell, ``f`` source voxels wide: a box low-pass filter in proportion to the factor (a box of width ``f``
-convolved with the linear kernel), as area resampling does. So OCT speckle averages down (white noise decimated by
-``f`` keeps about ``1/sqrt(f)`` of its standard deviation instead of most of it), the cells tile the axis so a thin
-layer's integrated intensity does not depend on where the samples fall, and ramps, the mean and centroids are kept.
+convolved with the linear kernel; area resampling of the interpolant rather than of the voxels, so ramps stay
+exact). So OCT speckle averages down (white noise decimated by ``f`` keeps about ``1/sqrt(f)`` of its standard
+deviation instead of most of it), the cells tile the axis so a thin layer's integrated intensity does not depend
+on where the samples fall, and ramps, the mean and centroids are kept.
 
 Each axis is one sparse (window x source) weight matrix. Only the window's voxels are computed, B-scan by B-scan
 in float32: each source B-scan the window needs is filtered in-plane once (the axis that shrinks most first) and
