@@ -5,14 +5,14 @@ TPU hosts ``.[train,tpu]``, developers ``.[beam,train,test]``.
 """
 from setuptools import find_packages, setup
 
-# What every machine needs, Dataflow workers included: Dataflow installs this package from its sdist with
-# install_requires only (no extras), so the DICOM decoders live here and torch does not.
+# What the preprocess and reshard workers import, and nothing else: Dataflow installs this package from its sdist
+# (or dataflow/Dockerfile from the source) with install_requires only (no extras), so the DICOM decoders, gcsfs and
+# scipy (the resampler's sparse filters) live here, and torch and webdataset (the trainer's loader) do not.
 BASE = [
     "numpy>=2.0,<2.5",
     "fsspec==2026.9.0",
     "gcsfs==2026.10.1",
     "pyyaml==6.0.4",
-    "webdataset==1.0.2",
     "pydicom==3.0.2",
     "pylibjpeg==2.1.0",
     "pylibjpeg-openjpeg==2.6.0",
@@ -22,6 +22,7 @@ BASE = [
 BEAM = ["apache-beam[gcp]==2.77.0"]
 TRAIN = [
     "torch==2.9.0",
+    "webdataset==1.0.2",
     "wandb==0.31.0",
     "matplotlib==3.11.2",
     "pillow==12.3.0",

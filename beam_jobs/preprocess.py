@@ -357,6 +357,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if value is not None and not storage.is_remote(value):
             setattr(args, name, os.path.abspath(value))
     options = runner.pipeline_options(beam_args, job_name="octjepa-preprocess")
+    runner.check_dataflow(options, manifest=args.manifest, data_root=args.data_root, output=args.output)
     config = load_preprocess_config(args.config, args.overrides)
     samples_per_shard = (default_samples_per_shard(config) if args.samples_per_shard is None
                          else args.samples_per_shard)

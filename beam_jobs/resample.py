@@ -6,16 +6,27 @@ Grid convention: the source's physical extent (``n * spacing`` per axis, voxel-c
 on the retina (the intensity-weighted centre of the depth profile), clamped so the window never leaves the scan
 when the scan is longer and never cuts the scan when it is shorter. Voxels outside the grid are 0 ("padding").
 
-Only the window's voxels are computed, by separable linear interpolation in float32: each source B-scan the window
-needs is resampled in-plane once (the axis that shrinks most first), and each output B-scan blends two of those.
-Memory is the input, the output and a few B-scans; the result is rounded back to the source dtype.
+Sampling: the source is the linear interpolation of its voxels (constant beyond the outermost voxel centres).
+On an axis that grows or keeps its spacing each output voxel is that interpolant at the voxel's centre. On an axis
+that shrinks by ``f`` (target / source spacing > 1) each output voxel is the interpolant's mean over the voxel's
+own cell, ``f`` source voxels wide: a box low-pass filter in proportion to the factor (a box of width ``f``
+convolved with the linear kernel; area resampling of the interpolant rather than of the voxels, so ramps stay
+exact). So OCT speckle averages down (white noise decimated by ``f`` keeps about ``1/sqrt(f)`` of its standard
+deviation instead of most of it), the cells tile the axis so a thin layer's integrated intensity does not depend
+on where the samples fall, and ramps, the mean and centroids are kept.
+
+Each axis is one sparse (window x source) weight matrix. Only the window's voxels are computed, B-scan by B-scan
+in float32: each source B-scan the window needs is filtered in-plane once (the axis that shrinks most first) and
+kept while an output B-scan still needs it; each output B-scan is a weighted sum of those. Memory is the input,
+the output and a few B-scans; the result is rounded back to the source dtype.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
+from scipy import sparse
 
 
 @dataclass(frozen=True)
@@ -55,31 +66,69 @@ def _window_offset(n_grid: int, size: int, centre: float | None) -> int:
     return int(min(max(int(round(centre - size / 2)), lo), hi))
 
 
-def _axis_weights(n_src: int, spacing: float, target: float, n_grid: int, offset: int, size: int):
-    """For the window's positions on one axis: (valid slice, i0, i1, w1) of linear interpolation into the source."""
+def _linear_weights(x: np.ndarray, n_src: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two taps per position: the linear interpolant at ``x`` (source index units, clamped to the outer voxels)."""
+    x = np.clip(x, 0.0, n_src - 1)
+    i0 = np.floor(x).astype(np.intp)
+    w1 = x - i0
+    return np.stack([i0, np.minimum(i0 + 1, n_src - 1)], axis=1), np.stack([1.0 - w1, w1], axis=1)
+
+
+def _hat_integral(u: np.ndarray) -> np.ndarray:
+    """Integral of the linear interpolation kernel (the hat on [-1, 1]) from -inf to ``u``."""
+    u = np.clip(u, -1.0, 1.0)
+    return np.where(u <= 0, (u + 1) ** 2 / 2, 1 - (1 - u) ** 2 / 2)
+
+
+def _area_weights(x: np.ndarray, n_src: int, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Taps per position: the mean of the linear interpolant over the cell ``[x - factor/2, x + factor/2]``.
+
+    Within the source's outer voxel centres ``[0, n - 1]`` source voxel ``i`` weighs the integral of its hat over
+    the cell; the parts of the cell beyond them (where the interpolant is the edge voxel) weigh on the edge voxel.
+    Every row sums to 1 and, the cells tiling the axis, every interior source voxel weighs ``1 / factor`` in all.
+    """
+    a, b = x - factor / 2, x + factor / 2
+    lo, hi = np.clip(a, 0, n_src - 1), np.clip(b, 0, n_src - 1)
+    taps = int(np.ceil(factor)) + 2  # hats i = floor(lo) .. ceil(hi) overlap [lo, hi]
+    idx = np.floor(lo).astype(np.intp)[:, None] + np.arange(taps)
+    w = (_hat_integral(hi[:, None] - idx) - _hat_integral(lo[:, None] - idx)) / factor
+    w[:, 0] += np.clip(np.minimum(b, 0) - a, 0, None) / factor  # idx[:, 0] is 0 wherever the cell starts before 0
+    last = np.clip(b - np.maximum(a, n_src - 1), 0, None) / factor
+    np.add.at(w, (np.arange(len(x)), np.minimum(n_src - 1 - idx[:, 0], taps - 1)), last)
+    keep = idx < n_src
+    return np.where(keep, idx, n_src - 1), np.where(keep, w, 0.0)
+
+
+def _axis_matrix(n_src: int, spacing: float, target: float, n_grid: int, offset: int,
+                 size: int) -> tuple[slice, sparse.csr_matrix]:
+    """For the window's positions on one axis: (valid slice, sparse (positions x source) weights, float32)."""
     k = np.arange(offset, offset + size)
     valid = (k >= 0) & (k < n_grid)
     start = int(np.argmax(valid)) if valid.any() else 0
     stop = start + int(valid.sum())
     k = k[start:stop]
+    factor = target / spacing
     # Grid centre == source centre, in source index units (voxel centres at integers).
-    x = (k + 0.5 - n_grid / 2) * (target / spacing) + n_src / 2 - 0.5
-    x = np.clip(x, 0.0, n_src - 1)  # the outer half-voxel of the extent repeats the edge voxel
-    i0 = np.floor(x).astype(np.intp)
-    i1 = np.minimum(i0 + 1, n_src - 1)
-    w1 = (x - i0).astype(np.float32)
-    return slice(start, stop), i0, i1, w1
+    x = (k + 0.5 - n_grid / 2) * factor + n_src / 2 - 0.5
+    idx, w = _area_weights(x, n_src, factor) if factor > 1 else _linear_weights(x, n_src)
+    rows = np.repeat(np.arange(len(k)), idx.shape[1])
+    matrix = sparse.csr_matrix((w.ravel().astype(np.float32), (rows, idx.ravel())), shape=(len(k), n_src))
+    matrix.eliminate_zeros()  # coincident taps were summed; zero taps would cost a multiply each
+    return slice(start, stop), matrix
 
 
-def _interp_axis(a: np.ndarray, axis: int, i0: np.ndarray, i1: np.ndarray, w1: np.ndarray) -> np.ndarray:
-    """Linear interpolation of a 2D array along ``axis`` (float32 result)."""
-    w1 = w1[:, None] if axis == 0 else w1[None, :]
-    lo = np.take(a, i0, axis=axis).astype(np.float32, copy=False)
-    hi = np.take(a, i1, axis=axis).astype(np.float32, copy=False)
-    hi -= lo
-    hi *= w1
-    lo += hi
-    return lo
+def _apply(matrix: sparse.csr_matrix, a: np.ndarray, axis: int) -> np.ndarray:
+    """``matrix`` applied along ``axis`` of the 2D float32 array ``a`` (float32 result)."""
+    return matrix @ a if axis == 0 else (matrix @ a.T).T
+
+
+def _plane_filter(in_plane: Sequence[tuple[int, sparse.csr_matrix]]) -> Callable[[np.ndarray], np.ndarray]:
+    def filtered(p: np.ndarray) -> np.ndarray:
+        p = p.astype(np.float32)
+        for axis, matrix in in_plane:
+            p = _apply(matrix, p, axis)
+        return p
+    return filtered
 
 
 def resample_to_grid(
@@ -101,56 +150,45 @@ def resample_to_grid(
 
     n_grid = [resampled_size(n, s, t) for n, s, t in zip(volume.shape, spacing_mm, target_spacing_mm)]
     centre_row = retina_centre(volume)
-    # The retina's centre on the resampled axial grid (same centre-aligned mapping as _axis_weights, inverted).
+    # The retina's centre on the resampled axial grid (same centre-aligned mapping as _axis_matrix, inverted).
     centre_grid = (centre_row + 0.5 - volume.shape[1] / 2) * spacing_mm[1] / target_spacing_mm[1] + n_grid[1] / 2 - 0.5
     offsets = tuple(_window_offset(n_grid[a], target_shape[a], centre_grid + 0.5 if a == 1 else None) for a in range(3))
-    axes = [_axis_weights(volume.shape[a], spacing_mm[a], target_spacing_mm[a], n_grid[a], offsets[a], target_shape[a])
-            for a in range(3)]
+    (d_box, d_matrix), (h_box, h_matrix), (w_box, w_matrix) = [
+        _axis_matrix(volume.shape[a], spacing_mm[a], target_spacing_mm[a], n_grid[a], offsets[a], target_shape[a])
+        for a in range(3)]
 
-    # B-scan by B-scan, so memory is the input, the output and a few B-scans. Each output B-scan blends two source
-    # B-scans; whichever is fewer is resampled in-plane (shrinking axis first): the source B-scans the window needs
-    # (each once, cached while still needed) or the blended output B-scans (when the B-scan axis shrinks).
-    (d_box, d0, d1, dw), (h_box, *h_axis), (w_box, *w_axis) = axes
-    in_plane = sorted(((0, h_axis), (1, w_axis)), key=lambda item: len(item[1][0]) / volume.shape[1 + item[0]])
-
-    def resample_plane(p: np.ndarray) -> np.ndarray:
-        for axis, (i0, i1, w1) in in_plane:
-            p = _interp_axis(p, axis, i0, i1, w1)
-        return p
-
-    blend_first = len(np.union1d(d0, d1)) > len(d0)
+    # B-scan by B-scan, so memory is the input, the output and a few B-scans. Each output B-scan is a weighted sum
+    # of source B-scans, each filtered in-plane once (the axis that shrinks most first) and cached while needed.
+    # When the B-scan axis shrinks, output B-scans are fewer than the source B-scans they need, so the second
+    # in-plane axis is applied after the sum instead.
+    in_plane = sorted(((0, h_matrix), (1, w_matrix)), key=lambda item: item[1].shape[0] / item[1].shape[1])
+    blend_first = len(np.unique(d_matrix.indices)) > d_matrix.shape[0]
+    source_filter = _plane_filter(in_plane[:1] if blend_first else in_plane)
     planes: dict[int, np.ndarray] = {}
-
-    def plane(i: int) -> np.ndarray:
-        if i not in planes:
-            planes[i] = resample_plane(volume[i])
-        return planes[i]
 
     out = np.zeros(tuple(target_shape), dtype=volume.dtype)
     peak = np.iinfo(volume.dtype).max
     total = squares = 0.0  # intensity statistics of the real voxels, accumulated in float64 per B-scan
-    for j in range(len(d0)):
-        if blend_first:  # first in-plane axis on both source B-scans, blend, then the other axis
-            (a0, first), (a1, second) = in_plane
-            blended = _interp_axis(volume[d0[j]], a0, *first)
-            if dw[j] > 0:
-                hi = _interp_axis(volume[d1[j]], a0, *first)
-                hi -= blended
-                hi *= dw[j]
-                blended += hi
-            blended = _interp_axis(blended, a1, *second)
-        else:
-            for stale in [i for i in planes if i < d0[j]]:
-                del planes[stale]
-            lo, hi = plane(int(d0[j])), plane(int(d1[j]))
-            blended = lo * (1.0 - dw[j]) + hi * dw[j]
+    for j in range(d_matrix.shape[0]):
+        row = slice(d_matrix.indptr[j], d_matrix.indptr[j + 1])
+        sources, weights = d_matrix.indices[row], d_matrix.data[row]
+        for stale in [i for i in planes if i < sources.min()]:
+            del planes[stale]
+        blended = None
+        for i, weight in zip(sources.tolist(), weights.tolist()):
+            if i not in planes:
+                planes[i] = source_filter(volume[i])
+            term = planes[i] * np.float32(weight)
+            blended = term if blended is None else np.add(blended, term, out=blended)
+        if blend_first:
+            blended = _apply(in_plane[1][1], blended, in_plane[1][0])
         np.rint(blended, out=blended)
         np.clip(blended, 0, peak, out=blended)
         out[d_box.start + j, h_box, w_box] = blended
         exact = blended.astype(np.float64)
         total += float(exact.sum())
         squares += float(np.einsum("ij,ij->", exact, exact))  # einsum, not BLAS: no thread pool per B-scan
-    real = len(d0) * len(h_axis[0]) * len(w_axis[0])
+    real = d_matrix.shape[0] * h_matrix.shape[0] * w_matrix.shape[0]
     mean = total / max(real, 1)
     std = float(np.sqrt(max(squares / max(real, 1) - mean * mean, 0.0)))
     fill = real / out.size

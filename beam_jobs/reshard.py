@@ -287,6 +287,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "samples_per_shard": args.samples_per_shard, "shards_multiple_of": args.shards_multiple_of,
     }, where="octjepa reshard")
     options = pipeline_options(beam_args)
+    runner.check_dataflow(options, input=cfg.input, output=cfg.output)
     lease.check_separate(cfg.input, cfg.output)
     if load_any_index(cfg.input).get("kind") == ROOT_INDEX_KIND:  # also refuses a folder without index.json
         raise ContractError(f"{cfg.input} is a re-sharded root, not a shard set; pass one of its domain folders")

@@ -2,16 +2,20 @@
 
 Local runs (no ``--runner``, or ``DirectRunner`` / ``FnApiRunner``) execute on Beam's FnApiRunner in multi-processing
 mode, one SDK worker process per core. The DirectRunner is not used directly because it first tries the Prism
-runner, which it downloads from the network. Dataflow runs get ``--setup_file`` pointing at this project's
-``setup.py`` (unless given) so every worker installs the package, without torch::
+runner, which it downloads from the network. Dataflow runs get a job name unique to the run (two jobs can run at
+once) and, unless the workers run this project's image (``--sdk_container_image``, built from
+``dataflow/Dockerfile``), ``--setup_file`` pointing at this project's ``setup.py``, so every worker installs the
+package, without torch::
 
     python -m beam_jobs.preprocess ... --direct_num_workers 2                       # local, 2 worker processes
     python -m beam_jobs.preprocess ... --runner DataflowRunner --project P --region R --temp_location gs://b/tmp
+    python -m beam_jobs.preprocess ... --runner DataflowRunner ... --sdk_container_image R-docker.pkg.dev/P/r/img:t
 
 A job uses this module as::
 
     args, beam_args = parser.parse_known_args(argv)
     options = runner.pipeline_options(beam_args, job_name="octjepa-preprocess")
+    runner.check_dataflow(options, manifest=args.manifest, output=args.output)   # before anything is built
     with runner.make_pipeline(options) as p: ...   # or p = make_pipeline(options); result = run_and_wait(p)
 """
 from __future__ import annotations
@@ -24,6 +28,8 @@ import shlex
 import signal
 import sys
 import threading
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -34,8 +40,10 @@ from apache_beam.options.pipeline_options import (
     PipelineOptions,
     SetupOptions,
     StandardOptions,
+    WorkerOptions,
 )
 
+from shards import storage
 from shards.typed_config import ConfigError
 
 _LOG = logging.getLogger(__name__)
@@ -64,7 +72,9 @@ def pipeline_options(beam_args: Sequence[str], *, job_name: str | None = None,
     """Standard Beam options from ``beam_args`` plus this project's defaults.
 
     Local: ``direct_running_mode=multi_processing`` and one worker per core unless the user set them.
-    Dataflow: ``setup_file`` (this project's ``setup.py`` unless the user named one) and ``save_main_session``.
+    Dataflow: a job name unique to this run (``job_name`` plus a timestamp, unless the user set ``--job_name``),
+    ``setup_file`` (this project's ``setup.py`` unless the user named one, or none when the workers run a custom
+    container, which has the package installed) and ``save_main_session``.
     Nothing is submitted here; tests inspect the result.
     """
     options = PipelineOptions(list(beam_args))
@@ -78,21 +88,60 @@ def pipeline_options(beam_args: Sequence[str], *, job_name: str | None = None,
         return options
 
     setup = options.view_as(SetupOptions)
-    if not setup.setup_file:
+    # A custom container already holds the package: staging its sdist as well would make every worker pip-install
+    # it at start-up, which needs a package index (for the build backend) that private workers may not reach.
+    if not setup.setup_file and not options.view_as(WorkerOptions).sdk_container_image:
         path = Path(setup_file) if setup_file is not None else PROJECT_SETUP_FILE
         if not path.is_file():
             raise RunnerConfigError(
                 f"--runner {runner_name(options)}: workers need the package, but {path} does not exist; "
                 f"run from a source checkout or pass --setup_file /path/to/setup.py")
         setup.setup_file = str(path)
-    # The jobs' DoFns live in importable modules (installed on workers from setup_file); save_main_session also
+    # The jobs' DoFns live in importable modules (on workers from setup_file or the image); save_main_session also
     # ships anything a user defined in __main__ when calling run() from their own script.
     if setup.save_main_session is None:
         setup.save_main_session = True
     gcloud = options.view_as(GoogleCloudOptions)
     if job_name and not gcloud.job_name:
-        gcloud.job_name = job_name
+        gcloud.job_name = unique_job_name(job_name)
     return options
+
+
+def unique_job_name(prefix: str, now: datetime | None = None) -> str:
+    """``prefix-YYYYMMDD-HHMMSS-xxxxxx`` (UTC, 6 random hex digits): Dataflow refuses a second running job of the
+    same name in a project and region, so each run gets its own. Lowercase letters, digits and hyphens, as Dataflow
+    requires."""
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
+    return f"{prefix}-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+def check_dataflow(options: PipelineOptions, **paths: str | None) -> None:
+    """Fail fast, before a DataflowRunner job is built: missing ``--project`` / ``--region`` / ``--temp_location``,
+    a location the workers cannot reach (a local path) or a bucket that cannot be read are one-line errors
+    (``RunnerConfigError``) naming the option. ``paths`` are the job's own locations that workers read or write,
+    by option name (``data_root="gs://b"`` is ``--data-root``). Other runners: nothing to check."""
+    if runner_name(options) != "DataflowRunner":
+        return
+    gcloud = options.view_as(GoogleCloudOptions)
+    for flag, value, example in (("--project", gcloud.project, "P"), ("--region", gcloud.region, "us-central1"),
+                                 ("--temp_location", gcloud.temp_location, "gs://BUCKET/tmp")):
+        if not value:
+            raise RunnerConfigError(f"--runner DataflowRunner needs {flag} (e.g. {flag} {example})")
+    locations = {f"--{name.replace('_', '-')}": url for name, url in paths.items() if url}
+    locations["--temp_location"] = gcloud.temp_location
+    if gcloud.staging_location:
+        locations["--staging_location"] = gcloud.staging_location
+    buckets: dict[str, str] = {}  # bucket URL -> the first option that names it
+    for flag, url in locations.items():
+        if not url.startswith("gs://"):
+            raise RunnerConfigError(f"{flag} {url}: Dataflow workers cannot reach this machine's files; "
+                                    f"give a gs:// URL")
+        buckets.setdefault("gs://" + url[len("gs://"):].split("/", 1)[0], flag)
+    for bucket, flag in buckets.items():
+        try:
+            storage.check_readable(bucket)
+        except PermissionError as exc:
+            raise RunnerConfigError(f"{flag}: {exc}") from exc
 
 
 def _named_in(beam_args: Sequence[str]) -> set[str]:

@@ -31,7 +31,7 @@ from typing import Any
 import psutil
 
 IDLE_IMPORTS = ("import apache_beam.runners.worker.sdk_worker_main, beam_jobs.preprocess, beam_jobs.volume_to_sample, "
-                "pydicom, openjpeg, scipy.ndimage, psutil, os; print(psutil.Process(os.getpid()).memory_info().rss)")
+                "pydicom, openjpeg, scipy.sparse, psutil, os; print(psutil.Process(os.getpid()).memory_info().rss)")
 
 
 def build_dataset(work: Path, volumes: int, scale: float, seed: int) -> dict[str, Any]:

@@ -1,9 +1,15 @@
 """Local paths and ``gs://`` URLs through one fsspec interface.
 
-On GCS the filesystem is gcsfs. Tests and offline users point it at a local emulator with
-``STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT``; then credentials are anonymous and gcsfs's plain filesystem is used,
-because its extended one first probes the bucket type through the Storage Control API, which an emulator does not
-serve (each probe waits about 60 s before falling back).
+On GCS the filesystem is gcsfs's plain ``GCSFileSystem``. gcsfs otherwise defaults to its experimental extended
+filesystem, which first probes each bucket's type (zonal, hierarchical) through the Storage Control API and waits
+up to about 60 s when that fails (no permission for it, an emulator, no route to it); these jobs use no zonal or
+hierarchical-namespace feature. gcsfs documents the switch as ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``, read
+once when gcsfs is first imported, so this module sets it (unless the environment already does) before anything
+imports gcsfs: on the launching machine and on every Beam worker, which import this module before any gs:// access.
+The Dataflow worker image (``dataflow/Dockerfile``) sets it too.
+
+Tests and offline users point gcsfs at a local emulator with ``STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT`` (gcsfs
+reads it); an emulator takes no credentials, so access is then anonymous instead of searching for them first.
 """
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ from typing import Any
 
 import fsspec
 
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
 _GCS_RETRIES = 6
 
 
@@ -22,12 +30,8 @@ def is_remote(url: str) -> bool:
 
 
 def _gcs_filesystem() -> Any:
-    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
-    if emulator:
-        from gcsfs.core import GCSFileSystem
-
-        return GCSFileSystem(endpoint_url=emulator, token="anon", retries=_GCS_RETRIES)
-    return fsspec.filesystem("gs", retries=_GCS_RETRIES)
+    anonymous = {"token": "anon"} if os.environ.get("STORAGE_EMULATOR_HOST") else {}
+    return fsspec.filesystem("gs", retries=_GCS_RETRIES, **anonymous)
 
 
 def get_fs(url: str) -> tuple[Any, str]:
@@ -40,6 +44,20 @@ def get_fs(url: str) -> tuple[Any, str]:
         return _gcs_filesystem(), url[len("gs://"):]
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path
+
+
+def check_readable(url: str) -> None:
+    """Raise ``PermissionError`` naming the bucket of the gs:// ``url`` unless listing it works (the bucket exists
+    and these credentials may list it). One request: it lists at most one object."""
+    from gcsfs.retry import HttpError
+
+    fs, path = get_fs(url)
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.ls(bucket, max_results=1)
+    except (OSError, ValueError, HttpError) as exc:  # 404 / 403 / a malformed name / any other HTTP status
+        reason = " ".join(str(exc).split()) or type(exc).__name__  # gcsfs puts the server's words on a 2nd line
+        raise PermissionError(f"gs://{bucket} cannot be read ({type(exc).__name__}: {reason})") from exc
 
 
 def join(url: str, *parts: str) -> str:

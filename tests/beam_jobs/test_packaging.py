@@ -1,12 +1,15 @@
-"""Dataflow packaging: what workers install from setup.py, and the options the job hands to DataflowRunner.
+"""Dataflow packaging: what workers install from setup.py or the worker image, and the options the job hands to
+DataflowRunner.
 
-Nothing is submitted: the sdist is built the way Beam's stager builds it for ``--setup_file``, turned into a wheel
-the way a worker's ``pip install`` does, and inspected.
+Nothing is submitted and no image is built: the sdist is built the way Beam's stager builds it for
+``--setup_file``, turned into a wheel the way a worker's ``pip install`` does, and inspected; the worker image's
+requirements are those its Dockerfile installs, resolved through the installed distributions' metadata.
 """
 from __future__ import annotations
 
 import email
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +23,12 @@ from beam_jobs import preprocess, runner
 REPO = Path(runner.PROJECT_SETUP_FILE).parent
 # What the job's workers import: the job module and every module it reaches at run time (DoFn.setup included).
 WORKER_ENTRY_MODULES = ["beam_jobs.preprocess", "beam_jobs.volume_to_sample", "beam_jobs.dicom", "beam_jobs.config",
-                        "beam_jobs.manifest", "beam_jobs.runner", "shards"]
+                        "beam_jobs.manifest", "beam_jobs.runner", "beam_jobs.reshard", "beam_jobs.reshard_files",
+                        "shards"]
+# Base requirements no import shows: pydicom loads its JPEG 2000 / JPEG decoder plugins when it first decodes, and
+# fsspec imports gcsfs at the first gs:// URL.
+LOADED_ON_USE = {"pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "gcsfs"}
+DOCKERFILE = REPO / "dataflow" / "Dockerfile"
 # Provided by the Dataflow Python SDK container itself (apache-beam[gcp] and what it depends on).
 CONTAINER_DISTRIBUTIONS = {"apache-beam", "numpy", "google-cloud-storage", "python-dateutil", "protobuf"}
 DATAFLOW_ARGS = ["--runner", "DataflowRunner", "--project", "demo-project", "--region", "us-central1",
@@ -62,12 +70,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
         names = set(zf.namelist())
         (meta_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         metadata = email.message_from_bytes(zf.read(meta_name))
-    return {"sdist": sdist, "names": names, "requires": metadata.get_all("Requires-Dist") or []}
+    return {"sdist": sdist, "names": names, "requires": metadata.get_all("Requires-Dist") or [],
+            "requires_python": metadata.get("Requires-Python", "")}
 
 
 def _requirement_name(spec: str) -> str:
-    import re
-
     return re.split(r"[\s\[<>=!~;(]", spec, maxsplit=1)[0].lower().replace("_", "-")
 
 
@@ -88,25 +95,96 @@ def test_worker_install_requires_no_torch(built: dict):
         assert _requirement_name(spec) not in ("torch", "torch-xla", "torchvision"), spec
 
 
-def test_worker_third_party_imports_are_installed_by_the_sdist(built: dict, worker_imports: dict):
-    """Dataflow workers run ``pip install workflow.tar.gz`` with no extras, so every third-party package the worker
-    modules import must come from the base requirements or the SDK container."""
+def _worker_distributions(worker_imports: dict) -> set[str]:
+    """Distributions of the top-level modules the worker modules import."""
     from importlib.metadata import packages_distributions
 
     dists = packages_distributions()
+    return {d.lower().replace("_", "-") for top in worker_imports["tops"] for d in dists.get(top, [])}
+
+
+def test_worker_third_party_imports_are_installed_by_the_sdist(built: dict, worker_imports: dict):
+    """Dataflow workers run ``pip install workflow.tar.gz`` with no extras, so every third-party package the worker
+    modules import must come from the base requirements or the SDK container."""
     base = {_requirement_name(r) for r in built["requires"] if "extra ==" not in r}
-    needed = set()
-    for top in worker_imports["tops"]:
-        for dist in dists.get(top, []):
-            needed.add(dist.lower().replace("_", "-"))
     ours_or_container = base | CONTAINER_DISTRIBUTIONS | {"octjepa"}
     # Only the packages our code imports directly matter; Beam's own imports come with the container.
-    direct = {"pydicom", "pylibjpeg", "pylibjpeg-openjpeg", "scipy", "webdataset", "fsspec", "gcsfs", "pyyaml"}
-    missing = sorted((needed & direct) - ours_or_container)
+    direct = {"pydicom", "pylibjpeg", "pylibjpeg-openjpeg", "scipy", "fsspec", "gcsfs", "pyyaml", "numpy"}
+    missing = sorted((_worker_distributions(worker_imports) & direct) - ours_or_container)
     assert not missing, f"workers import {missing}, which setup.py's install_requires does not provide"
-    # pydicom loads its JPEG 2000 / JPEG decoder plugins only when it first decodes, so no import shows them.
-    plugins = {"pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg"}
-    assert plugins <= base, f"decoder plugins {sorted(plugins - base)} missing from install_requires"
+    assert LOADED_ON_USE <= base, f"{sorted(LOADED_ON_USE - base)} missing from install_requires"
+
+
+def test_base_requirements_are_only_what_workers_use(built: dict, worker_imports: dict):
+    """Every base requirement is imported by the preprocess / reshard workers or loaded by them on use; the
+    trainer's own packages (torch, webdataset) belong to the train extra."""
+    base = {_requirement_name(r) for r in built["requires"] if "extra ==" not in r}
+    unused = sorted(base - _worker_distributions(worker_imports) - LOADED_ON_USE)
+    assert not unused, f"install_requires holds {unused}, which no worker imports (move them to an extra)"
+    train = {_requirement_name(r) for r in built["requires"] if 'extra == "train"' in r}
+    assert {"webdataset", "torch"} <= train
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the worker image's Dockerfile, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
+
+
+def _closure(names: set[str]) -> set[str]:
+    """``names`` and everything they require (markers evaluated here, no extras), from installed metadata."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    seen, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            specs = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        for spec in specs:
+            req = Requirement(spec)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name.lower().replace("_", "-"))
+    return seen
+
+
+def test_worker_image_is_the_pinned_beam_sdk_plus_the_base_requirements(built: dict, worker_imports: dict):
+    """The Dockerfile starts FROM the Beam SDK image of the pinned Beam on a supported Python and installs this
+    package without extras; the image's requirements (the package's base requirements and theirs) hold no torch."""
+    from packaging.specifiers import SpecifierSet
+
+    instructions = _dockerfile_instructions()
+    (base_image,) = [args for op, args in instructions if op == "FROM"]
+    match = re.fullmatch(r"apache/beam_python(\d+\.\d+)_sdk:(\S+)", base_image)
+    assert match, f"FROM {base_image}: expected the Beam Python SDK image apache/beam_pythonX.Y_sdk:VERSION"
+    python, beam = match.groups()
+    (beam_pin,) = [r for r in built["requires"] if _requirement_name(r) == "apache-beam"]
+    assert f"=={beam}" in beam_pin, f"image Beam {beam} is not the pinned {beam_pin}"
+    assert SpecifierSet(built["requires_python"]).contains(f"{python}.0"), \
+        f"image Python {python} is outside the package's python_requires {built['requires_python']}"
+
+    installs = [args for op, args in instructions if op == "RUN" and "pip install" in args]
+    assert installs, "the Dockerfile installs nothing"
+    targets = [t for args in installs for t in args.split("pip install", 1)[1].split("&&")[0].split()
+               if not t.startswith("-")]
+    assert targets == ["."], f"expected the package alone, no extras or other packages: {targets}"
+    copied = {src.rstrip("/") for op, args in instructions if op == "COPY" for src in args.split()[:-1]}
+    ours = {Path(path).resolve().relative_to(REPO).parts[0] for path in worker_imports["ours"]}
+    assert {"setup.py"} | ours <= copied, f"the image must copy {sorted({'setup.py'} | ours - copied)}"
+    assert ("ENV", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false") in instructions
+
+    base = {_requirement_name(r) for r in built["requires"] if "extra ==" not in r}
+    image = _closure(base)
+    assert base <= image and "scipy" in image and "pydicom" in image
+    for heavy in ("torch", "torch-xla", "torchvision", "webdataset", "wandb"):
+        assert heavy not in image, f"{heavy} would be installed in the worker image"
 
 
 def test_dataflow_options_as_documented():
@@ -118,7 +196,7 @@ def test_dataflow_options_as_documented():
     assert not runner.is_local(options)
     assert all_options["setup_file"] == str(REPO / "setup.py")
     assert all_options["save_main_session"] is True
-    assert all_options["job_name"] == "octjepa-preprocess"
+    assert re.fullmatch(r"octjepa-preprocess-\d{8}-\d{6}-[0-9a-f]{6}", all_options["job_name"])
     assert all_options["project"] == "demo-project" and all_options["temp_location"] == "gs://demo-bucket/tmp"
     assert runner.make_runner(options) is None  # Beam resolves DataflowRunner by name
     # A user's own setup file is kept.
