@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, BinaryIO
 
 from shards import storage
-from shards.contract import FORMAT_VERSION, META_EXT, SPLITS, VOLUME_EXT, ContractError
+from shards.contract import FORMAT_VERSION, MEMBER_EXTS, SPLITS, ContractError, format_version_error
 
 INDEX_NAME = "index.json"
 ERRORS_NAME = "errors.jsonl"
@@ -42,12 +42,17 @@ def write_shard(fileobj: BinaryIO, samples: Iterable[Mapping[str, Any]]) -> int:
 
     Plain ``tarfile`` (no webdataset import: webdataset imports torch whenever it is installed, which a Beam worker
     must not pay for). Every member has the same mtime, owner and mode, so the same samples give the same bytes.
+    A record must hold every member of the contract (``encode_sample`` makes them), its checksums included.
     """
     count = 0
     with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for sample in samples:
             key = sample["__key__"]
-            for ext in (META_EXT, VOLUME_EXT):
+            missing = [ext for ext in MEMBER_EXTS if ext not in sample]
+            if missing:
+                raise ContractError(f"sample {key}: cannot be written without member(s) {missing} "
+                                    f"(records come from shards.encode_sample)")
+            for ext in MEMBER_EXTS:
                 data = sample[ext]
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
@@ -106,8 +111,9 @@ class MemberReader:
 
 
 def iter_shard(fileobj: BinaryIO, *, name: str = "<shard>", defer: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
-    """Yield encoded samples ``{"__key__", "npy", "json"}`` from a shard file object; raise ContractError naming
-    the shard when the tar is corrupt or truncated.
+    """Yield encoded samples ``{"__key__", "crc32c", "json", "npy"}`` (member bytes by extension, as written;
+    nothing is checked here, ``decode_sample`` checks) from a shard file object; raise ContractError naming the
+    shard when the tar is corrupt or truncated.
 
     A seekable file is read with random access (one read per member): as a stream, tarfile pulls each multi-MB
     volume through its 10 KiB record buffer, 5-10x the CPU. Non-seekable readers (pipes, hashing wrappers) are
@@ -207,8 +213,7 @@ def build_index(
 def validate_index(index: Mapping[str, Any], *, where: str) -> None:
     """Check the structure of an index; the message names the shard set and the field."""
     if index.get("format_version") != FORMAT_VERSION:
-        raise ContractError(f"{where}: index field 'format_version' is {index.get('format_version')!r}, "
-                            f"this code reads {FORMAT_VERSION}")
+        raise format_version_error(f"{where}: index field 'format_version'", index.get("format_version"))
     for field in ("config", "splits", "counts", "errors", "manifest_rows", "selected"):
         if field not in index:
             raise ContractError(f"{where}: index is missing field {field!r}")

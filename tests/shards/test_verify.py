@@ -7,7 +7,7 @@ import pytest
 
 import shards
 from shards import verify
-from tests.shards.helpers import make_shard_set
+from tests.shards.helpers import make_shard_set, rewritten
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_a_sample_of_the_wrong_format_version_is_caught(tmp_path):
     index, samples = make_shard_set(str(root), per_device=2, devices=("topcon_triton",))
     key, record = sorted(samples.items())[0]
     meta = json.loads(record["json"])
-    bad = dict(record, json=json.dumps(dict(meta, format_version=shards.FORMAT_VERSION + 1)).encode())
+    bad = rewritten(record, json=json.dumps(dict(meta, format_version=shards.FORMAT_VERSION + 1)).encode())
     entry = shards.write_shard_file(str(root), meta["split"], 0, [bad])
     split = index["splits"][meta["split"]]
     split["shards"][0].update({k: entry[k] for k in ("bytes", "sha256", "num_samples")})

@@ -13,6 +13,7 @@ from model.config import MaskConfig
 from model.masks import MultiBlockMasks
 from shards import storage
 from shards.typed_config import ConfigError, from_dict
+from tests.shards.helpers import rewritten
 from tests.trainer.shardset_fixture import make_shard_set
 from trainer import augment
 from trainer.data import (
@@ -50,14 +51,14 @@ def uneven(tmp_path_factory) -> tuple[str, dict]:
 # ---- host split ------------------------------------------------------------------------------------------------
 
 def test_epoch_order_depends_only_on_seed_and_epoch():
-    shards_ = [Shard(f"s{i}", i + 1) for i in range(20)]
+    shards_ = [Shard(f"s{i}", i + 1, 0) for i in range(20)]
     assert epoch_order(shards_, seed=3, epoch=1) == epoch_order(list(shards_), seed=3, epoch=1)
     assert epoch_order(shards_, seed=3, epoch=1) != epoch_order(shards_, seed=3, epoch=2)
     assert sorted(epoch_order(shards_, seed=3, epoch=1), key=lambda s: s.url) == sorted(shards_, key=lambda s: s.url)
 
 
 def test_host_slices_partition_the_shards_then_top_up_short_hosts():
-    ordered = epoch_order([Shard(f"s{i}", n) for i, n in enumerate(UNEVEN)], seed=0, epoch=0)
+    ordered = epoch_order([Shard(f"s{i}", n, 0) for i, n in enumerate(UNEVEN)], seed=0, epoch=0)
     plain = [host_shards(ordered, host_index=h, host_count=3, min_samples=0, seed=0, epoch=0) for h in range(3)]
     assert sorted(s.url for part in plain for s in part) == sorted(s.url for s in ordered)
     assert len({sum(s.num_samples for s in part) for part in plain}) > 1  # the hosts really are unequal
@@ -177,25 +178,32 @@ def test_flips_are_drawn_on_the_host_and_applied_by_to_model_input(uneven):
     assert torch.equal(to_model_input(vol, scale, shift)[1], vol[1].float() * 2.0 - 1.0)
 
 
-def test_undecodable_samples_are_skipped_counted_and_logged(tmp_path, caplog):
+def test_undecodable_samples_are_skipped_counted_by_the_samples_lost_and_logged(tmp_path, caplog):
     root = str(tmp_path / "set")
     index = make_shard_set(root, n_train=12, n_val=2, samples_per_shard=4)
     first = storage.join(root, shards.shard_name("train", 0))
     with storage.open_url(first) as f:
         samples = list(shards.iter_shard(f))
     bad_key = samples[1]["__key__"]
-    samples[1] = {**samples[1], "npy": b"not an npy array"}
+    samples[1] = rewritten(samples[1], npy=b"not an npy array")  # checksummed, but not a volume
     with open(first, "wb") as f:
         shards.write_shard(f, samples)
     last = storage.join(root, shards.shard_name("train", 2))
+    with storage.open_url(last) as f:
+        kept = sum(1 for _ in shards.iter_shard(f)) // 2
     with open(last, "r+b") as f:  # a truncated upload: the reader keeps what it can, then moves on
         f.truncate(os.path.getsize(last) // 2)
     caplog.set_level(logging.WARNING, logger="trainer.stages")
-    cfg = _cfg(root)
+    cfg = _cfg(root, max_skipped_fraction=0.5)
     batches = _train(cfg, index, batch=2)
     assert len(batches) == steps_per_epoch(index, cfg, 2) == 6
     assert bad_key not in {k for b in batches for k in b["keys"]}
-    assert sum(int(b["skipped"]) for b in batches) >= 2
+    drops = [d for b in batches for d in b["dropped"]]
+    # One bad sample, and the samples the half shard no longer holds (1 or 2 of its 4, depending on where the cut
+    # fell), each pass over the shards; the count is what the batches say.
+    assert sum(int(b["skipped"]) for b in batches) == sum(d.samples for d in drops) > 0
+    assert {(d.shard, d.key) for d in drops if d.samples == 1 and "undecodable" in d.reason} == {(first, bad_key)}
+    assert {d.samples for d in drops if d.shard == last} <= {4 - kept, 4 - kept + 1}
     assert bad_key in caplog.text and "shard-000002.tar" in caplog.text
 
 
