@@ -112,7 +112,7 @@ def scan_shard(url: str, entry: Mapping[str, Any], split: str, by: str) -> list[
             crcs = read_checksums({"__key__": key, **record})
             check_crc(key, META_EXT, crcs[META_EXT], crc32c(record[META_EXT]))
         except ContractError as exc:
-            raise ContractError(f"{url}: {exc}") from exc
+            raise ContractError(f"{url}: source shard is corrupt: {exc}") from exc
         try:
             meta = json.loads(record[META_EXT])
         except ValueError as exc:
@@ -179,7 +179,7 @@ def _read_volume_bytes(ref: SampleRef) -> bytes:
         stored = read_checksums({"__key__": ref.key, CHECKSUM_EXT: ref.checksums})[VOLUME_EXT]
         check_crc(ref.key, VOLUME_EXT, stored, crc32c(data))
     except ContractError as exc:
-        raise ContractError(f"{ref.url}: {exc}") from exc
+        raise ContractError(f"{ref.url}: source shard is corrupt: {exc}") from exc
     return data
 
 

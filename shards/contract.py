@@ -211,7 +211,12 @@ class VolumeCheck:
 
     def verify(self, voxels: np.ndarray) -> None:
         """Raise ContractError unless ``voxels`` (C-contiguous, as read from the member) complete the stored CRC."""
-        check_crc(self.key, VOLUME_EXT, self.stored, crc32c(voxels, self.header_crc))
+        self.verify_running(crc32c(voxels, self.header_crc))
+
+    def verify_running(self, crc: int) -> None:
+        """Raise ContractError unless ``crc``, ``header_crc`` continued over the voxels as they were read (see
+        ``MemberReader.readinto``), is the stored CRC."""
+        check_crc(self.key, VOLUME_EXT, self.stored, crc)
 
 
 def encode_sample(volume: np.ndarray, meta: Mapping[str, Any]) -> dict[str, Any]:

@@ -57,11 +57,20 @@ class Counters:
     good: int = 0  # samples whose voxels were read in the current pass over the worker's shards
     dropped: list[Drop] = field(default_factory=list)  # what was dropped since the last batch
 
-    def drop(self, shard: str | None, key: str | None, reason: str, samples: int = 1) -> None:
-        self.skipped += samples
+    def drop(self, shard: str | None, key: str | None, reason: str) -> None:
+        """One sample that failed a check."""
         reason = reason.removeprefix(f"sample {key}: ")  # contract errors start with it; the record has the key
-        self.dropped.append(Drop(str(shard), str(key), samples, reason))
-        log.warning("shard %s: dropped %s: %s", shard, key if samples != 1 else f"sample {key}", reason)
+        self._add(Drop(str(shard), str(key), 1, reason), f"sample {key}")
+
+    def lose(self, shard: str, count: int, after: str | None, reason: str) -> None:
+        """``count`` samples the index lists that the shard did not yield (their keys are unknown)."""
+        what = f"{count} sample(s) after {after or 'its start'}"
+        self._add(Drop(shard, what, count, reason), what)
+
+    def _add(self, drop: Drop, what: str) -> None:
+        self.skipped += drop.samples
+        self.dropped.append(drop)
+        log.warning("shard %s: dropped %s: %s", drop.shard, what, drop.reason)
 
     def take(self) -> tuple[int, list[Drop]]:
         """The drops since the last call, for the next batch."""
@@ -111,9 +120,8 @@ def read_shards(source: Iterable[dict], *, counters: Counters, defer_volumes: bo
         except (ContractError, OSError) as exc:
             failure = f": {exc}"
         if seen < shard.num_samples:
-            counters.drop(shard.url, f"{shard.num_samples - seen} sample(s) after {last or 'its start'}",
-                          f"the shard ends after {seen} of the {shard.num_samples} samples its index lists{failure}",
-                          samples=shard.num_samples - seen)
+            counters.lose(shard.url, shard.num_samples - seen, last,
+                          f"the shard ends after {seen} of the {shard.num_samples} samples its index lists{failure}")
 
 
 def open_samples(samples: Iterable[dict], *, counters: Counters) -> Iterator[dict]:
@@ -135,11 +143,16 @@ def open_samples(samples: Iterable[dict], *, counters: Counters) -> Iterator[dic
         yield {"member": member, "offset": offset, "meta": meta, "check": check, "__url__": sample.get("__url__")}
 
 
+def _read_checked(item: dict, dest: np.ndarray, fileobj: Any = None) -> None:
+    """Read a deferred volume's voxels into ``dest``, checksummed on the way; ContractError if they fail."""
+    check = item["check"]
+    check.verify_running(item["member"].readinto(dest, offset=item["offset"], fileobj=fileobj, crc=check.header_crc))
+
+
 def _read_volume(item: dict, fileobj: Any = None) -> np.ndarray:
     meta = item["meta"]
     volume = np.empty(meta["shape"], dtype=meta["dtype"])
-    item["member"].readinto(volume, offset=item["offset"], fileobj=fileobj)
-    item["check"].verify(volume)
+    _read_checked(item, volume, fileobj)
     return volume
 
 
@@ -231,8 +244,7 @@ def _fill(item: dict, dest: np.ndarray, starts: tuple[int, ...], fileobj: Any = 
     fail their checksum (the slot is then free to be filled again)."""
     meta = item["meta"]
     if "member" in item and tuple(meta["shape"]) == dest.shape:
-        item["member"].readinto(dest, offset=item["offset"], fileobj=fileobj)  # the only copy of the voxels
-        item["check"].verify(dest)  # checked in place, in the slot, before the slot counts as filled
+        _read_checked(item, dest, fileobj)  # the only copy of the voxels, checked in the slot before it counts
         return
     volume = item["volume"] if "volume" in item else _read_volume(item, fileobj)
     np.copyto(dest, crop_or_pad(volume, dest.shape, starts))
