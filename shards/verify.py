@@ -1,4 +1,5 @@
-"""Check every shard of a set against its index: sha256, byte size, sample counts, decodable samples, format version.
+"""Check every shard of a set against its index (sha256, byte size, sample counts, format version) and every sample
+against its contract and its CRC32C (a failing sample is reported by key).
 
     octjepa verify O                 # a shard set written by preprocess (O/index.json)
     octjepa verify O2                # a re-sharded root: verifies every domain set O2/<domain>/

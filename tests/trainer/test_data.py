@@ -368,7 +368,8 @@ def test_each_shard_is_held_to_its_sample_count_and_byte_size_in_the_index(tmp_p
     _set_shard_entry(root, index, 1, bytes=entries[1]["bytes"] + 512)
     keys, drops = _eval_drops(root, caplog)
     assert len(keys) == 12 and not drops
-    assert f"shard {second} holds {entries[1]['bytes']} bytes, its index says {entries[1]['bytes'] + 512}" in caplog.text
+    size = entries[1]["bytes"]
+    assert f"shard {second} holds {size} bytes, its index says {size + 512}" in caplog.text
 
 
 @pytest.mark.parametrize("workers", [0, 2])
