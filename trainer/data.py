@@ -13,16 +13,15 @@ with retries, opened inside the worker; each shard held to its index entry's byt
 contract check of the CRC32C-checked metadata and the ``.npy`` header -> [per-device buffers when domains are
 balanced] -> draw crop, flip and jitter, read the voxels straight into a random slot of a few open batches (the
 shuffle buffer) and check their CRC32C there -> static batches with masks; the flip and the normalisation are
-applied on the accelerator by ``to_model_input``.
+applied on the accelerator by ``to_model_input``. The source stage is ours, not ``wds.WebDataset``'s
+``split_by_node``/``split_by_worker``: those read torch.distributed's rank, which TPU hosts do not set.
 
 Damage is never trained on: a sample that fails a check is dropped, logged with its shard and key, and counted by
 the samples lost (a shard that ends early loses the samples its index lists and it did not hold); each batch
 carries the count (``skipped``, which reaches the metrics) and the ``Drop`` records. Where the batches arrive,
 ``Batches`` charges them to the pass's budget, ``data.max_skipped_fraction`` of the samples the pass reads on this
 host, and stops the run with ``DataDamageError`` (one line naming the shards, exit code 1) once a pass is over it.
-Each host checks its own share. The source stage is
-ours, not ``wds.WebDataset``'s ``split_by_node``/``split_by_worker``: those read torch.distributed's rank, which
-TPU hosts do not set.
+Each host checks its own share against its own budget (no collective: the budget is not agreed across hosts).
 """
 from __future__ import annotations
 
@@ -280,7 +279,8 @@ def split_shards(root: str, index: dict, split: str) -> list[Shard]:
     """The split's shards (URL, sample count, byte size) in index order."""
     entry = _split_entry(index, split)
     urls = shard_urls(root, index, split)
-    return [Shard(url, s["num_samples"], s["bytes"]) for url, s in zip(urls, entry["shards"]) if s["num_samples"] > 0]
+    return [Shard(url, s["num_samples"], s["bytes"])
+            for url, s in zip(urls, entry["shards"]) if s["num_samples"] > 0]
 
 
 def check_domain_weights(weights: dict[str, float], index: dict, split: str) -> None:

@@ -541,6 +541,10 @@ def test_data_config_is_closed_and_checked():
         from_dict(DataConfig, {"shuffle_bufer": 8})
     with pytest.raises(ConfigError, match="domain_weights"):
         from_dict(DataConfig, {"domain_weights": {"a": -1.0}})
+    assert from_dict(DataConfig, {}).max_skipped_fraction == 0.001
+    assert from_dict(DataConfig, {"max_skipped_fraction": 0}).max_skipped_fraction == 0.0
+    with pytest.raises(ConfigError, match="max_skipped_fraction"):
+        from_dict(DataConfig, {"max_skipped_fraction": 1.5})
 
 
 # ---- gs:// -----------------------------------------------------------------------------------------------------
