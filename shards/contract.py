@@ -14,6 +14,7 @@ Volumes are C-order ``(D, H, W)`` = (B-scan, row = axial depth, column = lateral
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -103,7 +104,23 @@ def encode_volume(volume: np.ndarray) -> bytes:
 def parse_npy_header(head: bytes) -> tuple[tuple[int, ...], np.dtype, bool, int]:
     """``(shape, dtype, fortran_order, data offset)`` from the first bytes of a ``.npy`` member (its header is
     short: the loader reads a few KiB, then the voxels straight into a batch). Raises ValueError."""
-    buf = io.BytesIO(head)
+    return _parse_npy_header(bytes(head[:_npy_header_length(head)]))
+
+
+def _npy_header_length(head: bytes) -> int:
+    """Bytes of the magic, version, length field and header dict, from the length field (NPY format 1.0 / 2.0)."""
+    if head[:6] == b"\x93NUMPY" and len(head) >= 12:
+        if head[6] == 1:
+            return 10 + int.from_bytes(head[8:10], "little")
+        if head[6] == 2:
+            return 12 + int.from_bytes(head[8:12], "little")
+    return len(head)  # not a header numpy writes: numpy's reader says what is wrong
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_npy_header(header: bytes) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    # Cached: a set's volumes share a few headers, and numpy parses each with ast.literal_eval (a compile per call).
+    buf = io.BytesIO(header)
     version = np.lib.format.read_magic(buf)
     if version not in ((1, 0), (2, 0)):
         raise ValueError(f"unsupported .npy format version {version}")
