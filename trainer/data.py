@@ -41,7 +41,6 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards import ContractError, read_index, shard_urls
-from shards.errors import OctjepaError
 from trainer import stages
 from trainer.host_split import (
     Shard,
@@ -51,6 +50,7 @@ from trainer.host_split import (
     worker_quota,
     worker_shards,
 )
+from trainer.stages import DataDamageError
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,6 @@ def to_model_input(volume: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
 
 
 # ---- the damage budget ----------------------------------------------------------------------------------------
-
-class DataDamageError(OctjepaError):
-    """More samples were dropped as damaged than ``data.max_skipped_fraction`` allows; the message names the shards."""
-
-    exit_code = 1
-
 
 class DamageBudget:
     """The damaged samples one pass may drop: ``fraction`` of the ``expected`` samples it reads. Charged with each

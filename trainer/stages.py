@@ -35,11 +35,19 @@ from shards import (
     iter_shard,
     storage,
 )
+from shards.errors import OctjepaError
 from trainer.augment import augment, crop_or_pad, draw_view
 from trainer.host_split import Shard, cycle_rounds, derive_seed
 
 log = logging.getLogger(__name__)
 _NPY_HEAD = 4096  # bytes read ahead of a volume's voxels: numpy writes headers of 64-128 bytes
+
+
+class DataDamageError(OctjepaError, RuntimeError):
+    """More samples were dropped as damaged than ``data.max_skipped_fraction`` allows, or a full pass over a
+    worker's shards found none intact; the message names the shards."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,8 @@ def shard_source(shards: list[Shard], *, seed: int, stream: tuple, shuffle: bool
             # Every sample of the previous pass has been read by now (stages pull one sample at a time, and
             # assemble reads a sample's voxels before it pulls the next).
             if counters.good == 0:
-                raise RuntimeError(f"no decodable sample in a full pass over shards {urls}; see the warnings above")
+                raise DataDamageError(f"no decodable sample in a full pass over shards {urls}; see the warnings "
+                                      f"above")
             counters.good, current = 0, round_no
         yield {"shard": shard}
 

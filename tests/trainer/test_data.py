@@ -221,8 +221,8 @@ def test_a_set_with_no_decodable_sample_raises_instead_of_hanging(tmp_path):
         samples = [{**s, "json": b"{}"} for s in shards.iter_shard(f)]
     with open(path, "wb") as f:
         shards.write_shard(f, samples)
-    with pytest.raises(RuntimeError, match="no decodable sample"):
-        _train(_cfg(root), index)
+    with pytest.raises(DataDamageError, match="no decodable sample"):  # an OctjepaError: one line, exit code 1
+        _train(_cfg(root, max_skipped_fraction=1.0), index)
 
 
 # ---- damage: checksums, shards held to the index, the budget ------------------------------------------------
