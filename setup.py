@@ -18,6 +18,7 @@ BASE = [
     "pylibjpeg-openjpeg==2.6.0",
     "pylibjpeg-libjpeg==2.5.0",
     "scipy==1.17.1",
+    "google-crc32c==1.9.0",
 ]
 BEAM = ["apache-beam[gcp]==2.77.0"]
 TRAIN = [

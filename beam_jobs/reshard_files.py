@@ -11,8 +11,11 @@ import tarfile
 import urllib.parse
 from typing import Any, Iterable, Mapping, Sequence
 
-from shards import (TARGET_SHARD_BYTES, ERRORS_NAME, INDEX_NAME, META_EXT, VOLUME_EXT, ContractError, build_index,
-                    remove_stale_shards, storage, validate_meta, write_index, write_shard_file)
+from shards import (TARGET_SHARD_BYTES, CHECKSUM_EXT, ERRORS_NAME, INDEX_NAME, MEMBER_EXTS, META_EXT, VOLUME_EXT,
+                    ContractError, build_index, read_checksums, remove_stale_shards, storage, validate_meta,
+                    write_index, write_shard_file)
+from shards.checksum import crc32c
+from shards.contract import check_crc
 from shards.verify import HashingReader
 
 _LOG = logging.getLogger(__name__)
@@ -21,7 +24,8 @@ CREATED_BY = "beam_jobs.reshard"
 
 @dataclasses.dataclass(frozen=True)
 class SampleRef:
-    """Where one sample's bytes are: the npy member by offset in its source shard, the small json member inline."""
+    """Where one sample's bytes are: the npy member by offset in its source shard, the small json and crc32c members
+    inline (the crc32c member is copied as it is, and checks the volume's bytes as they are copied)."""
     key: str
     domain: str
     split: str
@@ -30,6 +34,8 @@ class SampleRef:
     npy_offset: int
     npy_size: int
     meta: bytes
+    # scan_shard always fills it; the empty default (refs made by hand for dealing) fails every read_checksums.
+    checksums: bytes = b""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,21 +64,22 @@ def domain_dir(value: str) -> str:
 
 
 def _tar_members(url: str, fileobj: Any) -> dict[str, dict[str, Any]]:
-    """key -> {"npy": (data offset, size), "json": bytes}, reading only tar headers and the small json members."""
+    """key -> {"npy": (data offset, size), "json": bytes, "crc32c": bytes}, reading only tar headers and the small
+    members."""
     members: dict[str, dict[str, Any]] = {}
     # Random-access mode seeks over the volume bytes instead of streaming them through tarfile's buffers.
     with tarfile.open(fileobj=fileobj, mode="r:") as tar:
         for info in tar:
             key, dot, ext = info.name.partition(".")
-            if not info.isreg() or not dot or ext not in (VOLUME_EXT, META_EXT):
+            if not info.isreg() or not dot or ext not in MEMBER_EXTS:
                 raise ContractError(f"{url}: unexpected tar member {info.name!r}")
             record = members.setdefault(key, {})
             if ext in record:
                 raise ContractError(f"{url}: member {info.name!r} appears twice")
-            if ext == META_EXT:
-                record[ext] = tar.extractfile(info).read()
-            else:
+            if ext == VOLUME_EXT:
                 record[ext] = (info.offset_data, info.size)
+            else:
+                record[ext] = tar.extractfile(info).read()
     return members
 
 
@@ -98,9 +105,14 @@ def scan_shard(url: str, entry: Mapping[str, Any], split: str, by: str) -> list[
         raise ContractError(f"{url}: holds {len(members)} samples, its index says {entry['num_samples']}")
     refs = []
     for key, record in sorted(members.items()):
-        for ext in (VOLUME_EXT, META_EXT):
+        for ext in MEMBER_EXTS:
             if ext not in record:
                 raise ContractError(f"{url}: sample {key} has no {ext!r} member")
+        try:
+            crcs = read_checksums({"__key__": key, **record})
+            check_crc(key, META_EXT, crcs[META_EXT], crc32c(record[META_EXT]))
+        except ContractError as exc:
+            raise ContractError(f"{url}: source shard is corrupt: {exc}") from exc
         try:
             meta = json.loads(record[META_EXT])
         except ValueError as exc:
@@ -116,7 +128,8 @@ def scan_shard(url: str, entry: Mapping[str, Any], split: str, by: str) -> list[
         if not isinstance(value, str) or not value:
             raise ContractError(f"{url}: sample {key} has no value for field {by!r} ({value!r}); cannot group by it")
         offset, size = record[VOLUME_EXT]
-        refs.append(SampleRef(key, value, split, meta["device"], url, offset, size, record[META_EXT]))
+        refs.append(SampleRef(key, value, split, meta["device"], url, offset, size, record[META_EXT],
+                              record[CHECKSUM_EXT]))
     return refs
 
 
@@ -155,11 +168,18 @@ def deal(refs: Iterable[SampleRef], n_shards: int) -> list[list[SampleRef]]:
 
 
 def _read_volume_bytes(ref: SampleRef) -> bytes:
+    """The volume member's bytes, checked against its stored CRC32C as they are copied (a damaged source sample
+    fails the job, naming it, instead of being copied into a set that looks sound)."""
     fs, path = storage.get_fs(ref.url)
     data = fs.cat_file(path, start=ref.npy_offset, end=ref.npy_offset + ref.npy_size)
     if len(data) != ref.npy_size:
         raise ContractError(f"{ref.url}: sample {ref.key}: read {len(data)} of {ref.npy_size} volume bytes "
                             f"(the shard changed since it was scanned)")
+    try:
+        stored = read_checksums({"__key__": ref.key, CHECKSUM_EXT: ref.checksums})[VOLUME_EXT]
+        check_crc(ref.key, VOLUME_EXT, stored, crc32c(data))
+    except ContractError as exc:
+        raise ContractError(f"{ref.url}: source shard is corrupt: {exc}") from exc
     return data
 
 
@@ -167,7 +187,8 @@ def write_domain_shard(output: str, domain: str, split: str, number: int,
                        refs: Sequence[SampleRef]) -> dict[str, Any]:
     """Write one output shard from refs (already in key order); returns its index entry plus ``by_device``."""
     # A generator: one sample's volume bytes are read at a time, straight into the tar stream.
-    records = ({"__key__": r.key, VOLUME_EXT: _read_volume_bytes(r), META_EXT: r.meta} for r in refs)
+    records = ({"__key__": r.key, VOLUME_EXT: _read_volume_bytes(r), META_EXT: r.meta, CHECKSUM_EXT: r.checksums}
+               for r in refs)
     entry = write_shard_file(storage.join(output, domain_dir(domain)), split, number, records)
     by_device: dict[str, int] = {}
     for ref in refs:

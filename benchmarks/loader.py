@@ -7,10 +7,11 @@
 Printed, all from this run (CPU time per sample is the per-core cost; wall time is shown too, but on a shared
 machine it also counts waiting for a core):
   raw read     the shard tars' bytes read with plain 4 MiB reads (page cache warm, as for the loader)
-  loader       trainer.data.build_train_loader end to end: tar headers, contract check of metadata and .npy
-               header, crop/flip/jitter draws, voxels read from the shard straight into a random slot of the
-               open batches (the shuffle buffer), static batches with masks; batches stay uint8 (normalised and
-               flipped on the device). --workers N adds the worker processes and shared-memory batches.
+  loader       trainer.data.build_train_loader end to end: tar headers, each shard's size against its index,
+               CRC32C and contract check of metadata and .npy header, crop/flip/jitter draws, voxels read from
+               the shard straight into a random slot of the open batches (the shuffle buffer) and their CRC32C
+               checked there, static batches with masks; batches stay uint8 (normalised and flipped on the
+               device). --workers N adds the worker processes and shared-memory batches.
   cost ratio   loader / raw read, per sample                                                   (target <= 3)
   per-sample   the path the shards replace, every time a sample is used: decode one realistic JPEG 2000
                DICOM (beam_jobs.synth's Maestro2, 128x885x512) with beam_jobs.dicom.read_oct_dicom and
@@ -80,6 +81,17 @@ def bench_config(args: argparse.Namespace) -> dict:
     """Recorded in the set's index, so a --workdir set is reused only when it was made with the same options."""
     return {"benchmark": "loader", "samples": args.samples, "shape": list(args.shape),
             "samples_per_shard": args.samples_per_shard, "relist": args.relist}
+
+
+def reusable_set(root: str, config: dict) -> dict | None:
+    """The index of a --workdir set made with the same options in this shard format, else None (rewrite it)."""
+    if not os.path.exists(os.path.join(root, shards.INDEX_NAME)):
+        return None
+    try:
+        index = shards.read_index(root)
+    except shards.ContractError:  # an older shard format (a set written before checksums, say)
+        return None
+    return index if index["config"] == config else None
 
 
 def write_shard_set(root: str, n: int, shape: tuple[int, int, int], per_shard: int, config: dict,
@@ -239,10 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir or tempfile.mkdtemp(prefix="loader-bench-")
     root = os.path.join(work, "set")
     t0 = time.perf_counter()
-    reuse = os.path.exists(os.path.join(root, shards.INDEX_NAME)) and \
-        shards.read_index(root)["config"] == bench_config(args)
-    index = shards.read_index(root) if reuse else write_shard_set(root, args.samples, shape, args.samples_per_shard,
-                                                                   bench_config(args), args.relist)
+    index = reusable_set(root, bench_config(args))
+    reuse = index is not None
+    if index is None:
+        index = write_shard_set(root, args.samples, shape, args.samples_per_shard, bench_config(args), args.relist)
     urls = shards.shard_urls(root, index, "train")
     sample_bytes = int(np.prod(shape))
     made = "reused" if reuse else "written"

@@ -1,16 +1,20 @@
 """The writer<->reader contract for preprocessed OCT shards (see ``contract`` and ``shardset``)."""
 from shards.contract import (
     ALLOWED_DTYPES,
+    CHECKSUM_EXT,
     FORMAT_VERSION,
+    MEMBER_EXTS,
     META_EXT,
     META_FIELDS,
     SPLITS,
     VOLUME_EXT,
     ContractError,
+    VolumeCheck,
     decode_sample,
     decode_sample_header,
     encode_sample,
     make_key,
+    read_checksums,
     validate_meta,
     validate_sample,
 )
@@ -37,9 +41,11 @@ from shards.shardset import (
 
 __all__ = [
     "ALLOWED_DTYPES",
+    "CHECKSUM_EXT",
     "ERRORS_NAME",
     "FORMAT_VERSION",
     "INDEX_NAME",
+    "MEMBER_EXTS",
     "META_EXT",
     "META_FIELDS",
     "SPLITS",
@@ -47,6 +53,7 @@ __all__ = [
     "TAR_MTIME",
     "VOLUME_EXT",
     "ContractError",
+    "VolumeCheck",
     "MemberReader",
     "build_index",
     "decode_sample",
@@ -55,6 +62,7 @@ __all__ = [
     "encode_sample",
     "iter_shard",
     "make_key",
+    "read_checksums",
     "read_index",
     "remove_stale_shards",
     "sha256_of",

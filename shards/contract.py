@@ -1,25 +1,41 @@
 """The sample contract: what one preprocessed OCT volume is, on disk and in memory.
 
-A sample is a WebDataset record of two members, ``<key>.npy`` (the volume) and ``<key>.json`` (its metadata).
+A sample is a WebDataset record of three members: ``<key>.npy`` (the volume), ``<key>.json`` (its metadata) and
+``<key>.crc32c`` (the CRC32C of each of the other two members' bytes, as JSON: ``{"json": "1a2b3c4d", "npy":
+"..."}``, 8 lowercase hex digits each). ``encode_sample`` writes the checksums, so every writer (preprocess;
+reshard copies the three members' bytes) carries them, and every reader checks them: the ``.json`` member before
+its metadata is trusted, the ``.npy`` member over the bytes actually read (the loader checks the voxels in the
+batch slot it read them into). CRC32C, not sha256: hardware-accelerated, it checks a volume at memory speed, so the
+loader can afford it on every sample; ``index.json`` keeps a sha256 per shard for ``octjepa verify``. Format version
+2 added the checksums; readers refuse version 1 sets (re-run preprocess).
+
 Both the Beam writer and the trainer's reader import this module; nobody restates a member name or a dtype.
 Volumes are C-order ``(D, H, W)`` = (B-scan, row = axial depth, column = lateral), stored at the source bit depth.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from shards.checksum import crc32c
 from shards.errors import OctjepaError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every sample carries a CRC32C member
 VOLUME_EXT = "npy"
 META_EXT = "json"
+CHECKSUM_EXT = "crc32c"
+# A sample's members in the order they are written: the checksums first, so a streaming reader has them before
+# the bytes they check.
+MEMBER_EXTS = (CHECKSUM_EXT, META_EXT, VOLUME_EXT)
+CHECKED_EXTS = (META_EXT, VOLUME_EXT)
 ALLOWED_DTYPES = ("uint8", "uint16")
 SPLITS = ("train", "val", "test")
 
@@ -88,7 +104,23 @@ def encode_volume(volume: np.ndarray) -> bytes:
 def parse_npy_header(head: bytes) -> tuple[tuple[int, ...], np.dtype, bool, int]:
     """``(shape, dtype, fortran_order, data offset)`` from the first bytes of a ``.npy`` member (its header is
     short: the loader reads a few KiB, then the voxels straight into a batch). Raises ValueError."""
-    buf = io.BytesIO(head)
+    return _parse_npy_header(bytes(head[:_npy_header_length(head)]))
+
+
+def _npy_header_length(head: bytes) -> int:
+    """Bytes of the magic, version, length field and header dict, from the length field (NPY format 1.0 / 2.0)."""
+    if head[:6] == b"\x93NUMPY" and len(head) >= 12:
+        if head[6] == 1:
+            return 10 + int.from_bytes(head[8:10], "little")
+        if head[6] == 2:
+            return 12 + int.from_bytes(head[8:12], "little")
+    return len(head)  # not a header numpy writes: numpy's reader says what is wrong
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_npy_header(header: bytes) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    # Cached: a set's volumes share a few headers, and numpy parses each with ast.literal_eval (a compile per call).
+    buf = io.BytesIO(header)
     version = np.lib.format.read_magic(buf)
     if version not in ((1, 0), (2, 0)):
         raise ValueError(f"unsupported .npy format version {version}")
@@ -122,9 +154,7 @@ def validate_meta(meta: Mapping[str, Any]) -> None:
         if isinstance(value, bool) or not isinstance(value, kind):
             raise ContractError(f"sample {key}: field {name!r} should be {kind}, found {type(value).__name__} {value!r}")
     if meta["format_version"] != FORMAT_VERSION:
-        raise ContractError(
-            f"sample {key}: field 'format_version' is {meta['format_version']}, this code reads {FORMAT_VERSION}"
-        )
+        raise format_version_error(f"sample {key}: field 'format_version'", meta["format_version"])
     if meta["dtype"] not in ALLOWED_DTYPES:
         raise ContractError(f"sample {key}: field 'dtype' is {meta['dtype']!r}, expected one of {ALLOWED_DTYPES}")
     for name in ("shape", "source_shape", "source_spacing_mm", "target_spacing_mm", "crop_offsets"):
@@ -134,6 +164,15 @@ def validate_meta(meta: Mapping[str, Any]) -> None:
         raise ContractError(f"sample {key}: field 'fill_fraction' {meta['fill_fraction']} is outside [0, 1]")
     if meta["split"] not in SPLITS:
         raise ContractError(f"sample {key}: field 'split' is {meta['split']!r}, expected one of {SPLITS}")
+
+
+def format_version_error(where: str, found: Any) -> ContractError:
+    """The one message for data written in another shard format: what was found, what this code reads, what to do."""
+    advice = ""
+    if isinstance(found, int) and found < FORMAT_VERSION:
+        advice = ("; it predates per-sample CRC32C checksums: re-run `octjepa preprocess` (then `octjepa reshard`) "
+                  "to rewrite the set")
+    return ContractError(f"{where} is {found!r}, this code reads {FORMAT_VERSION}{advice}")
 
 
 def validate_sample(volume: np.ndarray, meta: Mapping[str, Any]) -> None:
@@ -151,20 +190,76 @@ def check_layout(meta: Mapping[str, Any], shape: tuple[int, ...], dtype: np.dtyp
         raise ContractError(f"sample {key}: field 'shape' says {meta['shape']}, volume is {list(shape)}")
 
 
+def encode_checksums(members: Mapping[str, Any]) -> bytes:
+    """The ``.crc32c`` member of a record whose ``.json`` and ``.npy`` members' bytes are in ``members``."""
+    return encode_meta({ext: f"{crc32c(members[ext]):08x}" for ext in CHECKED_EXTS})
+
+
+def read_checksums(sample: Mapping[str, Any]) -> dict[str, int]:
+    """``{"json": crc, "npy": crc}`` from a record's ``.crc32c`` member; ContractError naming the key if it is
+    missing or malformed (a malformed one is damage too: its sample cannot be checked, so it is not trusted)."""
+    key = sample.get("__key__", "<no key>")
+    if CHECKSUM_EXT not in sample:
+        raise ContractError(f"sample {key}: member {CHECKSUM_EXT!r} is missing (members: {sorted(sample)}); a set "
+                            f"written before format version 2 has none: re-run `octjepa preprocess`")
+    try:
+        stored = json.loads(sample[CHECKSUM_EXT])
+        crcs = {ext: int(stored[ext], 16) for ext in CHECKED_EXTS}
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+        raise ContractError(f"sample {key}: member {CHECKSUM_EXT!r} is damaged ({type(exc).__name__}: {exc})") from exc
+    if sorted(stored) != sorted(CHECKED_EXTS) or any(not 0 <= c < 2**32 for c in crcs.values()):
+        raise ContractError(f"sample {key}: member {CHECKSUM_EXT!r} is damaged: {sample[CHECKSUM_EXT][:80]!r}")
+    return crcs
+
+
+def check_crc(key: str, ext: str, stored: int, found: int) -> None:
+    if stored != found:
+        raise ContractError(f"sample {key}: member {ext!r} fails its CRC32C check (stored {stored:08x}, read "
+                            f"{found:08x}): its bytes changed after they were written")
+
+
+@dataclass(frozen=True)
+class VolumeCheck:
+    """The check of a volume whose voxels are read straight into place: the ``.npy`` member's stored CRC32C and the
+    CRC32C of its header bytes (the member's bytes before the voxels), to be continued over the voxels read."""
+    key: str
+    stored: int
+    header_crc: int
+
+    def verify(self, voxels: np.ndarray) -> None:
+        """Raise ContractError unless ``voxels`` (C-contiguous, as read from the member) complete the stored CRC."""
+        self.verify_running(crc32c(voxels, self.header_crc))
+
+    def verify_running(self, crc: int) -> None:
+        """Raise ContractError unless ``crc``, ``header_crc`` continued over the voxels as they were read (see
+        ``MemberReader.readinto``), is the stored CRC."""
+        check_crc(self.key, VOLUME_EXT, self.stored, crc)
+
+
 def encode_sample(volume: np.ndarray, meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Volume + metadata -> a WebDataset record ``{"__key__": key, "npy": bytes, "json": bytes}``."""
+    """Volume + metadata -> a WebDataset record ``{"__key__": key, "npy": bytes, "json": bytes, "crc32c": bytes}``."""
     validate_sample(volume, meta)
-    return {"__key__": meta["key"], VOLUME_EXT: encode_volume(volume), META_EXT: encode_meta(meta)}
+    record = {"__key__": meta["key"], VOLUME_EXT: encode_volume(volume), META_EXT: encode_meta(meta)}
+    record[CHECKSUM_EXT] = encode_checksums(record)
+    return record
 
 
-def decode_sample_header(sample: Mapping[str, Any], head: bytes, volume_size: int) -> tuple[dict[str, Any], int]:
-    """Validate a record before its voxels are read: ``sample`` holds the ``.json`` member's bytes, ``head`` the
-    first bytes of the ``.npy`` member (a few KiB hold its header) and ``volume_size`` that member's size. Returns
-    ``(meta, data offset)``: the C-order voxels of ``meta["shape"]``/``meta["dtype"]`` are the member's bytes from
-    the offset to its end."""
+def _check_meta_member(sample: Mapping[str, Any], crcs: Mapping[str, int]) -> None:
     key = sample.get("__key__", "<no key>")
     if META_EXT not in sample:
         raise ContractError(f"sample {key}: member {META_EXT!r} is missing (members: {sorted(sample)})")
+    check_crc(key, META_EXT, crcs[META_EXT], crc32c(sample[META_EXT]))
+
+
+def decode_sample_header(sample: Mapping[str, Any], head: bytes,
+                         volume_size: int) -> tuple[dict[str, Any], int, VolumeCheck]:
+    """Validate a record before its voxels are read: ``sample`` holds the ``.json`` and ``.crc32c`` members' bytes,
+    ``head`` the first bytes of the ``.npy`` member (a few KiB hold its header) and ``volume_size`` that member's
+    size. Returns ``(meta, data offset, check)``: the C-order voxels of ``meta["shape"]``/``meta["dtype"]`` are the
+    member's bytes from the offset to its end, and ``check.verify(voxels)`` checks them once read."""
+    key = sample.get("__key__", "<no key>")
+    crcs = read_checksums(sample)
+    _check_meta_member(sample, crcs)
     try:
         meta = json.loads(sample[META_EXT])
         shape, dtype, fortran_order, offset = parse_npy_header(head)
@@ -179,15 +274,18 @@ def decode_sample_header(sample: Mapping[str, Any], head: bytes, volume_size: in
     expected = offset + math.prod(shape) * dtype.itemsize
     if volume_size != expected:
         raise ContractError(f"sample {key}: the .npy member holds {volume_size} bytes, its header says {expected}")
-    return meta, offset
+    return meta, offset, VolumeCheck(key, crcs[VOLUME_EXT], crc32c(bytes(head[:offset])))
 
 
 def decode_sample(sample: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-    """A WebDataset record (member bytes keyed by extension) -> validated ``(volume (D, H, W), meta)``."""
+    """A WebDataset record (member bytes keyed by extension) -> validated ``(volume (D, H, W), meta)``, both members
+    checked against their stored CRC32C first."""
     key = sample.get("__key__", "<no key>")
-    for ext in (VOLUME_EXT, META_EXT):
-        if ext not in sample:
-            raise ContractError(f"sample {key}: member {ext!r} is missing (members: {sorted(sample)})")
+    crcs = read_checksums(sample)
+    _check_meta_member(sample, crcs)
+    if VOLUME_EXT not in sample:
+        raise ContractError(f"sample {key}: member {VOLUME_EXT!r} is missing (members: {sorted(sample)})")
+    check_crc(key, VOLUME_EXT, crcs[VOLUME_EXT], crc32c(sample[VOLUME_EXT]))
     try:
         meta = json.loads(sample[META_EXT])
         volume = decode_volume(sample[VOLUME_EXT])

@@ -1,4 +1,5 @@
-"""Check every shard of a set against its index: sha256, byte size, sample counts, decodable samples, format version.
+"""Check every shard of a set against its index (sha256, byte size, sample counts, format version) and every sample
+against its contract and its CRC32C (a failing sample is reported by key).
 
     octjepa verify O                 # a shard set written by preprocess (O/index.json)
     octjepa verify O2                # a re-sharded root: verifies every domain set O2/<domain>/
@@ -20,7 +21,7 @@ import sys
 from typing import Any, Mapping
 
 from shards import storage
-from shards.contract import FORMAT_VERSION, ContractError, decode_sample
+from shards.contract import FORMAT_VERSION, ContractError, decode_sample, format_version_error
 from shards.shardset import INDEX_NAME, iter_shard, read_index
 
 ROOT_INDEX_KIND = "octjepa-reshard-root"
@@ -49,8 +50,7 @@ def validate_root_index(index: Mapping[str, Any], *, where: str) -> None:
     if index.get("kind") != ROOT_INDEX_KIND:
         raise ContractError(f"{where}: index field 'kind' is {index.get('kind')!r}, expected {ROOT_INDEX_KIND!r}")
     if index.get("format_version") != FORMAT_VERSION:
-        raise ContractError(f"{where}: index field 'format_version' is {index.get('format_version')!r}, "
-                            f"this code reads {FORMAT_VERSION}")
+        raise format_version_error(f"{where}: index field 'format_version'", index.get("format_version"))
     for field in ("by", "config", "domains"):
         if field not in index:
             raise ContractError(f"{where}: root index is missing field {field!r}")

@@ -9,12 +9,19 @@
 
 Each loader worker runs a webdataset pipeline of small stages (``trainer.stages``):
 shard source (explicit host/worker split, cycled) -> open + tar read (``shards.storage.open_url``: fsspec, gcsfs
-with retries, opened inside the worker) -> contract check of metadata and ``.npy`` header (failures logged with
-their key, counted, skipped) -> [per-device buffers when domains are balanced] -> draw crop, flip and jitter,
-read the voxels straight into a random slot of a few open batches (the shuffle buffer) -> static batches with
-masks; the flip and the normalisation are applied on the accelerator by ``to_model_input``. The source stage is
-ours, not ``wds.WebDataset``'s ``split_by_node``/``split_by_worker``: those read torch.distributed's rank, which
-TPU hosts do not set.
+with retries, opened inside the worker; each shard held to its index entry's byte size and sample count) ->
+contract check of the CRC32C-checked metadata and the ``.npy`` header -> [per-device buffers when domains are
+balanced] -> draw crop, flip and jitter, read the voxels straight into a random slot of a few open batches (the
+shuffle buffer) and check their CRC32C there -> static batches with masks; the flip and the normalisation are
+applied on the accelerator by ``to_model_input``. The source stage is ours, not ``wds.WebDataset``'s
+``split_by_node``/``split_by_worker``: those read torch.distributed's rank, which TPU hosts do not set.
+
+Damage is never trained on: a sample that fails a check is dropped, logged with its shard and key, and counted by
+the samples lost (a shard that ends early loses the samples its index lists and it did not hold); each batch
+carries the count (``skipped``, which reaches the metrics) and the ``Drop`` records. Where the batches arrive,
+``Batches`` charges them to the pass's budget, ``data.max_skipped_fraction`` of the samples the pass reads on this
+host, and stops the run with ``DataDamageError`` (one line naming the shards, exit code 1) once a pass is over it.
+Each host checks its own share against its own budget (no collective: the budget is not agreed across hosts).
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ from trainer.host_split import (
     worker_quota,
     worker_shards,
 )
+from trainer.stages import DataDamageError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,8 @@ class DataConfig:
     flip_lateral: bool = True
     intensity_jitter: float = 0.1  # relative scale and (z-unit) shift jitter, folded into (scale, shift)
     val_batches: int = 4  # static number of val batches per evaluation, on every host
+    # Damaged samples a pass may drop, as a fraction of the samples it reads on a host; over it the run stops.
+    max_skipped_fraction: float = 0.001
 
     def __post_init__(self) -> None:
         self.crop_shape = tuple(self.crop_shape)
@@ -67,6 +77,8 @@ class DataConfig:
         for name, low in (("shuffle_buffer", 1), ("num_workers", 0), ("val_batches", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"data.{name} must be >= {low}, got {getattr(self, name)}")
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise ValueError(f"data.max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}")
         if not 0.0 <= self.intensity_jitter < 1.0:
             raise ValueError(f"data.intensity_jitter must be in [0, 1), got {self.intensity_jitter}")
         bad = {d: w for d, w in self.domain_weights.items() if not w >= 0}
@@ -97,6 +109,45 @@ def to_model_input(volume: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
     if flip is None:
         return x
     return torch.where(flip.view(view), x.flip(-1), x)
+
+
+# ---- the damage budget ----------------------------------------------------------------------------------------
+
+class DamageBudget:
+    """The damaged samples one pass may drop: ``fraction`` of the ``expected`` samples it reads. Charged with each
+    batch's drops, in the process that receives the batches, it raises as soon as the pass is over budget (so
+    ``fraction=0`` stops at the first damaged sample): the pass's total only grows, so waiting for its end would only
+    train on more of a damaged set. A damaged sample met again (a worker cycles its shards, or two workers share
+    one) counts once."""
+
+    def __init__(self, fraction: float, expected: int, what: str) -> None:
+        self.fraction, self.expected, self.what = fraction, expected, what
+        self.damaged: dict[tuple[str, str], int] = {}  # (shard, key) -> samples
+
+    @property
+    def samples(self) -> int:
+        return sum(self.damaged.values())
+
+    def charge(self, dropped: Sequence[stages.Drop]) -> None:
+        for drop in dropped:
+            self.damaged[(drop.shard, drop.key)] = drop.samples
+        if self.samples > self.fraction * self.expected:
+            raise DataDamageError(
+                f"{self.what}: {self.samples} damaged sample(s) dropped, over data.max_skipped_fraction="
+                f"{self.fraction:g} of its {self.expected} samples; damaged shards (samples dropped): "
+                f"{self._by_shard()}. The warnings above name each sample; `octjepa verify` checks the whole set. "
+                f"Re-run preprocess to repair it, or raise data.max_skipped_fraction to train without them")
+
+    def _by_shard(self) -> str:
+        counts: dict[str, int] = {}
+        for (shard, _), n in self.damaged.items():
+            counts[shard] = counts.get(shard, 0) + n
+        return ", ".join(f"{shard} ({n})" for shard, n in sorted(counts.items()))
+
+    def report(self) -> None:
+        if self.damaged:
+            log.warning("%s: %d damaged sample(s) dropped, within data.max_skipped_fraction=%g of %d: %s",
+                        self.what, self.samples, self.fraction, self.expected, self._by_shard())
 
 
 # ---- the per-worker dataset and the host-level loader ------------------------------------------------------------
@@ -193,12 +244,17 @@ class Batches:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict]:
+        plan = self.dataset.plan
+        budget = DamageBudget(plan.cfg.max_skipped_fraction, plan.num_batches * plan.batch_size,
+                              what=f"{'training epoch' if plan.train else 'validation'} {plan.stream}")
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=2 if self.num_workers else None)
         count = 0
         for batch in loader:
+            budget.charge(batch["dropped"])  # here, in the one process that sees every worker's batches
             count += 1
             yield batch
+        budget.report()
         if count != self.num_batches:
             # A host that runs fewer steps than the others hangs the pod at the next collective.
             raise RuntimeError(f"loader produced {count} batches, expected exactly {self.num_batches}")
@@ -214,10 +270,11 @@ def _split_entry(index: dict, split: str) -> dict:
 
 
 def split_shards(root: str, index: dict, split: str) -> list[Shard]:
-    """The split's shards (URL + sample count) in index order."""
+    """The split's shards (URL, sample count, byte size) in index order."""
     entry = _split_entry(index, split)
     urls = shard_urls(root, index, split)
-    return [Shard(url, s["num_samples"]) for url, s in zip(urls, entry["shards"]) if s["num_samples"] > 0]
+    return [Shard(url, s["num_samples"], s["bytes"])
+            for url, s in zip(urls, entry["shards"]) if s["num_samples"] > 0]
 
 
 def check_domain_weights(weights: dict[str, float], index: dict, split: str) -> None:
@@ -275,15 +332,22 @@ def build_val_loader(cfg: DataConfig, *, index: dict, batch_size: int, masks: An
     return Batches(_WorkerStream(plan, masks), cfg.val_batches, num_workers=0)
 
 
-def iter_eval_batches(root: str, split: str, crop_shape: Sequence[int], batch_size: int) -> Iterator[dict]:
-    """Every decodable sample of ``split`` once, in index order: centre crop, no augmentation, no masks, and the last
-    partial batch kept. Dicts hold ``volume`` (B, 1, D, H, W), ``scale``, ``shift``, ``keys`` and ``meta``."""
+def iter_eval_batches(root: str, split: str, crop_shape: Sequence[int], batch_size: int, *,
+                      max_skipped_fraction: float = DataConfig.max_skipped_fraction) -> Iterator[dict]:
+    """Every sample of ``split`` that passes its checks once, in index order: centre crop, no augmentation, no
+    masks, and the last partial batch kept. Dicts hold ``volume`` (B, 1, D, H, W), ``scale``, ``shift``, ``keys``
+    and ``meta``. Damaged samples are dropped and logged; more than ``max_skipped_fraction`` of the split's samples
+    raises ``DataDamageError``, as in training."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     index = read_index(root)
     counters = stages.Counters()
-    sources = ({"url": s.url} for s in split_shards(root, index, split))
+    budget = DamageBudget(max_skipped_fraction, _split_entry(index, split)["num_samples"], f"{root} split {split!r}")
+    sources = ({"shard": s} for s in split_shards(root, index, split))
     opened = stages.open_samples(stages.read_shards(sources, counters=counters), counters=counters)  # in memory
     samples = stages.augment_all(opened, crop=tuple(crop_shape), rng=None, flip=False, jitter=0.0)
     while group := list(islice(samples, batch_size)):
+        budget.charge(counters.take()[1])
         yield {**stages.collate(group), "meta": [g["meta"] for g in group]}
+    budget.charge(counters.take()[1])  # the last shard's end is checked after its last sample
+    budget.report()

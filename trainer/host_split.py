@@ -17,8 +17,10 @@ from shards import stable_hash
 
 @dataclass(frozen=True)
 class Shard:
+    """A shard as ``index.json`` lists it: the loader checks the file against its size and sample count."""
     url: str
     num_samples: int
+    bytes: int
 
 
 def derive_seed(*parts: object) -> int:

@@ -35,6 +35,7 @@ from shards import (
     iter_shard,
     storage,
 )
+from shards.errors import OctjepaError
 from trainer.augment import augment, crop_or_pad, draw_view
 from trainer.host_split import Shard, cycle_rounds, derive_seed
 
@@ -42,10 +43,48 @@ log = logging.getLogger(__name__)
 _NPY_HEAD = 4096  # bytes read ahead of a volume's voxels: numpy writes headers of 64-128 bytes
 
 
+class DataDamageError(OctjepaError, RuntimeError):
+    """More samples were dropped as damaged than ``data.max_skipped_fraction`` allows, or a full pass over a
+    worker's shards found none intact; the message names the shards."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Samples dropped as damaged, reported with the next batch (host-side, never sent to the device)."""
+    shard: str
+    key: str  # the sample's key; for samples a shard does not hold, which ones ("3 sample(s) after <key>")
+    samples: int
+    reason: str
+
+
 @dataclass
 class Counters:
-    skipped: int = 0  # samples (or unreadable shard tails) skipped since the last batch
+    skipped: int = 0  # samples dropped since the last batch
     good: int = 0  # samples whose voxels were read in the current pass over the worker's shards
+    dropped: list[Drop] = field(default_factory=list)  # what was dropped since the last batch
+
+    def drop(self, shard: str | None, key: str | None, reason: str) -> None:
+        """One sample that failed a check."""
+        reason = reason.removeprefix(f"sample {key}: ")  # contract errors start with it; the record has the key
+        self._add(Drop(str(shard), str(key), 1, reason), f"sample {key}")
+
+    def lose(self, shard: str, count: int, after: str | None, reason: str) -> None:
+        """``count`` samples the index lists that the shard did not yield (their keys are unknown)."""
+        what = f"{count} sample(s) after {after or 'its start'}"
+        self._add(Drop(shard, what, count, reason), what)
+
+    def _add(self, drop: Drop, what: str) -> None:
+        self.skipped += drop.samples
+        self.dropped.append(drop)
+        log.warning("shard %s: dropped %s: %s", drop.shard, what, drop.reason)
+
+    def take(self) -> tuple[int, list[Drop]]:
+        """The drops since the last call, for the next batch."""
+        out = self.skipped, self.dropped
+        self.skipped, self.dropped = 0, []
+        return out
 
 
 def shard_source(shards: list[Shard], *, seed: int, stream: tuple, shuffle: bool, counters: Counters):
@@ -56,35 +95,48 @@ def shard_source(shards: list[Shard], *, seed: int, stream: tuple, shuffle: bool
             # Every sample of the previous pass has been read by now (stages pull one sample at a time, and
             # assemble reads a sample's voxels before it pulls the next).
             if counters.good == 0:
-                raise RuntimeError(f"no decodable sample in a full pass over shards {urls}; see the warnings above")
+                raise DataDamageError(f"no decodable sample in a full pass over shards {urls}; see the warnings "
+                                      f"above")
             counters.good, current = 0, round_no
-        yield {"url": shard.url}
+        yield {"shard": shard}
 
 
 def read_shards(source: Iterable[dict], *, counters: Counters, defer_volumes: bool = False) -> Iterator[dict]:
-    """Encoded samples of each shard. With ``defer_volumes``, a seekable shard's ``.npy`` members come as
-    ``MemberReader``s, valid until the next shard is opened: the consumer reads each before pulling the next."""
+    """Encoded samples of each shard (``source`` items hold a ``Shard``), the shard held to its index entry: a file
+    of another byte size is reported, samples past the index's count are dropped, and a shard that ends early
+    (truncated, even exactly between two members, or unreadable from some member on) counts the samples it did
+    not yield as dropped. With ``defer_volumes``, a seekable shard's ``.npy`` members come as ``MemberReader``s,
+    valid until the next shard is opened: the consumer reads each before pulling the next."""
     defer = (VOLUME_EXT,) if defer_volumes else ()
     for item in source:
-        url = item["url"]
+        shard: Shard = item["shard"]
+        seen, last, failure = 0, None, ""
         try:
             # Opened here, in the worker process: a gcsfs instance is not fork-safe.
-            with storage.open_url(url, "rb") as f:
-                for sample in iter_shard(f, name=url, defer=defer):
-                    yield {**sample, "__url__": url}
-        except ContractError as exc:
-            counters.skipped += 1
-            log.warning("skipping the rest of shard %s: %s", url, exc)
-
-
-def _skip(counters: Counters, key: str | None, url: str | None, exc: Exception) -> None:
-    counters.skipped += 1
-    log.warning("skipping sample %s from %s: %s", key, url, exc)
+            with storage.open_url(shard.url, "rb") as f:
+                size = f.seek(0, 2)  # the size the file system already knows: no read
+                f.seek(0)
+                if size != shard.bytes:
+                    failure = f" (the file holds {size} bytes, its index says {shard.bytes})"
+                    log.warning("shard %s holds %d bytes, its index says %d: reading it sample by sample", shard.url,
+                                size, shard.bytes)
+                for sample in iter_shard(f, name=shard.url, defer=defer):
+                    seen, last = seen + 1, sample["__key__"]
+                    if seen > shard.num_samples:
+                        counters.drop(shard.url, last, f"past the {shard.num_samples} samples the index lists")
+                        continue
+                    yield {**sample, "__url__": shard.url}
+        except (ContractError, OSError) as exc:
+            failure = f": {exc}"
+        if seen < shard.num_samples:
+            counters.lose(shard.url, shard.num_samples - seen, last,
+                          f"the shard ends after {seen} of the {shard.num_samples} samples its index lists{failure}")
 
 
 def open_samples(samples: Iterable[dict], *, counters: Counters) -> Iterator[dict]:
-    """Validate each sample from its metadata and ``.npy`` header; a deferred volume stays unread (``member`` and
-    ``offset`` of its voxels), an in-memory one is decoded (``volume``)."""
+    """Validate each sample from its checksummed metadata and its ``.npy`` header; a deferred volume stays unread
+    (``member`` and ``offset`` of its voxels, ``check`` for them once read), an in-memory one is decoded and
+    checked (``volume``). A sample that fails is dropped, logged with its shard and key."""
     for sample in samples:
         member = sample.get(VOLUME_EXT)
         try:
@@ -93,17 +145,23 @@ def open_samples(samples: Iterable[dict], *, counters: Counters) -> Iterator[dic
                 counters.good += 1
                 yield {"volume": volume, "meta": meta}
                 continue
-            meta, offset = decode_sample_header(sample, member.read(0, _NPY_HEAD), member.size)
+            meta, offset, check = decode_sample_header(sample, member.read(0, _NPY_HEAD), member.size)
         except ContractError as exc:
-            _skip(counters, sample.get("__key__"), sample.get("__url__"), exc)
+            counters.drop(sample.get("__url__"), sample.get("__key__"), str(exc))
             continue
-        yield {"member": member, "offset": offset, "meta": meta, "__url__": sample.get("__url__")}
+        yield {"member": member, "offset": offset, "meta": meta, "check": check, "__url__": sample.get("__url__")}
+
+
+def _read_checked(item: dict, dest: np.ndarray, fileobj: Any = None) -> None:
+    """Read a deferred volume's voxels into ``dest``, checksummed on the way; ContractError if they fail."""
+    check = item["check"]
+    check.verify_running(item["member"].readinto(dest, offset=item["offset"], fileobj=fileobj, crc=check.header_crc))
 
 
 def _read_volume(item: dict, fileobj: Any = None) -> np.ndarray:
     meta = item["meta"]
     volume = np.empty(meta["shape"], dtype=meta["dtype"])
-    item["member"].readinto(volume, offset=item["offset"], fileobj=fileobj)
+    _read_checked(item, volume, fileobj)
     return volume
 
 
@@ -114,7 +172,7 @@ def materialize(items: Iterable[dict], *, counters: Counters) -> Iterator[dict]:
             try:
                 item = {"volume": _read_volume(item), "meta": item["meta"]}
             except ContractError as exc:
-                _skip(counters, item["meta"]["key"], item.get("__url__"), exc)
+                counters.drop(item.get("__url__"), item["meta"]["key"], str(exc))
                 continue
             counters.good += 1
         yield item
@@ -191,10 +249,11 @@ class _OpenBatch:
 
 
 def _fill(item: dict, dest: np.ndarray, starts: tuple[int, ...], fileobj: Any = None) -> None:
-    """Write one sample's training view into its batch slot ``dest`` (D, H, W)."""
+    """Write one sample's training view into its batch slot ``dest`` (D, H, W); ContractError if the voxels read
+    fail their checksum (the slot is then free to be filled again)."""
     meta = item["meta"]
     if "member" in item and tuple(meta["shape"]) == dest.shape:
-        item["member"].readinto(dest, offset=item["offset"], fileobj=fileobj)  # the only copy of the voxels
+        _read_checked(item, dest, fileobj)  # the only copy of the voxels, checked in the slot before it counts
         return
     volume = item["volume"] if "volume" in item else _read_volume(item, fileobj)
     np.copyto(dest, crop_or_pad(volume, dest.shape, starts))
@@ -215,14 +274,14 @@ def _read_unread(open_batches: Iterable[_OpenBatch], counters: Counters) -> None
                     try:
                         _fill(item, batch.volume.numpy()[slot, 0], starts, fileobj=f)
                     except ContractError as exc:
-                        _skip(counters, item["meta"]["key"], url, exc)
+                        counters.drop(url, item["meta"]["key"], str(exc))
                         batch.free.append(slot)
                         batch.fields[slot] = None
         except OSError as exc:  # the shard cannot be opened again: every slot still unread from it is freed
             for _, _, slot, batch, _ in group:
                 if slot in batch.unread:
                     item = batch.unread.pop(slot)[0]
-                    _skip(counters, item["meta"]["key"], url, exc)
+                    counters.drop(url, item["meta"]["key"], f"the shard cannot be opened again: {exc}")
                     batch.free.append(slot)
                     batch.fields[slot] = None
 
@@ -234,13 +293,15 @@ def assemble(items: Iterable[dict], *, crop: Sequence[int], batch_size: int, ope
     batches (``slot_rng=None``: slots in arrival order, one batch at a time), its view drawn by ``view_rng``.
 
     Yields ``volume`` (B, 1, *crop) uint8/uint16, ``scale``, ``shift``, ``flip``, ``keys``, ``masks`` (one
-    [(context, target)] list per batch, seeded by ``mask_seed`` and the batch number) and ``skipped`` (samples
-    skipped since the previous batch). Never a partial batch.
+    [(context, target)] list per batch, seeded by ``mask_seed`` and the batch number), ``skipped`` (samples
+    dropped as damaged since the previous batch) and ``dropped`` (``Drop`` records of those, host-side). Never a
+    partial batch.
 
     ``skip_batches``: the first batches are composed but not yielded, and their voxels are not read (mid-epoch
     resume): every random draw happens as in the full stream, so the batches that follow are the same. Slots still
-    open when skipping ends are read then. (A sample whose voxels would have failed to read while skipping is not
-    noticed, so only a set with unreadable volumes can make the two streams differ.)
+    open when skipping ends are read (and checked) then. (A sample whose voxels would have failed to read or
+    failed their checksum while skipping is not noticed, so only a set with damaged volumes can make the two
+    streams differ; damaged metadata is caught while skipping too.)
     """
     crop = tuple(crop)
     pending: dict[str, list[_OpenBatch]] = {}  # dtype -> open batches of that dtype
@@ -268,7 +329,7 @@ def assemble(items: Iterable[dict], *, crop: Sequence[int], batch_size: int, ope
             try:
                 _fill(item, batch.volume.numpy()[slot, 0], starts)
             except ContractError as exc:
-                _skip(counters, meta["key"], item.get("__url__"), exc)
+                counters.drop(item.get("__url__"), meta["key"], str(exc))
                 continue
         if "member" in item:
             counters.good += 1
@@ -283,12 +344,13 @@ def assemble(items: Iterable[dict], *, crop: Sequence[int], batch_size: int, ope
                 _read_unread((b for group in pending.values() for b in group), counters)
             continue
         generator = torch.Generator().manual_seed(derive_seed("masks", *mask_seed, number))
+        skipped, dropped = counters.take()
         yield {
             **batch.finish(),
             "masks": masks(batch_size, generator) if masks is not None else [],
-            "skipped": torch.tensor(counters.skipped, dtype=torch.int64),
+            "skipped": torch.tensor(skipped, dtype=torch.int64),
+            "dropped": dropped,
         }
-        counters.skipped = 0
         number += 1
 
 

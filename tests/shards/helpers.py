@@ -52,6 +52,14 @@ def fake_meta(device: str, participant: int, eye: str, shape: Sequence[int], spl
     }
 
 
+def rewritten(record: dict[str, Any], **members: bytes) -> dict[str, Any]:
+    """``record`` with ``members`` replaced and its checksums made to match, as a writer would have written it (a
+    record changed without new checksums is damage, which is what the checksum tests make)."""
+    out = {**record, **members}
+    out[shards.CHECKSUM_EXT] = shards.contract.encode_checksums(out)
+    return out
+
+
 def make_shard_set(
     root: str,
     *,

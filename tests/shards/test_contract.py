@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 import json
 
+import google_crc32c
 import numpy as np
 import pytest
 import webdataset as wds
 
 import shards
-from tests.shards.helpers import fake_meta, make_shard_set
+from shards import checksum
+from tests.shards.helpers import fake_meta, make_shard_set, rewritten
 
 
 def _sample(shape=(3, 5, 7), dtype=np.uint8, seed=0):
@@ -101,11 +104,11 @@ def test_decode_refuses_a_member_that_is_missing_or_a_key_that_disagrees():
     record = shards.encode_sample(volume, meta)
     with pytest.raises(shards.ContractError, match=f"{meta['key']}.*'npy' is missing"):
         shards.decode_sample({k: v for k, v in record.items() if k != "npy"})
-    other = dict(record, json=json.dumps(dict(meta, key="someone_else")).encode())
+    other = rewritten(record, json=json.dumps(dict(meta, key="someone_else")).encode())
     with pytest.raises(shards.ContractError, match="field 'key'"):
         shards.decode_sample(other)
     with pytest.raises(shards.ContractError, match=f"{meta['key']}.*undecodable"):
-        shards.decode_sample(dict(record, npy=b"not an npy file"))
+        shards.decode_sample(rewritten(record, npy=b"not an npy file"))
 
 
 # ---------------------------------------------------------------------------------------------- keys
@@ -176,8 +179,9 @@ def test_decode_sample_header_checks_metadata_against_the_npy_header_and_member_
     volume, meta = _sample()
     record = shards.encode_sample(volume, meta)
     data = record["npy"]
-    got, offset = shards.decode_sample_header(record, data[:4096], len(data))
+    got, offset, check = shards.decode_sample_header(record, data[:4096], len(data))
     assert got == meta and data[offset:] == volume.tobytes()
+    check.verify(volume)
     with pytest.raises(shards.ContractError, match=f"{meta['key']}.*holds {len(data) - 1} bytes"):
         shards.decode_sample_header(record, data[:4096], len(data) - 1)
     wide = shards.encode_sample(volume.astype(np.uint16), {**meta, "dtype": "uint16"})["npy"]
@@ -185,3 +189,69 @@ def test_decode_sample_header_checks_metadata_against_the_npy_header_and_member_
         shards.decode_sample_header(record, wide[:4096], len(wide))
     with pytest.raises(shards.ContractError, match="field 'key'"):
         shards.decode_sample_header({**record, "__key__": "other"}, data[:4096], len(data))
+
+
+# ---------------------------------------------------------------------------------------------- checksums
+def _flip(data: bytes, at: int) -> bytes:
+    out = bytearray(data)
+    out[at] ^= 0x01
+    return bytes(out)
+
+
+def test_every_record_carries_the_crc32c_of_its_members_and_decode_checks_them():
+    volume, meta = _sample()
+    record = shards.encode_sample(volume, meta)
+    assert set(record) == {"__key__", *shards.MEMBER_EXTS}
+    crcs = shards.read_checksums(record)
+    assert crcs == {"json": google_crc32c.value(record["json"]), "npy": google_crc32c.value(record["npy"])}
+    metadata_digit = record["json"].replace(b'"intensity_mean":127.5', b'"intensity_mean":128.5')
+    assert json.loads(metadata_digit) == {**meta, "intensity_mean": 128.5}  # one digit, still valid metadata
+    voxel = len(record["npy"]) - 1
+    for damaged, member in ((dict(record, json=metadata_digit), "json"),
+                            (dict(record, npy=_flip(record["npy"], voxel)), "npy")):
+        with pytest.raises(shards.ContractError, match=f"{meta['key']}: member '{member}' fails its CRC32C check"):
+            shards.decode_sample(damaged)
+
+
+def test_a_record_without_valid_checksums_is_refused_naming_the_member():
+    volume, meta = _sample()
+    record = shards.encode_sample(volume, meta)
+    without = {k: v for k, v in record.items() if k != shards.CHECKSUM_EXT}
+    with pytest.raises(shards.ContractError, match=f"{meta['key']}: member 'crc32c' is missing.*re-run"):
+        shards.decode_sample(without)
+    for bad in (b"{}", b'{"json": "zz", "npy": "00"}', b"not json", b'{"json": "1", "npy": "2", "x": "3"}'):
+        with pytest.raises(shards.ContractError, match="member 'crc32c' is damaged"):
+            shards.decode_sample(dict(record, crc32c=bad))
+    with pytest.raises(shards.ContractError, match=f"{meta['key']}.*without member.*crc32c"):
+        shards.write_shard(io.BytesIO(), [without])
+
+
+def test_voxels_read_into_place_are_checked_against_the_stored_crc():
+    volume, meta = _sample(dtype=np.uint16)
+    record = shards.encode_sample(volume, meta)
+    _, offset, check = shards.decode_sample_header(record, record["npy"][:4096], len(record["npy"]))
+    slot = np.zeros((2, *volume.shape), dtype=volume.dtype)[1]  # a batch slot: a view into a larger buffer
+    slot[...] = volume
+    check.verify(slot)
+    slot[1, 2, 3] ^= 1
+    with pytest.raises(shards.ContractError, match=f"{meta['key']}: member 'npy' fails its CRC32C check"):
+        check.verify(slot)
+
+
+def test_crc32c_checks_any_buffer_in_place_with_googles_c_implementation():
+    assert checksum.IMPLEMENTATION == "c" and checksum._EXTEND is not None  # no copy per volume
+    array = np.random.default_rng(0).integers(0, 2**16, size=(3, 4, 5), dtype=np.uint16)
+    for buffer in (array, array[1], bytearray(array.tobytes()), memoryview(array.tobytes())):
+        assert checksum.crc32c(buffer) == google_crc32c.value(bytes(memoryview(buffer).cast("B")))
+    assert checksum.crc32c(b"world", checksum.crc32c(b"hello ")) == google_crc32c.value(b"hello world")
+    with pytest.raises(ValueError, match="C-contiguous"):
+        checksum.crc32c(array[:, ::2])
+
+
+def test_a_set_of_the_previous_format_version_is_refused_with_what_to_do(tmp_path):
+    root = tmp_path / "set"
+    index = _index(tmp_path)
+    (root / shards.INDEX_NAME).write_bytes(shards.encode_index({**index, "format_version": 1}))
+    with pytest.raises(shards.ContractError, match=r"format_version' is 1, this code reads 2.*re-run `octjepa "
+                                                   r"preprocess`"):
+        shards.read_index(str(root))

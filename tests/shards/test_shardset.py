@@ -53,17 +53,50 @@ def test_deferred_volume_members_read_straight_into_a_buffer_and_name_a_truncati
         (sample,) = shards.iter_shard(f, name=str(path), defer=("npy",))
         member = sample["npy"]
         assert isinstance(member, shards.MemberReader) and isinstance(sample["json"], bytes)
-        got, offset = shards.decode_sample_header(sample, member.read(0, 4096), member.size)
+        got, offset, check = shards.decode_sample_header(sample, member.read(0, 4096), member.size)
         assert got == meta
         out = np.empty_like(volume)
         member.readinto(out, offset=offset)
         assert np.array_equal(out, volume)
+        check.verify(out)
     with tarfile.open(path) as tar:
         start = tar.getmember(f"{meta['key']}.npy").offset_data
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:  # unbuffered: no bytes of the member cached before it shrinks
         samples = shards.iter_shard(f, name=str(path), defer=("npy",))
         sample = next(samples)
         with open(path, "r+b") as w:  # the file shrinks under the reader (tarfile itself catches a short file
             w.truncate(start + offset + 100)  # at the next header): only 100 voxels are left
         with pytest.raises(shards.ContractError, match=r"one\.tar.*\.npy.*truncated \(100 of 192 bytes"):
             sample["npy"].readinto(np.empty_like(volume), offset=offset)
+
+
+def test_a_checksummed_read_returns_the_members_crc_across_chunks(tmp_path):
+    volume = np.random.default_rng(0).integers(0, 2**16, size=(5, 300, 400), dtype=np.uint16)  # 1.1 chunks
+    meta = {**fake_meta("topcon_triton", 1, "L", volume.shape, "train"), "dtype": "uint16"}
+    record = shards.encode_sample(volume, meta)
+    path = tmp_path / "one.tar"
+    with open(path, "wb") as f:
+        shards.write_shard(f, [record])
+    with open(path, "rb") as f:
+        (sample,) = shards.iter_shard(f, name=str(path), defer=("npy",))
+        member = sample["npy"]
+        _, offset, check = shards.decode_sample_header(sample, member.read(0, 4096), member.size)
+        out = np.empty_like(volume)
+        crc = member.readinto(out, offset=offset, crc=check.header_crc)
+        assert crc == shards.read_checksums(record)["npy"] and np.array_equal(out, volume)
+        check.verify_running(crc)
+        assert member.readinto(out, offset=offset) is None  # no checksum asked, none computed
+    with pytest.raises(shards.ContractError, match="'npy' fails its CRC32C check"):
+        check.verify_running(crc ^ 1)
+
+
+def test_members_carry_no_per_member_pax_header(tmp_path):
+    _, samples = make_shard_set(str(tmp_path / "set"), per_device=2, devices=("topcon_triton",))
+    buf = io.BytesIO()
+    shards.write_shard(buf, samples.values())
+    buf.seek(0)
+    with tarfile.open(fileobj=buf) as tar:
+        members = tar.getmembers()
+    assert len(members) == 3 * len(samples) and all(not m.pax_headers for m in members)
+    assert buf.getbuffer().nbytes <= sum(512 + -(-len(r[e]) // 512) * 512 for r in samples.values()
+                                         for e in shards.MEMBER_EXTS) + 10240

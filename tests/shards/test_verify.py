@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import tarfile
 
 import pytest
 
 import shards
 from shards import verify
-from tests.shards.helpers import make_shard_set
+from tests.shards.helpers import make_shard_set, rewritten
 
 
 @pytest.fixture
@@ -47,6 +48,30 @@ def test_flipped_byte_is_caught(shard_set, capsys):
     assert any(str(path) in p and "sha256" in p for p in report.problems), report.problems
     assert verify.main([str(root)]) == 1
     assert "PROBLEM" in capsys.readouterr().out
+
+
+def test_each_sample_that_fails_its_checksum_is_reported_by_key(shard_set, capsys):
+    root, index, samples = shard_set
+    path, _ = _first_shard(root, index)
+    with tarfile.open(path) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    data = bytearray(path.read_bytes())
+    voxel_key, meta_key = sorted({name.split(".")[0] for name in members})[:2]
+    volume = members[f"{voxel_key}.npy"]
+    data[volume.offset_data + volume.size - 1] ^= 0x01  # a voxel: the tar and the .npy header still parse
+    meta = members[f"{meta_key}.json"]
+    text = bytes(data[meta.offset_data:meta.offset_data + meta.size])
+    changed = text.replace(b'"intensity_mean":127.5', b'"intensity_mean":128.5')  # a digit: still valid JSON
+    assert changed != text and json.loads(changed)["intensity_mean"] == 128.5
+    data[meta.offset_data:meta.offset_data + meta.size] = changed
+    path.write_bytes(bytes(data))
+    report = verify.verify_shard_set(str(root))
+    per_sample = [p for p in report.problems if "CRC32C" in p]
+    assert len(per_sample) == 2, report.problems
+    assert any(str(path) in p and voxel_key in p and "'npy'" in p for p in per_sample)
+    assert any(str(path) in p and meta_key in p and "'json'" in p for p in per_sample)
+    assert verify.main([str(root)]) == 1
+    assert f"{voxel_key}: member 'npy' fails its CRC32C check" in capsys.readouterr().out
 
 
 def test_truncated_shard_is_caught(shard_set):
@@ -97,7 +122,7 @@ def test_a_sample_of_the_wrong_format_version_is_caught(tmp_path):
     index, samples = make_shard_set(str(root), per_device=2, devices=("topcon_triton",))
     key, record = sorted(samples.items())[0]
     meta = json.loads(record["json"])
-    bad = dict(record, json=json.dumps(dict(meta, format_version=shards.FORMAT_VERSION + 1)).encode())
+    bad = rewritten(record, json=json.dumps(dict(meta, format_version=shards.FORMAT_VERSION + 1)).encode())
     entry = shards.write_shard_file(str(root), meta["split"], 0, [bad])
     split = index["splits"][meta["split"]]
     split["shards"][0].update({k: entry[k] for k in ("bytes", "sha256", "num_samples")})

@@ -1,26 +1,33 @@
 """Behaviour of the streaming loader: equal steps on every host, skipped samples, balancing, val, eval, gs://."""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import model.config
+import octjepa_cli
 import shards
 from model.config import MaskConfig
 from model.masks import MultiBlockMasks
-from shards import storage
+from shards import storage, verify
 from shards.typed_config import ConfigError, from_dict
+from tests.shards.helpers import rewritten
 from tests.trainer.shardset_fixture import make_shard_set
-from trainer import augment
+from trainer import augment, stages
 from trainer.data import (
-    DataConfig, build_train_loader, build_val_loader, iter_eval_batches, split_shards, steps_per_epoch,
-    to_model_input,
+    DataConfig, DataDamageError, build_train_loader, build_val_loader, iter_eval_batches, split_shards,
+    steps_per_epoch, to_model_input,
 )
 from trainer.host_split import Shard, epoch_order, host_shards, worker_quota
 
+SMOKE = str(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml")
 CROP = (4, 16, 16)
 MASKS = MultiBlockMasks((2, 2, 2), MaskConfig())  # the grid of CROP with (2, 8, 8) patches
 UNEVEN = [9, 1, 1, 5, 2, 6, 1]  # 25 train samples in shards of very different sizes
@@ -50,14 +57,14 @@ def uneven(tmp_path_factory) -> tuple[str, dict]:
 # ---- host split ------------------------------------------------------------------------------------------------
 
 def test_epoch_order_depends_only_on_seed_and_epoch():
-    shards_ = [Shard(f"s{i}", i + 1) for i in range(20)]
+    shards_ = [Shard(f"s{i}", i + 1, 0) for i in range(20)]
     assert epoch_order(shards_, seed=3, epoch=1) == epoch_order(list(shards_), seed=3, epoch=1)
     assert epoch_order(shards_, seed=3, epoch=1) != epoch_order(shards_, seed=3, epoch=2)
     assert sorted(epoch_order(shards_, seed=3, epoch=1), key=lambda s: s.url) == sorted(shards_, key=lambda s: s.url)
 
 
 def test_host_slices_partition_the_shards_then_top_up_short_hosts():
-    ordered = epoch_order([Shard(f"s{i}", n) for i, n in enumerate(UNEVEN)], seed=0, epoch=0)
+    ordered = epoch_order([Shard(f"s{i}", n, 0) for i, n in enumerate(UNEVEN)], seed=0, epoch=0)
     plain = [host_shards(ordered, host_index=h, host_count=3, min_samples=0, seed=0, epoch=0) for h in range(3)]
     assert sorted(s.url for part in plain for s in part) == sorted(s.url for s in ordered)
     assert len({sum(s.num_samples for s in part) for part in plain}) > 1  # the hosts really are unequal
@@ -177,25 +184,32 @@ def test_flips_are_drawn_on_the_host_and_applied_by_to_model_input(uneven):
     assert torch.equal(to_model_input(vol, scale, shift)[1], vol[1].float() * 2.0 - 1.0)
 
 
-def test_undecodable_samples_are_skipped_counted_and_logged(tmp_path, caplog):
+def test_undecodable_samples_are_skipped_counted_by_the_samples_lost_and_logged(tmp_path, caplog):
     root = str(tmp_path / "set")
     index = make_shard_set(root, n_train=12, n_val=2, samples_per_shard=4)
     first = storage.join(root, shards.shard_name("train", 0))
     with storage.open_url(first) as f:
         samples = list(shards.iter_shard(f))
     bad_key = samples[1]["__key__"]
-    samples[1] = {**samples[1], "npy": b"not an npy array"}
+    samples[1] = rewritten(samples[1], npy=b"not an npy array")  # checksummed, but not a volume
     with open(first, "wb") as f:
         shards.write_shard(f, samples)
     last = storage.join(root, shards.shard_name("train", 2))
+    with storage.open_url(last) as f:
+        kept = sum(1 for _ in shards.iter_shard(f)) // 2
     with open(last, "r+b") as f:  # a truncated upload: the reader keeps what it can, then moves on
         f.truncate(os.path.getsize(last) // 2)
     caplog.set_level(logging.WARNING, logger="trainer.stages")
-    cfg = _cfg(root)
+    cfg = _cfg(root, max_skipped_fraction=0.5)
     batches = _train(cfg, index, batch=2)
     assert len(batches) == steps_per_epoch(index, cfg, 2) == 6
     assert bad_key not in {k for b in batches for k in b["keys"]}
-    assert sum(int(b["skipped"]) for b in batches) >= 2
+    drops = [d for b in batches for d in b["dropped"]]
+    # One bad sample, and the samples the half shard no longer holds (1 or 2 of its 4, depending on where the cut
+    # fell), each pass over the shards; the count is what the batches say.
+    assert sum(int(b["skipped"]) for b in batches) == sum(d.samples for d in drops) > 0
+    assert {(d.shard, d.key) for d in drops if d.samples == 1 and "undecodable" in d.reason} == {(first, bad_key)}
+    assert {d.samples for d in drops if d.shard == last} <= {4 - kept, 4 - kept + 1}
     assert bad_key in caplog.text and "shard-000002.tar" in caplog.text
 
 
@@ -207,8 +221,238 @@ def test_a_set_with_no_decodable_sample_raises_instead_of_hanging(tmp_path):
         samples = [{**s, "json": b"{}"} for s in shards.iter_shard(f)]
     with open(path, "wb") as f:
         shards.write_shard(f, samples)
-    with pytest.raises(RuntimeError, match="no decodable sample"):
-        _train(_cfg(root), index)
+    with pytest.raises(DataDamageError, match="no decodable sample"):  # an OctjepaError: one line, exit code 1
+        _train(_cfg(root, max_skipped_fraction=1.0), index)
+
+
+# ---- damage: checksums, shards held to the index, the budget ------------------------------------------------
+
+def _tar_members(path: str) -> list[tarfile.TarInfo]:
+    with tarfile.open(path) as tar:
+        return tar.getmembers()
+
+
+def _edit_member(path: str, name: str, change) -> None:
+    """Rewrite member ``name`` of a shard in place, same length (the tar still parses; only a checksum can tell)."""
+    (member,) = [m for m in _tar_members(path) if m.name == name]
+    with open(path, "r+b") as f:
+        f.seek(member.offset_data)
+        old = f.read(member.size)
+        new = change(old)
+        assert len(new) == len(old) and new != old
+        f.seek(member.offset_data)
+        f.write(new)
+
+
+def _flip_voxel(path: str, sample: int) -> str:
+    """Flip one voxel bit of the ``sample``-th sample of a shard; returns its key."""
+    key = [m.name for m in _tar_members(path)][3 * sample].split(".")[0]
+    _edit_member(path, f"{key}.{shards.VOLUME_EXT}", lambda b: b[:-5] + bytes([b[-5] ^ 0x10]) + b[-4:])
+    return key
+
+
+def _change_meta_digit(path: str, sample: int) -> str:
+    """Change the last digit of the ``sample``-th sample's stored intensity mean: valid JSON, valid metadata."""
+    key = [m.name for m in _tar_members(path)][3 * sample].split(".")[0]
+
+    def change(text: bytes) -> bytes:
+        meta = json.loads(text)
+        old = json.dumps(meta["intensity_mean"]).encode()
+        new = old[:-1] + str((int(old[-1:]) + 1) % 10).encode()
+        changed = text.replace(b'"intensity_mean":' + old, b'"intensity_mean":' + new)
+        assert json.loads(changed)["intensity_mean"] != meta["intensity_mean"]
+        return changed
+
+    _edit_member(path, f"{key}.{shards.META_EXT}", change)
+    return key
+
+
+def _shard_path(root: str, number: int, split: str = "train") -> str:
+    return storage.join(root, shards.shard_name(split, number))
+
+
+def _drops(batches: list[dict]) -> list[stages.Drop]:
+    return [d for b in batches for d in b["dropped"]]
+
+
+def test_a_shard_truncated_on_a_member_boundary_counts_its_lost_samples_and_stops_the_run(tmp_path):
+    root = str(tmp_path / "set")
+    index = make_shard_set(root, n_train=16, n_val=2, shape=CROP, samples_per_shard=8)
+    path = _shard_path(root, 0)
+    members = _tar_members(path)
+    lost = {m.name.split(".")[0] for m in members[15:]}
+    end = members[14].offset_data + -(-members[14].size // 512) * 512  # right after the 5th sample's last member
+    with open(path, "r+b") as f:
+        f.truncate(end)
+    with pytest.raises(DataDamageError, match=r"3 damaged sample\(s\) dropped.*shard-000000\.tar \(3\)"):
+        _train(_cfg(root), index, batch=2)
+    batches = _train(_cfg(root, max_skipped_fraction=0.25), index, batch=2)  # 3 of 16 are within 25%
+    drops = _drops(batches)
+    assert drops and {(d.shard, d.samples) for d in drops} == {(path, 3)}
+    assert "ends after 5 of the 8 samples" in drops[0].reason and "bytes, its index says" in drops[0].reason
+    assert sum(int(b["skipped"]) for b in batches) == 3 * len(drops)
+    assert not lost & {k for b in batches for k in b["keys"]}
+
+
+@pytest.mark.parametrize("stored", [CROP, (6, 20, 20)])  # read straight into its slot; read whole, then cropped
+def test_a_flipped_voxel_byte_is_detected_and_the_sample_dropped_and_logged_with_shard_and_key(
+        tmp_path, caplog, stored):
+    root = str(tmp_path / "set")
+    index = make_shard_set(root, n_train=16, n_val=2, shape=stored, samples_per_shard=8)
+    path = _shard_path(root, 1)
+    key = _flip_voxel(path, 3)
+    caplog.set_level(logging.WARNING, logger="trainer.stages")
+    batches = _train(_cfg(root, max_skipped_fraction=0.1), index, batch=2)
+    assert key not in {k for b in batches for k in b["keys"]}
+    drops = _drops(batches)
+    assert drops and {(d.shard, d.key, d.samples) for d in drops} == {(path, key, 1)}
+    assert "member 'npy' fails its CRC32C check" in drops[0].reason
+    assert f"shard {path}: dropped sample {key}: member 'npy' fails its CRC32C check" in caplog.text
+    eval_keys = [k for b in iter_eval_batches(root, "train", CROP, 4, max_skipped_fraction=0.1) for k in b["keys"]]
+    assert len(eval_keys) == 15 and key not in eval_keys
+
+
+def test_a_changed_metadata_digit_is_detected_in_training_and_evaluation(tmp_path):
+    root = str(tmp_path / "set")
+    index = make_shard_set(root, n_train=12, n_val=4, shape=CROP, samples_per_shard=4)
+    train_key = _change_meta_digit(_shard_path(root, 2), 1)
+    val_key = _change_meta_digit(_shard_path(root, 0, "val"), 2)
+    batches = _train(_cfg(root, max_skipped_fraction=0.1), index, batch=2)
+    assert {(d.key, d.samples) for d in _drops(batches)} == {(train_key, 1)}
+    assert "member 'json' fails its CRC32C check" in _drops(batches)[0].reason
+    assert train_key not in {k for b in batches for k in b["keys"]}
+    with pytest.raises(DataDamageError, match=r"split 'val'.*shard-000000\.tar \(1\)"):
+        list(iter_eval_batches(root, "val", CROP, 2))  # the default budget: 1 of 4 is too many
+    keys = [k for b in iter_eval_batches(root, "val", CROP, 2, max_skipped_fraction=0.5) for k in b["keys"]]
+    assert len(keys) == 3 and val_key not in keys
+
+
+def _set_shard_entry(root: str, index: dict, number: int, **fields) -> dict:
+    """Rewrite index.json with shard ``number`` of train changed (split total kept consistent)."""
+    index = json.loads(json.dumps(index))
+    split = index["splits"]["train"]
+    split["shards"][number].update(fields)
+    split["num_samples"] = sum(s["num_samples"] for s in split["shards"])
+    index["counts"]["by_split_device"]["train"] = {"a": split["num_samples"]}
+    shards.write_index(root, index)
+    return index
+
+
+def _eval_drops(root: str, caplog) -> tuple[list[str], list[tuple[str, str, int]]]:
+    """Keys of every batch of the train split read for evaluation (every shard to its end, in index order), and the
+    (shard, key, samples) of each drop the loader logged."""
+    caplog.clear()
+    keys = [k for b in iter_eval_batches(root, "train", CROP, 4, max_skipped_fraction=0.2) for k in b["keys"]]
+    return keys, [r.args[:2] for r in caplog.records if r.msg.startswith("shard %s: dropped")]
+
+
+def test_each_shard_is_held_to_its_sample_count_and_byte_size_in_the_index(tmp_path, caplog):
+    root = str(tmp_path / "set")
+    index = make_shard_set(root, n_train=12, n_val=2, shape=CROP, samples_per_shard=6, devices=("a",))
+    first, second = _shard_path(root, 0), _shard_path(root, 1)
+    entries = index["splits"]["train"]["shards"]
+    caplog.set_level(logging.WARNING, logger="trainer.stages")
+    # The index promises one sample more than the shard holds: that sample is lost, and counted.
+    _set_shard_entry(root, index, 0, num_samples=7)
+    keys, drops = _eval_drops(root, caplog)
+    assert len(keys) == 12 and drops == [(first, "1 sample(s) after a_-_1005_-_1-2-826-0-1-1-5")]  # what is known
+    assert "the shard ends after 6 of the 7 samples its index lists" in caplog.text
+    # One sample fewer: the shard's last sample is not the index's, so it is dropped, not trained on.
+    fewer = _set_shard_entry(root, index, 1, num_samples=5)
+    extra = [m.name for m in _tar_members(second)][-1].split(".")[0]
+    keys, drops = _eval_drops(root, caplog)
+    assert len(keys) == 11 and extra not in keys and drops == [(second, f"sample {extra}")]
+    assert "past the 5 samples the index lists" in caplog.text
+    assert extra not in {k for b in _train(_cfg(root, max_skipped_fraction=0.2), fewer, batch=1) for k in b["keys"]}
+    # Another byte size, every sample intact: reported; the samples are still checked one by one, and used.
+    _set_shard_entry(root, index, 1, bytes=entries[1]["bytes"] + 512)
+    keys, drops = _eval_drops(root, caplog)
+    assert len(keys) == 12 and not drops
+    size = entries[1]["bytes"]
+    assert f"shard {second} holds {size} bytes, its index says {size + 512}" in caplog.text
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_budget_of_zero_stops_at_the_first_damaged_sample(tmp_path, workers):
+    root = str(tmp_path / "set")
+    index = make_shard_set(root, n_train=24, n_val=2, shape=CROP, samples_per_shard=6)
+    path = _shard_path(root, 2)
+    _flip_voxel(path, 0)
+    cfg = DataConfig(shards=root, crop_shape=CROP, shuffle_buffer=4, num_workers=workers, max_skipped_fraction=0.0)
+    loader = build_train_loader(cfg, index=index, batch_size=2, masks=MASKS, seed=0, epoch=0, host_index=0,
+                                host_count=1)
+    seen = []
+    with pytest.raises(DataDamageError, match=rf"1 damaged sample\(s\).*{path} \(1\)") as info:
+        for batch in loader:
+            seen.append(batch)
+    assert "\n" not in str(info.value) and len(seen) < len(loader)
+    assert not _drops(seen)  # the batch that carried the drop never left the loader
+    # A budget above the damaged fraction (1 of 24) trains on: the drop is counted, and nothing stops.
+    cfg.max_skipped_fraction = 0.05
+    batches = _train(cfg, index, batch=2)
+    assert len(batches) == 12 and {d.shard for d in _drops(batches)} == {path}
+    assert sum(int(b["skipped"]) for b in batches) >= 1
+
+
+def test_a_resumed_epoch_over_damaged_metadata_is_still_the_rest_of_the_uninterrupted_epoch(tmp_path):
+    root = str(tmp_path / "set")
+    index = make_shard_set(root, n_train=20, n_val=2, shape=CROP, samples_per_shard=[7, 5, 8])
+    damaged = {_change_meta_digit(_shard_path(root, 0), 2), _change_meta_digit(_shard_path(root, 2), 5)}
+    cfg = DataConfig(shards=root, crop_shape=CROP, shuffle_buffer=6, num_workers=0, max_skipped_fraction=0.2)
+    full = _train(cfg, index, batch=2, epoch=1)
+    assert {d.key for d in _drops(full)} == damaged
+    for start in (3, len(full) - 1):
+        rest = list(build_train_loader(cfg, index=index, batch_size=2, masks=MASKS, seed=0, epoch=1, host_index=0,
+                                       host_count=1, start=start))
+        assert [b["keys"] for b in rest] == [b["keys"] for b in full[start:]]
+        assert all(torch.equal(a["volume"], b["volume"]) for a, b in zip(rest, full[start:]))
+
+
+def test_train_stops_with_one_line_naming_the_shard_or_counts_the_drops_in_its_metrics(tmp_path, monkeypatch, capsys,
+                                                                                      caplog):
+    root = str(tmp_path / "set")
+    make_shard_set(root, n_train=8, n_val=4, shape=(8, 32, 32), samples_per_shard=4)
+    path = _shard_path(root, 1)
+    key = _flip_voxel(path, 2)
+    monkeypatch.setitem(model.config.SIZES, "tiny", (48, 2, 2))  # a narrow model: the same code, less CPU
+    args = ["train", "--config", SMOKE, f"data.shards={root}", "model.encoder.input_shape=[8,32,32]",
+            "data.crop_shape=[8,32,32]", "max_steps=2", "val_every=0", "logging.log_every=1",
+            "checkpoint.every_steps=0"]
+    assert octjepa_cli.main([*args, f"run_dir={tmp_path / 'stop'}", "data.max_skipped_fraction=0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("octjepa train: training epoch") and f"{path} (1)" in err[-1]
+    assert not (tmp_path / "stop" / "encoder.pt").exists()
+    caplog.set_level(logging.WARNING, logger="trainer.stages")
+    assert octjepa_cli.main([*args, f"run_dir={tmp_path / 'go'}", "data.max_skipped_fraction=0.2"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "go" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["skipped"] for r in records if r["split"] == "train") == 1
+    assert f"shard {path}: dropped sample {key}" in caplog.text
+
+
+def test_a_resharded_set_keeps_valid_checksums_through_reshard_and_the_loader(tmp_path):
+    from beam_jobs import reshard
+
+    root, out = str(tmp_path / "set"), str(tmp_path / "by_device")
+    make_shard_set(root, n_train=12, n_val=3, shape=CROP, samples_per_shard=5)
+    stored = _stored_volumes(root, shards.read_index(root))
+    reshard.run(["--input", root, "--output", out, "--samples-per-shard", "2", "--direct_running_mode=in_memory",
+                 "--direct_num_workers=1"])
+    assert verify.verify_shard_set(out).ok
+    seen = set()
+    for device in ("heidelberg_spectralis", "topcon_triton", "zeiss_cirrus"):
+        domain = storage.join(out, device)
+        batches = _train(_cfg(domain, max_skipped_fraction=0.0), shards.read_index(domain), batch=2)
+        assert batches and not _drops(batches)
+        for b in iter_eval_batches(domain, "train", CROP, 3, max_skipped_fraction=0.0):  # every sample, once
+            for k, vol in zip(b["keys"], b["volume"]):
+                assert np.array_equal(vol[0].numpy(), stored[k])
+                seen.add(k)
+    assert seen == set(stored)
+    # A damaged source sample fails the copy, named, instead of being copied into a sound-looking set.
+    key = _flip_voxel(_shard_path(root, 1), 0)
+    with pytest.raises(shards.ContractError, match=f"{key}|shard-000001"):
+        reshard.run(["--input", root, "--output", str(tmp_path / "again"), "--direct_running_mode=in_memory",
+                     "--direct_num_workers=1"])
 
 
 # ---- domain balancing ------------------------------------------------------------------------------------------
@@ -297,6 +541,10 @@ def test_data_config_is_closed_and_checked():
         from_dict(DataConfig, {"shuffle_bufer": 8})
     with pytest.raises(ConfigError, match="domain_weights"):
         from_dict(DataConfig, {"domain_weights": {"a": -1.0}})
+    assert from_dict(DataConfig, {}).max_skipped_fraction == 0.001
+    assert from_dict(DataConfig, {"max_skipped_fraction": 0}).max_skipped_fraction == 0.0
+    with pytest.raises(ConfigError, match="max_skipped_fraction"):
+        from_dict(DataConfig, {"max_skipped_fraction": 1.5})
 
 
 # ---- gs:// -----------------------------------------------------------------------------------------------------
