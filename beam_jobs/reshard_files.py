@@ -34,8 +34,7 @@ class SampleRef:
     npy_offset: int
     npy_size: int
     meta: bytes
-    # scan_shard always fills it; the empty default (refs made by hand for dealing) fails every read_checksums.
-    checksums: bytes = b""
+    checksums: bytes
 
 
 @dataclasses.dataclass(frozen=True)

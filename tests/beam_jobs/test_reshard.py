@@ -170,7 +170,7 @@ def test_shard_count_by_bytes_when_samples_per_shard_is_not_given():
 
 
 def _ref(key):
-    return reshard.SampleRef(key, "d", "train", "d", "u", 0, 1, b"{}")
+    return reshard.SampleRef(key, "d", "train", "d", "u", 0, 1, b"{}", b"{}")
 
 
 def test_deal_refuses_a_duplicated_key():
