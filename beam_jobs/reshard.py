@@ -13,7 +13,7 @@ the same flags as preprocessing (``beam_jobs.runner``).
 
 Output: ``O2/<domain>/<split>/shard-NNNNNN.tar`` with ``O2/<domain>/index.json`` (each domain directory is an
 ordinary shard set: ``shards.read_index("O2/<domain>")`` reads it), and ``O2/index.json`` (``kind:
-octjepa-reshard-root``, see ``shards.verify``) listing the domains and their per-split counts. The domain
+octjepa-reshard-root``, see ``shards.root_index``) listing the domains and their per-split counts. The domain
 directory is the field value, percent-quoted if it holds characters unsafe in a path.
 
 The pipeline (the file work itself is in ``beam_jobs.reshard_files``)::
@@ -71,9 +71,9 @@ from beam_jobs.reshard_output import check_output, remove_stale_domains
 from beam_jobs.reshard_files import (CREATED_BY, TARGET_SHARD_BYTES, SampleRef, ShardWrite, SourceCheck,  # noqa: F401
                                      check_source_shard, deal, domain_dir, finalise_domain, retract_indexes,
                                      scan_shard, shard_count, write_domain_shard)
-from shards import INDEX_NAME, ContractError, encode_index, lease, read_index, storage
+from shards import (INDEX_NAME, ContractError, build_root_index, encode_index, is_root_index, lease, load_any_index,
+                    read_index, storage)
 from shards.typed_config import ConfigError, from_dict, to_dict
-from shards.verify import ROOT_INDEX_KIND, build_root_index, load_any_index
 
 NAMESPACE = "octjepa.reshard"
 # Local default, unlike preprocess's processes: re-sharding is file I/O and sha256, which release the GIL, so
@@ -289,7 +289,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     options = pipeline_options(beam_args)
     runner.check_dataflow(options, input=cfg.input, output=cfg.output)
     lease.check_separate(cfg.input, cfg.output)
-    if load_any_index(cfg.input).get("kind") == ROOT_INDEX_KIND:  # also refuses a folder without index.json
+    if is_root_index(load_any_index(cfg.input)):  # also refuses a folder without index.json
         raise ContractError(f"{cfg.input} is a re-sharded root, not a shard set; pass one of its domain folders")
     source_index = read_index(cfg.input)
     source_sha256 = hashlib.sha256(storage.read_bytes(storage.join(cfg.input, INDEX_NAME))).hexdigest()

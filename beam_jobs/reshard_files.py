@@ -12,11 +12,10 @@ import urllib.parse
 from typing import Any, Iterable, Mapping, Sequence
 
 from shards import (TARGET_SHARD_BYTES, CHECKSUM_EXT, ERRORS_NAME, INDEX_NAME, MEMBER_EXTS, META_EXT, VOLUME_EXT,
-                    ContractError, build_index, read_checksums, remove_stale_shards, storage, validate_meta,
-                    write_index, write_shard_file)
+                    ContractError, build_index, read_checksums, remove_stale_shards, sha256_of, storage,
+                    validate_meta, write_index, write_shard_file)
 from shards.checksum import crc32c
 from shards.contract import check_crc
-from shards.verify import HashingReader
 
 _LOG = logging.getLogger(__name__)
 CREATED_BY = "beam_jobs.reshard"
@@ -138,13 +137,11 @@ def check_source_shard(check: SourceCheck) -> None:
     fs, path = storage.get_fs(check.url)
     try:
         with fs.open(path, "rb") as f:
-            reader = HashingReader(f)
-            reader.drain()
+            digest, size = sha256_of(f)
     except OSError as exc:
         raise ContractError(f"{check.url}: unreadable source shard ({type(exc).__name__}: {exc})") from exc
-    digest = reader.digest.hexdigest()
-    if reader.size != check.size or digest != check.sha256:
-        raise ContractError(f"{check.url}: source shard is corrupt or truncated: {reader.size} bytes, sha256 "
+    if size != check.size or digest != check.sha256:
+        raise ContractError(f"{check.url}: source shard is corrupt or truncated: {size} bytes, sha256 "
                             f"{digest}; its index says {check.size} bytes, sha256 {check.sha256}")
 
 

@@ -163,13 +163,29 @@ def iter_shard(fileobj: BinaryIO, *, name: str = "<shard>", defer: tuple[str, ..
         raise ContractError(f"shard {name}: unreadable tar ({type(exc).__name__}: {exc})") from exc
 
 
-def sha256_of(fileobj: BinaryIO, chunk: int = 1 << 22) -> tuple[str, int]:
+class HashingReader:
+    """A read-only file wrapper that hashes and counts every byte read through it (e.g. by a tar reader)."""
+
+    def __init__(self, fileobj: Any) -> None:
+        self._f, self.digest, self.size = fileobj, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        # A tar reader stops at the end-of-archive marker; the hash covers the file to its last byte.
+        while self.read(1 << 22):
+            pass
+
+
+def sha256_of(fileobj: BinaryIO) -> tuple[str, int]:
     """(hex sha256, byte count) of a file object read to its end."""
-    digest, size = hashlib.sha256(), 0
-    while block := fileobj.read(chunk):
-        digest.update(block)
-        size += len(block)
-    return digest.hexdigest(), size
+    reader = HashingReader(fileobj)
+    reader.drain()
+    return reader.digest.hexdigest(), reader.size
 
 
 def build_index(
@@ -255,15 +271,21 @@ def write_index(root: str, index: Mapping[str, Any]) -> None:
     storage.write_bytes(storage.join(root, INDEX_NAME), encode_index(index))
 
 
-def read_index(root: str) -> dict[str, Any]:
-    """Load and validate the index of a shard set; refuse a directory without one (it is incomplete or not a set)."""
-    path = storage.join(root, INDEX_NAME)
-    fs, fspath = storage.get_fs(path)
-    if not fs.exists(fspath):
+def load_any_index(root: str) -> dict[str, Any]:
+    """The raw index.json of a shard set or of a re-sharded root (``shards.root_index``); refuses a folder without."""
+    url = storage.join(root, INDEX_NAME)
+    if not storage.exists(url):
         raise ContractError(f"{root}: no {INDEX_NAME}; this is not a complete shard set (a writer may have been "
                             f"interrupted, or the path is wrong)")
-    with fs.open(fspath, "rb") as f:
-        index = json.loads(f.read())
+    try:
+        return json.loads(storage.read_bytes(url))
+    except ValueError as exc:
+        raise ContractError(f"{url}: not valid JSON ({exc})") from exc
+
+
+def read_index(root: str) -> dict[str, Any]:
+    """Load and validate the index of a shard set; refuse a directory without one (incomplete, or not a set)."""
+    index = load_any_index(root)
     validate_index(index, where=root)
     return index
 

@@ -7,69 +7,18 @@ against its contract and its CRC32C (a failing sample is reported by key).
 
 Prints a per-domain, per-split, per-device table of samples the index promises against samples found, then every
 problem; exits 1 on any problem. Reads each shard once, streaming (a shard is never held whole in memory).
-
-This module also owns the small schema of a re-sharded root's ``index.json`` (``kind: octjepa-reshard-root``), which
-lists the domain sets; each domain directory is an ordinary shard set that ``shards.read_index`` reads.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import sys
 from typing import Any, Mapping
 
 from shards import storage
-from shards.contract import FORMAT_VERSION, ContractError, decode_sample, format_version_error
-from shards.shardset import INDEX_NAME, iter_shard, read_index
-
-ROOT_INDEX_KIND = "octjepa-reshard-root"
-
-
-# ---------------------------------------------------------------------------------------------- root index schema
-def build_root_index(*, by: str, domains: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any],
-                     created_by: str) -> dict[str, Any]:
-    """The index of a re-sharded root. ``domains`` maps a domain value to ``{path, by_split}`` where ``path`` is the
-    domain set's directory relative to the root and ``by_split`` its sample counts."""
-    index = {
-        "kind": ROOT_INDEX_KIND,
-        "format_version": FORMAT_VERSION,
-        "created_by": created_by,
-        "by": by,
-        "config": dict(config),
-        "domains": {name: {"path": d["path"], "by_split": dict(sorted(d["by_split"].items())),
-                           "num_samples": sum(d["by_split"].values())}
-                    for name, d in sorted(domains.items())},
-    }
-    validate_root_index(index, where="<built root index>")
-    return index
-
-
-def validate_root_index(index: Mapping[str, Any], *, where: str) -> None:
-    if index.get("kind") != ROOT_INDEX_KIND:
-        raise ContractError(f"{where}: index field 'kind' is {index.get('kind')!r}, expected {ROOT_INDEX_KIND!r}")
-    if index.get("format_version") != FORMAT_VERSION:
-        raise format_version_error(f"{where}: index field 'format_version'", index.get("format_version"))
-    for field in ("by", "config", "domains"):
-        if field not in index:
-            raise ContractError(f"{where}: root index is missing field {field!r}")
-    for name, entry in index["domains"].items():
-        for field in ("path", "by_split", "num_samples"):
-            if field not in entry:
-                raise ContractError(f"{where}: domain {name!r} is missing field {field!r}")
-
-
-def load_any_index(root: str) -> dict[str, Any]:
-    """The raw ``index.json`` of a shard set or a re-sharded root; refuses a directory without one."""
-    url = storage.join(root, INDEX_NAME)
-    if not storage.exists(url):
-        raise ContractError(f"{root}: no {INDEX_NAME}; this is not a complete shard set (a writer may have been "
-                            f"interrupted, or the path is wrong)")
-    try:
-        return json.loads(storage.read_bytes(url))
-    except ValueError as exc:
-        raise ContractError(f"{url}: not valid JSON ({exc})") from exc
+from shards.contract import ContractError, decode_sample
+from shards.root_index import is_root_index, validate_root_index
+from shards.shardset import HashingReader, iter_shard, load_any_index, read_index
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -113,24 +62,6 @@ class VerifyReport:
 
 
 # ---------------------------------------------------------------------------------------------- checking
-class HashingReader:
-    """A read-only file wrapper that hashes and counts every byte read through it."""
-
-    def __init__(self, fileobj: Any) -> None:
-        self._f, self.digest, self.size = fileobj, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.digest.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:
-        # The tar reader stops at the end-of-archive marker; the hash covers the file to its last byte.
-        while self.read(1 << 22):
-            pass
-
-
 def _check_shard(url: str, entry: Mapping[str, Any], split: str, report: VerifyReport,
                  found: dict[str, int], seen: dict[str, str]) -> None:
     """Stream one shard: decode every sample, check its split, count devices, then compare hash, size and count."""
@@ -200,7 +131,7 @@ def verify_shard_set(root: str) -> VerifyReport:
     goes into the report (only a root without any ``index.json`` raises, as nothing there can be checked)."""
     report = VerifyReport(root=root)
     top = load_any_index(root)
-    if top.get("kind") != ROOT_INDEX_KIND:
+    if not is_root_index(top):
         _verify_set(root, "-", report)
         return report
     try:

@@ -192,7 +192,7 @@ def _fake_samples(n: int) -> list[dict[str, Any]]:
     import numpy as np
 
     from shards import encode_sample
-    from tests.shards.helpers import fake_meta
+    from shards.synthetic import fake_meta
 
     out = []
     for i in range(n):

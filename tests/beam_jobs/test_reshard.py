@@ -13,8 +13,8 @@ import pytest
 import octjepa_cli
 import shards
 from beam_jobs import reshard
-from shards import lease, storage, verify
-from tests.shards.helpers import make_shard_set
+from shards import ROOT_INDEX_KIND, lease, storage, verify
+from shards.synthetic import make_shard_set
 
 # In-process runner for speed; the CLI test below runs the default one (multi-threading, a worker per core).
 FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
@@ -90,7 +90,7 @@ def test_every_sample_names_its_domain_and_splits_are_kept(source, by_device):
             assert meta["device"] == domain and meta["split"] == split
             assert json.loads(samples[key]["json"])["split"] == split
     root = report["index"]
-    assert root["kind"] == verify.ROOT_INDEX_KIND and root["by"] == "device"
+    assert root["kind"] == ROOT_INDEX_KIND and root["by"] == "device"
     for name, entry in root["domains"].items():
         index = shards.read_index(str(out / entry["path"]))  # a domain directory is an ordinary shard set
         assert index["counts"]["by_device"] == {name: entry["num_samples"]}

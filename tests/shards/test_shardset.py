@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import shards
-from tests.shards.helpers import fake_meta, make_shard_set
+from shards.synthetic import fake_meta, make_shard_set
 
 
 def test_write_shard_file_streams_the_same_bytes_as_write_shard(tmp_path):

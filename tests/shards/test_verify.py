@@ -8,7 +8,8 @@ import pytest
 
 import shards
 from shards import verify
-from tests.shards.helpers import make_shard_set, rewritten
+from shards.synthetic import make_shard_set
+from tests.shards.helpers import rewritten
 
 
 @pytest.fixture

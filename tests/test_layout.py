@@ -1,0 +1,39 @@
+"""The README's layout, read from the source: who may import whom (statically, from each module's import lines)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PRODUCTION = ("beam_jobs", "shards", "model", "trainer")
+# Modules that are a subcommand's command line only: the dispatcher runs them; no other module builds on them.
+CLI_ONLY = ("shards.verify",)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute module names the file imports (``from a.b import c`` gives ``a.b`` and ``a.b.c``)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def modules_of(*folders: str) -> list[Path]:
+    return sorted(p for folder in folders for p in (REPO / folder).glob("*.py"))
+
+
+def test_nothing_outside_tests_imports_tests():
+    offenders = {p.relative_to(REPO).as_posix(): sorted(m for m in imported_modules(p) if m.split(".")[0] == "tests")
+                 for p in modules_of(*PRODUCTION, "benchmarks")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_no_module_builds_on_a_cli_module():
+    """What a CLI module shares (the root-index schema, the hashing reader) lives in the contract it checks."""
+    offenders = {p.relative_to(REPO).as_posix(): sorted(imported_modules(p) & set(CLI_ONLY))
+                 for p in modules_of(*PRODUCTION, "benchmarks")}
+    assert {k: v for k, v in offenders.items() if v} == {}
