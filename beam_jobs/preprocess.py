@@ -67,8 +67,8 @@ from beam_jobs import dead_letters as dl
 from beam_jobs import manifest as mf
 from beam_jobs import runner
 from beam_jobs.dead_letters import Decoded, one_sample_per_file
-from beam_jobs.preprocess_output import (FAILED_RUN_ERRORS, AllRowsFailed, finalise, read_result,  # noqa: F401
-                                         read_staged, retract_index, stage_sample, staged_url)
+from beam_jobs.preprocess_output import (finalise, read_result, read_staged, retract_index, stage_sample,
+                                         staged_url)
 from shards import TARGET_SHARD_BYTES, lease, stable_hash, storage, write_shard_file
 from shards.typed_config import ConfigError, to_dict
 
@@ -137,10 +137,9 @@ class PreprocessFn(beam.DoFn):
     read or become a sample goes to ERRORS_TAG with its reason (``beam_jobs.dead_letters``), so that one file
     never stops the job. Writing the staged sample is the output's business: a failure there fails the bundle."""
 
-    def __init__(self, data_root: str, output: str, config: Any, record_workers: bool = False,
-                 progress_every: int = 25):
+    def __init__(self, data_root: str, output: str, config: Any, progress_every: int = 25):
         self._data_root, self._output, self._config = data_root, output, config
-        self._record_workers, self._progress_every = record_workers, progress_every
+        self._progress_every = progress_every
 
     def setup(self) -> None:
         # Imported and created here, in the worker process: gcsfs must not be created before Beam forks/spawns.
@@ -182,10 +181,6 @@ class PreprocessFn(beam.DoFn):
             return
         stage_sample(self._output, sample)
         Metrics.counter(NAMESPACE, "decoded").inc()
-        if self._record_workers:  # local runs only: proves every worker process took work
-            Metrics.counter(NAMESPACE, f"worker_pid_{os.getpid()}").inc()
-        if "torch" in sys.modules:
-            Metrics.counter(NAMESPACE, "volumes_on_workers_with_torch").inc()
         self._progress()
         yield header.sop_instance_uid, Decoded(row, header.patient_id)
 
@@ -284,11 +279,10 @@ class FinaliseFn(beam.DoFn):
 class Preprocess(beam.PTransform):
     """Selected rows -> ``(shard entries, error records, warning records)``."""
 
-    def __init__(self, *, data_root: str, output: str, config: Any, samples_per_shard: int,
-                 record_workers: bool = False):
+    def __init__(self, *, data_root: str, output: str, config: Any, samples_per_shard: int):
         super().__init__()
         self._data_root, self._output, self._config = data_root, output, config
-        self._samples_per_shard, self._record_workers = samples_per_shard, record_workers
+        self._samples_per_shard = samples_per_shard
 
     def expand(self, rows: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection, beam.PCollection]:
         rows_per_split = (rows
@@ -297,9 +291,8 @@ class Preprocess(beam.PTransform):
         decoded = (rows
                    # Reading the manifest is one cheap step on one worker; redistribute before the costly decode.
                    | "Reshuffle" >> beam.Reshuffle()
-                   | "DecodeResample" >> beam.ParDo(PreprocessFn(self._data_root, self._output, self._config,
-                                                                 self._record_workers)).with_outputs(
-                       ERRORS_TAG, main="decoded"))
+                   | "DecodeResample" >> beam.ParDo(PreprocessFn(self._data_root, self._output, self._config))
+                   .with_outputs(ERRORS_TAG, main="decoded"))
         kept = (decoded.decoded
                 | "GroupByFileUid" >> beam.GroupByKey()
                 | "OneSamplePerFile" >> beam.ParDo(OneSamplePerFileFn(self._output)).with_outputs(
@@ -327,7 +320,7 @@ def selection_of(args: argparse.Namespace) -> mf.Selection:
 
 
 def build_pipeline(pipeline: beam.Pipeline, args: argparse.Namespace, *, config: Any,
-                   recommended: Mapping[str, str] | None, samples_per_shard: int, record_workers: bool) -> None:
+                   recommended: Mapping[str, str] | None, samples_per_shard: int) -> None:
     """Add the job's steps to ``pipeline`` (nothing runs until ``pipeline.run()``)."""
     read = (pipeline
             | "ManifestUrl" >> beam.Create([args.manifest])
@@ -335,8 +328,7 @@ def build_pipeline(pipeline: beam.Pipeline, args: argparse.Namespace, *, config:
                                                           args.val_fraction)).with_outputs(
                 ERRORS_TAG, STATS_TAG, main="rows"))
     entries, row_errors, warnings = read.rows | "Preprocess" >> Preprocess(
-        data_root=args.data_root, output=args.output, config=config, samples_per_shard=samples_per_shard,
-        record_workers=record_workers)
+        data_root=args.data_root, output=args.output, config=config, samples_per_shard=samples_per_shard)
     errors = (read[ERRORS_TAG], row_errors) | "AllErrors" >> beam.Flatten()
     _ = (pipeline
          | "OutputUrl" >> beam.Create([args.output])
@@ -372,8 +364,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         lease.require_overwrite(args.output, args.overwrite)
         started = time.monotonic()
         pipeline = runner.make_pipeline(options)
-        build_pipeline(pipeline, args, config=config, recommended=recommended, samples_per_shard=samples_per_shard,
-                       record_workers=runner.is_local(options))
+        build_pipeline(pipeline, args, config=config, recommended=recommended, samples_per_shard=samples_per_shard)
         result = runner.run_and_wait(pipeline, on_signal=held.release)
         seconds = time.monotonic() - started
         index = read_result(args.output)
@@ -392,9 +383,6 @@ def summary(report: Mapping[str, Any]) -> str:
              f"  warnings:  {index['warnings']['by_kind']}",
              f"  {index['selected'] / max(seconds, 1e-9):.2f} volumes/s over {seconds:.1f} s; "
              f"{sum(s['bytes'] for s in shards) / 1e6:.1f} MB of shards written"]
-    workers = sorted(k for k in report["counters"] if k.startswith("worker_pid_"))
-    if workers:
-        lines.append(f"  worker processes: {len(workers)}")
     return "\n".join(lines)
 
 

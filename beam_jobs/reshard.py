@@ -68,9 +68,8 @@ from apache_beam.metrics import Metrics
 
 from beam_jobs import runner
 from beam_jobs.reshard_output import check_output, remove_stale_domains
-from beam_jobs.reshard_files import (CREATED_BY, TARGET_SHARD_BYTES, SampleRef, ShardWrite, SourceCheck,  # noqa: F401
-                                     check_source_shard, deal, domain_dir, finalise_domain, retract_indexes,
-                                     scan_shard, shard_count, write_domain_shard)
+from beam_jobs.reshard_files import (CREATED_BY, SampleRef, ShardWrite, SourceCheck, check_source_shard, deal,
+                                     finalise_domain, retract_indexes, scan_shard, shard_count, write_domain_shard)
 from shards import (INDEX_NAME, ContractError, build_root_index, encode_index, is_root_index, lease, load_any_index,
                     read_index, storage)
 from shards.typed_config import ConfigError, from_dict, to_dict
@@ -91,7 +90,7 @@ class ReshardConfig:
     output: str
     by: ByField = "device"
     domains: tuple[str, ...] = ()          # empty: every value of the field
-    samples_per_shard: int | None = None   # None: about TARGET_SHARD_BYTES of volumes per shard
+    samples_per_shard: int | None = None   # None: about shards.TARGET_SHARD_BYTES of volumes per shard
     shards_multiple_of: int = 1
 
     def __post_init__(self) -> None:

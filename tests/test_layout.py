@@ -37,3 +37,22 @@ def test_no_module_builds_on_a_cli_module():
     offenders = {p.relative_to(REPO).as_posix(): sorted(imported_modules(p) & set(CLI_ONLY))
                  for p in modules_of(*PRODUCTION, "benchmarks")}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def unused_from_imports(path: Path) -> list[str]:
+    """Names a module takes with ``from X import name`` and never uses (a plain ``import x`` may be for its side
+    effect): a re-export that only tests read."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    imported = {alias.asname or alias.name for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module != "__future__" for alias in node.names}
+    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    used |= {node.value.id for node in ast.walk(tree)
+             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)}
+    return sorted(imported - used)
+
+
+def test_job_modules_re_export_nothing():
+    """Tests import a name from the module it lives in, not through a job module that happens to import it."""
+    offenders = {p.relative_to(REPO).as_posix(): unused_from_imports(p)
+                 for p in modules_of("beam_jobs", "shards", "benchmarks") if p.name != "__init__.py"}
+    assert {k: v for k, v in offenders.items() if v} == {}

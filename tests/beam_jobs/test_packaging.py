@@ -227,7 +227,7 @@ def test_pipeline_graph_serialises_without_submitting():
         ["--manifest", "gs://b/m.tsv", "--data-root", "gs://b", "--output", "gs://b/out"])
     pipeline = beam.Pipeline(options=runner.pipeline_options(["--direct_num_workers", "1"]))
     preprocess.build_pipeline(pipeline, args, config=load_preprocess_config(None), recommended={"1001": "test"},
-                              samples_per_shard=4, record_workers=False)
+                              samples_per_shard=4)
     proto = pipeline.to_runner_api()
     labels = {t.unique_name for t in proto.components.transforms.values()}
     for step in ("ReadManifest", "Preprocess/Reshuffle", "Preprocess/DecodeResample", "Preprocess/WriteShards",

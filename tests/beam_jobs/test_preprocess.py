@@ -20,6 +20,7 @@ import pytest
 from beam_jobs import preprocess
 from beam_jobs.synth import generate_dataset
 from shards import ContractError, decode_sample, iter_shard, read_index, sha256_of, storage
+from tests.beam_jobs.worker_evidence import counting_workers
 
 TINY = ["--set", "target_shape=[8,24,24]", "--set", "target_spacing_mm=[0.2,0.05,0.1]"]
 
@@ -87,7 +88,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def first(dataset: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     output = str(tmp_path_factory.mktemp("out") / "first")
-    report = preprocess.run(job_args(dataset, output, "--samples-per-shard", "2", "--direct_num_workers", "2"))
+    with counting_workers():  # worker_pid_* and volumes_on_workers_with_torch counters
+        report = preprocess.run(job_args(dataset, output, "--samples-per-shard", "2", "--direct_num_workers", "2"))
     return {"output": output, **report}
 
 
