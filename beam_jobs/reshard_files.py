@@ -45,14 +45,6 @@ class ShardWrite:
     refs: tuple[SampleRef, ...]
 
 
-@dataclasses.dataclass(frozen=True)
-class SourceCheck:
-    """A source shard whose sha256 and size are to be checked against its index entry."""
-    url: str
-    size: int
-    sha256: str
-
-
 def domain_dir(value: str) -> str:
     """Directory name of a domain: the value itself when path-safe, else percent-quoted (injective)."""
     name = urllib.parse.quote(value, safe="")
@@ -131,18 +123,18 @@ def scan_shard(url: str, entry: Mapping[str, Any], split: str, by: str) -> list[
     return refs
 
 
-def check_source_shard(check: SourceCheck) -> None:
+def check_source_shard(url: str, entry: Mapping[str, Any]) -> None:
     """Hash one source shard to its last byte (streamed, 4 MiB at a time) and compare with its index entry: only
     the checksum catches a flipped byte inside a volume. Raises ContractError naming the shard."""
-    fs, path = storage.get_fs(check.url)
+    fs, path = storage.get_fs(url)
     try:
         with fs.open(path, "rb") as f:
             digest, size = sha256_of(f)
     except OSError as exc:
-        raise ContractError(f"{check.url}: unreadable source shard ({type(exc).__name__}: {exc})") from exc
-    if size != check.size or digest != check.sha256:
-        raise ContractError(f"{check.url}: source shard is corrupt or truncated: {size} bytes, sha256 "
-                            f"{digest}; its index says {check.size} bytes, sha256 {check.sha256}")
+        raise ContractError(f"{url}: unreadable source shard ({type(exc).__name__}: {exc})") from exc
+    if size != entry["bytes"] or digest != entry["sha256"]:
+        raise ContractError(f"{url}: source shard is corrupt or truncated: {size} bytes, sha256 {digest}; its "
+                            f"index says {entry['bytes']} bytes, sha256 {entry['sha256']}")
 
 
 def shard_count(num_samples: int, volume_bytes: int, samples_per_shard: int | None, multiple_of: int) -> int:

@@ -82,7 +82,7 @@ def make_shard_set(
     chunked = {}
     for split, records in sorted(by_split.items()):
         records.sort(key=lambda r: r["__key__"])
-        chunked[split] = [records[start:start + samples_per_shard] for start in range(0, len(records), samples_per_shard)]
+        chunked[split] = [records[i:i + samples_per_shard] for i in range(0, len(records), samples_per_shard)]
     index = write_set(root, chunked, config={"made_by": CREATED_BY, "samples_per_shard": samples_per_shard,
                                              "seed": seed}, created_by=CREATED_BY)
     return index, samples

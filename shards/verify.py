@@ -148,17 +148,16 @@ def verify_shard_set(root: str) -> VerifyReport:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print the table; 1 when it shows a problem. A root without any index.json raises ContractError, which the
+    ``octjepa`` dispatcher prints as one line (exit code 1)."""
     parser = argparse.ArgumentParser(prog="octjepa verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="shard set or re-sharded root (local path or gs://)")
-    args = parser.parse_args(argv)
-    try:
-        report = verify_shard_set(args.root)
-    except ContractError as exc:
-        print(f"octjepa verify: {exc}", file=sys.stderr)
-        return 1
+    report = verify_shard_set(parser.parse_args(argv).root)
     print(report.format_table())
     return 0 if report.ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import octjepa_cli
+
+    sys.exit(octjepa_cli.main(["verify", *sys.argv[1:]]))

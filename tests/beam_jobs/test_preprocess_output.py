@@ -15,7 +15,8 @@ import pytest
 
 import octjepa_cli
 from beam_jobs import preprocess, runner
-from beam_jobs.preprocess_output import FAILED_RUN_ERRORS, AllRowsFailed
+from beam_jobs.job import FAILED_RUN_ERRORS
+from beam_jobs.preprocess_output import AllRowsFailed
 from beam_jobs.synth import generate_dataset
 from shards import lease, read_index
 from tests.beam_jobs.test_preprocess import TINY, files_under
