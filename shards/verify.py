@@ -23,7 +23,8 @@ from shards.shardset import HashingReader, iter_shard, load_any_index, read_inde
 
 # ---------------------------------------------------------------------------------------------- the report
 @dataclasses.dataclass
-class Row:
+class SplitDeviceCount:
+    """One line of the table: a device's samples in a split of a domain set, as the index promises and as found."""
     domain: str
     split: str
     device: str
@@ -39,7 +40,7 @@ class Row:
 @dataclasses.dataclass
 class VerifyReport:
     root: str
-    rows: list[Row] = dataclasses.field(default_factory=list)
+    rows: list[SplitDeviceCount] = dataclasses.field(default_factory=list)  # the table
     problems: list[str] = dataclasses.field(default_factory=list)
     shards_checked: int = 0
     samples_checked: int = 0
@@ -117,8 +118,8 @@ def _verify_set(root: str, domain: str, report: VerifyReport) -> dict[str, int]:
         for shard in entry["shards"]:
             _check_shard(storage.join(root, shard["path"]), shard, split, report, found, seen)
         for device in sorted(set(expected.get(split, {})) | set(found)):
-            report.rows.append(Row(domain, split, device, len(entry["shards"]),
-                                   expected.get(split, {}).get(device, 0), found.get(device, 0)))
+            report.rows.append(SplitDeviceCount(domain, split, device, len(entry["shards"]),
+                                                expected.get(split, {}).get(device, 0), found.get(device, 0)))
         found_by_split[split] = sum(found.values())
         if sum(expected.get(split, {}).values()) != entry["num_samples"]:
             report.problems.append(f"{root}: split {split!r} lists {entry['num_samples']} samples in its shards but "

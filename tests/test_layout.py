@@ -56,3 +56,14 @@ def test_job_modules_re_export_nothing():
     offenders = {p.relative_to(REPO).as_posix(): unused_from_imports(p)
                  for p in modules_of("beam_jobs", "shards", "benchmarks") if p.name != "__init__.py"}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_one_name_per_concept_in_the_data_packages():
+    """Two classes of one name in beam_jobs/ and shards/ are two concepts under one name (a job's own steps, its
+    ``beam.DoFn``s, may share a name with the other job's counterpart)."""
+    where: dict[str, list[str]] = {}
+    for path in modules_of("beam_jobs", "shards"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ClassDef) and not any(ast.unparse(b) == "beam.DoFn" for b in node.bases):
+                where.setdefault(node.name, []).append(path.relative_to(REPO).as_posix())
+    assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}
