@@ -3,7 +3,9 @@ record of a run that could not write a set, and the command line's ``main``.
 
     with lease.hold(output, job="reshard") as held:
         counters, seconds = job.run_pipeline(options, build, on_signal=held.release, namespace=NAMESPACE)
-    job.main(run, summary, argv)
+        index = job.read_result(output, failure)    # the index it wrote, or failure(records) raised
+    return job.main(run, summary, argv)             # the job's main(argv)
+    job.exit_through_dispatcher("reshard")          # python -m beam_jobs.reshard
 
 Each job's Finalise step, inside the pipeline, writes the output's index.json or, when the run cannot give a complete
 set (every selected row failed; a source shard is corrupt), its records to ``O/FAILED_RUN_ERRORS`` instead. The
@@ -14,13 +16,15 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
 import apache_beam as beam
 
 from beam_jobs import runner
-from shards import storage
+from shards import load_any_index, storage
+from shards.errors import OctjepaError
 
 FAILED_RUN_ERRORS = "failed-run-errors.jsonl"
 
@@ -59,6 +63,14 @@ def read_failed_run(output: str) -> list[dict[str, Any]] | None:
     return [json.loads(line) for line in storage.read_bytes(url).decode("utf-8").splitlines()]
 
 
+def read_result(output: str, failure: Callable[[list[dict[str, Any]]], OctjepaError]) -> dict[str, Any]:
+    """The index.json this run wrote; ``failure(records)`` raised when it wrote the failed-run file instead."""
+    records = read_failed_run(output)
+    if records is not None:
+        raise failure(records)
+    return load_any_index(output)
+
+
 def main(run: Callable[[Sequence[str] | None], Mapping[str, Any]], summary: Callable[[Mapping[str, Any]], str],
          argv: Sequence[str] | None) -> int:
     """A job's command line: run it and print its summary. User errors (OctjepaError) propagate to the ``octjepa``
@@ -68,3 +80,12 @@ def main(run: Callable[[Sequence[str] | None], Mapping[str, Any]], summary: Call
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     print(summary(run(argv)), flush=True)
     return 0
+
+
+def exit_through_dispatcher(command: str) -> NoReturn:
+    """``python -m beam_jobs.<job>``: run as ``octjepa <command>``, for its one-line errors. The dispatcher imports
+    the job's module by its name, so its DoFns pickle by reference to that module (importable on the workers), not
+    as classes of ``__main__``."""
+    import octjepa_cli
+
+    sys.exit(octjepa_cli.main([command, *sys.argv[1:]]))

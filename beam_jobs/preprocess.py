@@ -57,7 +57,6 @@ import logging
 import math
 import os
 import posixpath
-import sys
 import time
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -69,9 +68,9 @@ from beam_jobs import job, runner
 from beam_jobs import manifest as mf
 from beam_jobs.config import PreprocessConfig, PreprocessOptions, load_preprocess_config
 from beam_jobs.dead_letters import Decoded, one_sample_per_file
-from beam_jobs.preprocess_output import (finalise, read_result, read_staged, retract_index, stage_sample,
+from beam_jobs.preprocess_output import (all_rows_failed, finalise, read_staged, retract_index, stage_sample,
                                          staged_url)
-from shards import lease, stable_hash, storage, write_shard_file
+from shards import device_counts, lease, stable_hash, storage, write_shard_file
 from shards.typed_config import from_dict
 
 _LOG = logging.getLogger(__name__)
@@ -258,10 +257,7 @@ class WriteShardFn(beam.DoFn):
         Metrics.counter(NAMESPACE, "shards_written").inc()
         Metrics.counter(NAMESPACE, "bytes_written").inc(entry["bytes"])
         _LOG.info("wrote %s (%d samples, %d bytes)", entry["path"], entry["num_samples"], entry["bytes"])
-        by_device: dict[str, int] = {}
-        for _, device in members:
-            by_device[device] = by_device.get(device, 0) + 1
-        yield {**entry, "by_device": dict(sorted(by_device.items()))}
+        yield {**entry, "by_device": device_counts(device for _, device in members)}
 
 
 class FinaliseFn(beam.DoFn):
@@ -339,7 +335,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         counters, seconds = job.run_pipeline(
             options, lambda pipeline: build_pipeline(pipeline, opts, recommended=recommended),
             on_signal=held.release, namespace=NAMESPACE)
-        index = read_result(opts.output)
+        index = job.read_result(opts.output, lambda errors: all_rows_failed(opts.output, errors))
     return {"index": index, "counters": counters, "seconds": seconds}
 
 
@@ -363,8 +359,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Through the dispatcher, for its one-line errors; it imports beam_jobs.preprocess, so the DoFns pickle by
-    # reference to that module (importable on workers), not as __main__ classes.
-    import octjepa_cli
-
-    sys.exit(octjepa_cli.main(["preprocess", *sys.argv[1:]]))
+    job.exit_through_dispatcher("preprocess")

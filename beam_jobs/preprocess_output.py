@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from typing import Any, Mapping, Sequence
 
 from beam_jobs import dead_letters as dl
 from beam_jobs import job
-from shards import (ERRORS_NAME, INDEX_NAME, build_index, iter_shard, remove_stale_shards, storage, write_index,
-                    write_shard)
+from shards import INDEX_NAME, complete_set, iter_shard, storage, write_shard
 from shards.errors import OctjepaError
 
 CREATED_BY = "beam_jobs.preprocess"
@@ -71,24 +69,17 @@ def finalise(output: str, *, entries: Sequence[Mapping[str, Any]], errors: Seque
     if written == 0:
         job.write_failed_run(output, errors)
         return None
-    storage.write_bytes(storage.join(output, ERRORS_NAME), job.encode_jsonl(errors))
     job.clear_failed_run(output)
-    remove_stale_shards(output, {e["path"] for e in entries})
-    index = build_index(config=config, shards=entries, errors_by_reason=dl.count_by(errors, "reason"),
-                        manifest_rows=manifest_rows, selected=selected, created_by=CREATED_BY,
-                        extra={"warnings": dl.warnings_summary(warnings)})
-    write_index(output, index)
-    return index
+    return complete_set(output, entries, errors=job.encode_jsonl(errors), config=config,
+                        errors_by_reason=dl.count_by(errors, "reason"), manifest_rows=manifest_rows,
+                        selected=selected, created_by=CREATED_BY, extra={"warnings": dl.warnings_summary(warnings)})
 
 
-def read_result(output: str) -> dict[str, Any]:
-    """The index this run wrote; AllRowsFailed when it wrote dead letters only."""
-    errors = job.read_failed_run(output)
-    if errors is not None:
-        earlier = ("the set already there is unchanged" if storage.exists(storage.join(output, INDEX_NAME))
-                   else "no set was written")
-        first = f"; first: row {errors[0]['row']}: {errors[0]['message']}" if errors else ""
-        raise AllRowsFailed(f"{output}: every one of the {len(errors)} selected rows failed "
-                            f"({dl.count_by(errors, 'reason')}); no shard was written and {earlier}. Every row's "
-                            f"reason is in {storage.join(output, job.FAILED_RUN_ERRORS)}{first}")
-    return json.loads(storage.read_bytes(storage.join(output, INDEX_NAME)))
+def all_rows_failed(output: str, errors: list[dict[str, Any]]) -> AllRowsFailed:
+    """The error of a run whose every selected row failed, from its dead letters."""
+    earlier = ("the set already there is unchanged" if storage.exists(storage.join(output, INDEX_NAME))
+               else "no set was written")
+    first = f"; first: row {errors[0]['row']}: {errors[0]['message']}" if errors else ""
+    return AllRowsFailed(f"{output}: every one of the {len(errors)} selected rows failed "
+                         f"({dl.count_by(errors, 'reason')}); no shard was written and {earlier}. Every row's "
+                         f"reason is in {storage.join(output, job.FAILED_RUN_ERRORS)}{first}")

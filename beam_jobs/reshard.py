@@ -59,8 +59,6 @@ import argparse
 import concurrent.futures
 import dataclasses
 import hashlib
-import json
-import sys
 import typing
 from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
@@ -103,13 +101,6 @@ class ReshardOptions:
         if self.shards_multiple_of < 1:
             raise ConfigError(f"--shards-multiple-of must be >= 1, got {self.shards_multiple_of}")
 
-    @classmethod
-    def from_argv(cls, argv: Sequence[str] | None) -> tuple[ReshardOptions, list[str]]:
-        """The job's options and the rest of ``argv`` (Beam's pipeline options)."""
-        args, beam_args = build_parser().parse_known_args(argv)
-        fields = {**vars(args), "domains": [d.strip() for d in args.domains.split(",") if d.strip()]}
-        return from_dict(cls, fields, where="octjepa reshard"), beam_args
-
     def recorded(self) -> dict[str, Any]:
         """What the indexes record: everything that decides the output's bytes (not the output path, so two runs
         into two folders give identical indexes)."""
@@ -131,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shards-multiple-of", type=int, default=1,
                         help="make every split's shard count a multiple of K (hosts x loader workers)")
     return parser
+
+
+def parse_options(argv: Sequence[str] | None) -> tuple[ReshardOptions, list[str]]:
+    """The job's options, validated; and the rest of ``argv`` (Beam's pipeline options)."""
+    args, beam_args = build_parser().parse_known_args(argv)
+    fields = {**vars(args), "domains": [d.strip() for d in args.domains.split(",") if d.strip()]}
+    return from_dict(ReshardOptions, fields, where="octjepa reshard"), beam_args
 
 
 def pipeline_options(beam_args: Sequence[str]) -> Any:
@@ -170,14 +168,11 @@ def finalise(opts: ReshardOptions, entries: Iterable[tuple[str, Mapping[str, Any
     return index
 
 
-def read_result(output: str) -> dict[str, Any]:
-    """The root index this run wrote; its first problem as a ContractError when it wrote none."""
-    problems = job.read_failed_run(output)
-    if problems is not None:
-        first = problems[0]["message"] if problems else "no problem recorded"
-        raise ContractError(f"{first} ({len(problems)} problem(s) in all, each in "
-                            f"{storage.join(output, job.FAILED_RUN_ERRORS)}); no index.json written")
-    return json.loads(storage.read_bytes(storage.join(output, INDEX_NAME)))
+def problems_error(output: str, problems: list[dict[str, Any]]) -> ContractError:
+    """The error of a run that found problems: the first, and where every one is."""
+    first = problems[0]["message"] if problems else "no problem recorded"
+    return ContractError(f"{first} ({len(problems)} problem(s) in all, each in "
+                         f"{storage.join(output, job.FAILED_RUN_ERRORS)}); no index.json written")
 
 
 # ---------------------------------------------------------------------------------------------------- DoFns
@@ -323,7 +318,7 @@ class Reshard(beam.PTransform):
 # ---------------------------------------------------------------------------------------------------- run
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the job to completion; returns ``{"index": root index, "counters", "seconds"}``."""
-    opts, beam_args = ReshardOptions.from_argv(argv)
+    opts, beam_args = parse_options(argv)
     options = pipeline_options(beam_args)
     runner.check_dataflow(options, input=opts.input, output=opts.output)
     lease.check_separate(opts.input, opts.output)
@@ -338,7 +333,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         counters, seconds = job.run_pipeline(
             options, lambda pipeline: pipeline | "Reshard" >> Reshard(opts, source_index, source_sha256),
             on_signal=held.release, namespace=NAMESPACE)
-        index = read_result(opts.output)
+        index = job.read_result(opts.output, lambda problems: problems_error(opts.output, problems))
     return {"index": index, "counters": counters, "seconds": seconds}
 
 
@@ -356,8 +351,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Through the dispatcher, for its one-line errors; it imports beam_jobs.reshard, so the DoFns pickle by
-    # reference to that module, not as __main__ classes.
-    import octjepa_cli
-
-    sys.exit(octjepa_cli.main(["reshard", *sys.argv[1:]]))
+    job.exit_through_dispatcher("reshard")

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import posixpath
 import tarfile
 import urllib.parse
 from typing import Any, Iterable, Mapping, Sequence
 
-from shards import (TARGET_SHARD_BYTES, CHECKSUM_EXT, ERRORS_NAME, INDEX_NAME, MEMBER_EXTS, META_EXT, VOLUME_EXT,
-                    ContractError, build_index, read_checksums, remove_stale_shards, sha256_of, storage,
-                    validate_meta, write_index, write_shard_file)
+from shards import (TARGET_SHARD_BYTES, CHECKSUM_EXT, INDEX_NAME, MEMBER_EXTS, META_EXT, VOLUME_EXT, ContractError,
+                    complete_set, device_counts, read_checksums, sha256_of, storage, validate_meta,
+                    write_shard_file)
 from shards.checksum import crc32c
 from shards.contract import check_crc
 
-_LOG = logging.getLogger(__name__)
 CREATED_BY = "beam_jobs.reshard"
 
 
@@ -178,25 +176,18 @@ def write_domain_shard(output: str, domain: str, split: str, number: int,
     records = ({"__key__": r.key, VOLUME_EXT: _read_volume_bytes(r), META_EXT: r.meta, CHECKSUM_EXT: r.checksums}
                for r in refs)
     entry = write_shard_file(storage.join(output, domain_dir(domain)), split, number, records)
-    by_device: dict[str, int] = {}
-    for ref in refs:
-        by_device[ref.device] = by_device.get(ref.device, 0) + 1
-    return {**entry, "by_device": dict(sorted(by_device.items()))}
+    return {**entry, "by_device": device_counts(ref.device for ref in refs)}
 
 
 def finalise_domain(output: str, domain: str, entries: Sequence[Mapping[str, Any]], *,
                     config: Mapping[str, Any], source: Mapping[str, Any]) -> dict[str, Any]:
-    """errors.jsonl, stale shards out, then the domain's index.json (last); returns its root-index entry."""
-    root = storage.join(output, domain_dir(domain))
-    storage.write_bytes(storage.join(root, ERRORS_NAME), b"")
-    removed = remove_stale_shards(root, {e["path"] for e in entries})
-    if removed:
-        _LOG.info("%s: removed %d stale file(s) of an earlier run", root, len(removed))
+    """The domain's set completed (an empty errors.jsonl: the source's dead letters stay with the source); returns
+    its root-index entry."""
     total = sum(e["num_samples"] for e in entries)
-    index = build_index(
-        config=config, shards=entries, errors_by_reason={}, manifest_rows=total, selected=total,
-        created_by=CREATED_BY, extra={"domain": {"by": config["reshard"]["by"], "value": domain}, "source": source})
-    write_index(root, index)
+    index = complete_set(
+        storage.join(output, domain_dir(domain)), entries, errors=b"", config=config, errors_by_reason={},
+        manifest_rows=total, selected=total, created_by=CREATED_BY,
+        extra={"domain": {"by": config["reshard"]["by"], "value": domain}, "source": source})
     return {"path": domain_dir(domain), "by_split": index["counts"]["by_split"]}
 
 

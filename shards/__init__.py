@@ -1,4 +1,4 @@
-"""The writer<->reader contract for preprocessed OCT shards (see ``contract``, ``shardset`` and ``root_index``)."""
+"""The writer<->reader contract for preprocessed OCT shards (see ``contract``, ``shardset`` and ``index``)."""
 from shards.contract import (
     ALLOWED_DTYPES,
     CHECKSUM_EXT,
@@ -18,26 +18,33 @@ from shards.contract import (
     validate_meta,
     validate_sample,
 )
-from shards.root_index import ROOT_INDEX_KIND, build_root_index, is_root_index, validate_root_index
-from shards.shardset import (
+from shards.index import (
     ERRORS_NAME,
     INDEX_NAME,
+    ROOT_INDEX_KIND,
+    build_index,
+    build_root_index,
+    complete_set,
+    device_counts,
+    encode_index,
+    is_root_index,
+    load_any_index,
+    read_index,
+    shard_urls,
+    validate_index,
+    validate_root_index,
+    write_index,
+)
+from shards.shardset import (
     TAR_MTIME,
     TARGET_SHARD_BYTES,
     HashingReader,
     MemberReader,
-    build_index,
-    encode_index,
     iter_shard,
-    load_any_index,
-    read_index,
     remove_stale_shards,
     sha256_of,
     shard_name,
-    shard_urls,
     stable_hash,
-    validate_index,
-    write_index,
     write_shard,
     write_shard_file,
 )
@@ -62,8 +69,10 @@ __all__ = [
     "MemberReader",
     "build_index",
     "build_root_index",
+    "complete_set",
     "decode_sample",
     "decode_sample_header",
+    "device_counts",
     "encode_index",
     "encode_sample",
     "is_root_index",

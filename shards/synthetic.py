@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from shards import storage
 from shards.contract import FORMAT_VERSION, META_EXT, encode_sample, make_key
-from shards.shardset import ERRORS_NAME, build_index, write_index, write_shard_file
+from shards.index import complete_set
+from shards.shardset import write_shard_file
 
 CREATED_BY = "shards.synthetic"
 DEVICES = ("heidelberg_spectralis", "topcon_maestro2", "topcon_triton", "zeiss_cirrus")
@@ -100,9 +100,6 @@ def write_set(root: str, shards_by_split: dict[str, list[list[dict[str, Any]]]],
                 device = json.loads(record[META_EXT])["device"]
                 by_split_device.setdefault(split, {}).setdefault(device, 0)
                 by_split_device[split][device] += 1
-    storage.write_bytes(storage.join(root, ERRORS_NAME), b"")
     total = sum(len(records) for shard_records in shards_by_split.values() for records in shard_records)
-    index = build_index(config=config, shards=entries, by_split_device=by_split_device, errors_by_reason={},
-                        manifest_rows=total, selected=total, created_by=created_by)
-    write_index(root, index)
-    return index
+    return complete_set(root, entries, errors=b"", config=config, by_split_device=by_split_device,
+                        errors_by_reason={}, manifest_rows=total, selected=total, created_by=created_by)

@@ -17,8 +17,8 @@ from typing import Any, Mapping
 
 from shards import storage
 from shards.contract import ContractError, decode_sample
-from shards.root_index import is_root_index, validate_root_index
-from shards.shardset import HashingReader, iter_shard, load_any_index, read_index
+from shards.index import is_root_index, load_any_index, read_index, validate_root_index
+from shards.shardset import HashingReader, iter_shard
 
 
 # ---------------------------------------------------------------------------------------------- the report
