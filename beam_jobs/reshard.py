@@ -13,7 +13,7 @@ the same flags as preprocessing (``beam_jobs.runner``).
 
 Output: ``O2/<domain>/<split>/shard-NNNNNN.tar`` with ``O2/<domain>/index.json`` (each domain directory is an
 ordinary shard set: ``shards.read_index("O2/<domain>")`` reads it), and ``O2/index.json`` (``kind:
-octjepa-reshard-root``, see ``shards.root_index``) listing the domains and their per-split counts. The domain
+octjepa-reshard-root``, see ``shards.index``) listing the domains and their per-split counts. The domain
 directory is the field value, percent-quoted if it holds characters unsafe in a path.
 
 The pipeline (the file work itself is in ``beam_jobs.reshard_files``)::
@@ -142,8 +142,9 @@ def pipeline_options(beam_args: Sequence[str]) -> Any:
 def finalise(opts: ReshardOptions, entries: Iterable[tuple[str, Mapping[str, Any]]], *, problems: list[dict],
              domain_config: Mapping[str, Any], source: Mapping[str, Any],
              source_config: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Every domain's index.json, then the root's (last), and the root index; when the run found problems (or a
-    requested domain had no sample), only those, to the failed-run file, and None."""
+    """Complete every domain set, remove the domain folders of an earlier run, write the root's index.json (last) and
+    return it. When the run found problems, or a requested domain had no sample, write only those (to the failed-run
+    file, ``beam_jobs.job``) and return None."""
     by_domain: dict[str, list[Mapping[str, Any]]] = {}
     for domain, entry in entries:
         by_domain.setdefault(domain, []).append(entry)
@@ -254,12 +255,12 @@ class WriteShardFn(beam.DoFn):
 
 
 class FinaliseFn(beam.DoFn):
-    """Output URL -> the root index (``finalise``), once every shard is written and every source shard checked."""
+    """(one impulse) -> the root index (``finalise``), once every shard is written and every source shard checked."""
 
     def __init__(self, opts: ReshardOptions, source_shards: int, **context: Mapping[str, Any]):
         self._opts, self._source_shards, self._context = opts, source_shards, context
 
-    def process(self, output: str, entries: list[tuple[str, dict]], checked: list[str],
+    def process(self, _: bytes, entries: list[tuple[str, dict]], checked: list[str],
                 problems: list[dict]) -> Iterator[dict[str, Any]]:
         # Every scan either checks its shard or reports a problem, so this cannot happen; never trust the index to it.
         if not problems and len(set(checked)) != self._source_shards:
@@ -308,7 +309,6 @@ class Reshard(beam.PTransform):
         problems = (scanned[PROBLEMS_TAG], dealt[PROBLEMS_TAG], written[PROBLEMS_TAG]) | "Problems" >> beam.Flatten()
         return (pbegin
                 | "Finish" >> beam.Impulse()
-                | "OutputUrl" >> beam.Map(lambda _, output: output, opts.output)
                 | "Finalise" >> beam.ParDo(FinaliseFn(opts, len(self._tasks), **self._context),
                                            entries=beam.pvalue.AsList(written.entries),
                                            checked=beam.pvalue.AsList(scanned[CHECKED_TAG]),

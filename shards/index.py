@@ -118,7 +118,7 @@ def write_index(root: str, index: Mapping[str, Any]) -> None:
 
 
 def load_any_index(root: str) -> dict[str, Any]:
-    """The raw index.json of a shard set or of a re-sharded root (``shards.root_index``); refuses a folder without."""
+    """The raw index.json of a shard set or of a re-sharded root; refuses a folder without one."""
     url = storage.join(root, INDEX_NAME)
     if not storage.exists(url):
         raise ContractError(f"{root}: no {INDEX_NAME}; this is not a complete shard set (a writer may have been "
