@@ -104,7 +104,8 @@ def validate_index(index: Mapping[str, Any], *, where: str) -> None:
                     raise ContractError(f"{where}: shard entry {shard!r} is missing field {field!r}")
             total += shard["num_samples"]
         if total != entry["num_samples"]:
-            raise ContractError(f"{where}: split {split!r} says {entry['num_samples']} samples, its shards hold {total}")
+            raise ContractError(f"{where}: split {split!r} says {entry['num_samples']} samples, its shards hold "
+                                f"{total}")
 
 
 def encode_index(index: Mapping[str, Any]) -> bytes:
