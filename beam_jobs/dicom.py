@@ -28,10 +28,10 @@ from pydicom.uid import (
     JPEGExtended12Bit,
 )
 
+from beam_jobs.config import DEFAULT_MAX_DECODED_BYTES
 from beam_jobs.spacing import SpacingError, resolve_spacing
 
 OPT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.5.4"  # Ophthalmic Tomography Image Storage
-DEFAULT_MAX_DECODED_BYTES = 1 << 30  # 4x the largest real AI-READI volume (Triton 256x992x512 at 16 bit)
 
 REASONS = frozenset({
     "not_dicom", "truncated", "no_pixel_data", "wrong_sop_class", "missing_spacing", "implausible_spacing",

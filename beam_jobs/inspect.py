@@ -19,7 +19,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from pydicom.uid import UID
 
-from beam_jobs.dicom import DEFAULT_MAX_DECODED_BYTES, DicomReadError, read_header, read_oct_dicom
+from beam_jobs.config import DEFAULT_MAX_DECODED_BYTES
+from beam_jobs.dicom import DicomReadError, read_header, read_oct_dicom
 from shards import storage
 
 

@@ -10,7 +10,8 @@
 
 ``--data-root`` is the folder the manifest's ``filepath`` column is relative to (the dataset root, which holds
 ``retinal_oct/``). Any of the paths may be local or ``gs://``. Without ``--runner`` the job runs locally on Beam's
-FnApiRunner with one worker process per core (see ``beam_jobs.runner``).
+FnApiRunner with one worker process per core (see ``beam_jobs.runner``). The command line is parsed once, into
+``beam_jobs.config.PreprocessOptions`` (validated; ``index.json`` records it as its ``config``).
 
 Before anything under ``--output`` is touched, the driver reads the participants file and the manifest (which must
 parse and select at least one row) and checks that the data root is a readable folder: a wrong path is a one-line
@@ -56,7 +57,6 @@ import logging
 import math
 import os
 import posixpath
-import sys
 import time
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -64,13 +64,14 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from beam_jobs import dead_letters as dl
+from beam_jobs import job, runner
 from beam_jobs import manifest as mf
-from beam_jobs import runner
+from beam_jobs.config import PreprocessConfig, PreprocessOptions, load_preprocess_config
 from beam_jobs.dead_letters import Decoded, one_sample_per_file
-from beam_jobs.preprocess_output import (FAILED_RUN_ERRORS, AllRowsFailed, finalise, read_result,  # noqa: F401
-                                         read_staged, retract_index, stage_sample, staged_url)
-from shards import TARGET_SHARD_BYTES, lease, stable_hash, storage, write_shard_file
-from shards.typed_config import ConfigError, to_dict
+from beam_jobs.preprocess_output import (all_rows_failed, finalise, read_staged, retract_index, stage_sample,
+                                         staged_url)
+from shards import device_counts, lease, stable_hash, storage, write_shard_file
+from shards.typed_config import from_dict
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "octjepa.preprocess"
@@ -101,12 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def default_samples_per_shard(config: Any) -> int:
-    """About TARGET_SHARD_BYTES per shard at the configured output shape (16-bit worst case)."""
-    shape = getattr(config, "target_shape", None)
-    if not shape:
-        return 32
-    return max(1, TARGET_SHARD_BYTES // (math.prod(int(s) for s in shape) * 2))
+def parse_options(argv: Sequence[str] | None) -> tuple[PreprocessOptions, list[str]]:
+    """The job's options, validated, with the preset and its ``--set`` overrides loaded; and the rest of ``argv``
+    (Beam's pipeline options)."""
+    args, beam_args = build_parser().parse_known_args(argv)
+    fields = {k: v for k, v in vars(args).items() if k not in ("config", "overrides")}
+    config = load_preprocess_config(args.config, args.overrides)
+    return from_dict(PreprocessOptions, {**fields, "preprocess": config}, where="octjepa preprocess"), beam_args
 
 
 # ---------------------------------------------------------------------------------------------------- DoFns
@@ -137,10 +139,9 @@ class PreprocessFn(beam.DoFn):
     read or become a sample goes to ERRORS_TAG with its reason (``beam_jobs.dead_letters``), so that one file
     never stops the job. Writing the staged sample is the output's business: a failure there fails the bundle."""
 
-    def __init__(self, data_root: str, output: str, config: Any, record_workers: bool = False,
-                 progress_every: int = 25):
+    def __init__(self, data_root: str, output: str, config: PreprocessConfig, progress_every: int = 25):
         self._data_root, self._output, self._config = data_root, output, config
-        self._record_workers, self._progress_every = record_workers, progress_every
+        self._progress_every = progress_every
 
     def setup(self) -> None:
         # Imported and created here, in the worker process: gcsfs must not be created before Beam forks/spawns.
@@ -182,10 +183,6 @@ class PreprocessFn(beam.DoFn):
             return
         stage_sample(self._output, sample)
         Metrics.counter(NAMESPACE, "decoded").inc()
-        if self._record_workers:  # local runs only: proves every worker process took work
-            Metrics.counter(NAMESPACE, f"worker_pid_{os.getpid()}").inc()
-        if "torch" in sys.modules:
-            Metrics.counter(NAMESPACE, "volumes_on_workers_with_torch").inc()
         self._progress()
         yield header.sop_instance_uid, Decoded(row, header.patient_id)
 
@@ -257,13 +254,10 @@ class WriteShardFn(beam.DoFn):
         members = sorted(members)
         samples = (read_staged(self._output, key) for key, _ in members)
         entry = write_shard_file(self._output, split, number, samples)
-        by_device: dict[str, int] = {}
-        for _, device in members:
-            by_device[device] = by_device.get(device, 0) + 1
         Metrics.counter(NAMESPACE, "shards_written").inc()
         Metrics.counter(NAMESPACE, "bytes_written").inc(entry["bytes"])
         _LOG.info("wrote %s (%d samples, %d bytes)", entry["path"], entry["num_samples"], entry["bytes"])
-        yield {**entry, "by_device": dict(sorted(by_device.items()))}
+        yield {**entry, "by_device": device_counts(device for _, device in members)}
 
 
 class FinaliseFn(beam.DoFn):
@@ -284,63 +278,45 @@ class FinaliseFn(beam.DoFn):
 class Preprocess(beam.PTransform):
     """Selected rows -> ``(shard entries, error records, warning records)``."""
 
-    def __init__(self, *, data_root: str, output: str, config: Any, samples_per_shard: int,
-                 record_workers: bool = False):
+    def __init__(self, opts: PreprocessOptions):
         super().__init__()
-        self._data_root, self._output, self._config = data_root, output, config
-        self._samples_per_shard, self._record_workers = samples_per_shard, record_workers
+        self._opts = opts
 
     def expand(self, rows: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection, beam.PCollection]:
+        opts = self._opts
         rows_per_split = (rows
                           | "KeyBySplit" >> beam.Map(lambda row: (row.split, 1))
                           | "CountPerSplit" >> beam.CombinePerKey(sum))
         decoded = (rows
                    # Reading the manifest is one cheap step on one worker; redistribute before the costly decode.
                    | "Reshuffle" >> beam.Reshuffle()
-                   | "DecodeResample" >> beam.ParDo(PreprocessFn(self._data_root, self._output, self._config,
-                                                                 self._record_workers)).with_outputs(
-                       ERRORS_TAG, main="decoded"))
+                   | "DecodeResample" >> beam.ParDo(PreprocessFn(opts.data_root, opts.output, opts.preprocess))
+                   .with_outputs(ERRORS_TAG, main="decoded"))
         kept = (decoded.decoded
                 | "GroupByFileUid" >> beam.GroupByKey()
-                | "OneSamplePerFile" >> beam.ParDo(OneSamplePerFileFn(self._output)).with_outputs(
+                | "OneSamplePerFile" >> beam.ParDo(OneSamplePerFileFn(opts.output)).with_outputs(
                     ERRORS_TAG, WARNINGS_TAG, main="samples"))
         entries = (kept.samples
                    | "AssignShard" >> beam.Map(assign_shard, rows_per_split=beam.pvalue.AsDict(rows_per_split),
-                                               samples_per_shard=self._samples_per_shard)
+                                               samples_per_shard=opts.samples_per_shard)
                    | "GroupByShard" >> beam.GroupByKey()
-                   | "WriteShards" >> beam.ParDo(WriteShardFn(self._output)))
+                   | "WriteShards" >> beam.ParDo(WriteShardFn(opts.output)))
         errors = (decoded[ERRORS_TAG], kept[ERRORS_TAG]) | "RowErrors" >> beam.Flatten()
         return entries, errors, kept[WARNINGS_TAG]
 
 
 # ---------------------------------------------------------------------------------------------------- run
-def index_config(args: argparse.Namespace, config: Any, samples_per_shard: int) -> dict[str, Any]:
-    """What index["config"] records: everything that decides the output's bytes (not the output path, so two
-    runs into two folders give identical indexes)."""
-    return {"preprocess": to_dict(config), "samples_per_shard": samples_per_shard, "manifest": args.manifest,
-            "data_root": args.data_root, "participants": args.participants, "devices": list(args.devices),
-            "anatomic_regions": list(args.anatomic_regions), "val_fraction": args.val_fraction}
-
-
-def selection_of(args: argparse.Namespace) -> mf.Selection:
-    return mf.Selection(devices=tuple(args.devices), anatomic_regions=tuple(args.anatomic_regions))
-
-
-def build_pipeline(pipeline: beam.Pipeline, args: argparse.Namespace, *, config: Any,
-                   recommended: Mapping[str, str] | None, samples_per_shard: int, record_workers: bool) -> None:
+def build_pipeline(pipeline: beam.Pipeline, opts: PreprocessOptions, *, recommended: Mapping[str, str] | None) -> None:
     """Add the job's steps to ``pipeline`` (nothing runs until ``pipeline.run()``)."""
     read = (pipeline
-            | "ManifestUrl" >> beam.Create([args.manifest])
-            | "ReadManifest" >> beam.ParDo(ReadManifestFn(selection_of(args), recommended,
-                                                          args.val_fraction)).with_outputs(
-                ERRORS_TAG, STATS_TAG, main="rows"))
-    entries, row_errors, warnings = read.rows | "Preprocess" >> Preprocess(
-        data_root=args.data_root, output=args.output, config=config, samples_per_shard=samples_per_shard,
-        record_workers=record_workers)
+            | "ManifestUrl" >> beam.Create([opts.manifest])
+            | "ReadManifest" >> beam.ParDo(ReadManifestFn(opts.selection, recommended, opts.val_fraction))
+            .with_outputs(ERRORS_TAG, STATS_TAG, main="rows"))
+    entries, row_errors, warnings = read.rows | "Preprocess" >> Preprocess(opts)
     errors = (read[ERRORS_TAG], row_errors) | "AllErrors" >> beam.Flatten()
     _ = (pipeline
-         | "OutputUrl" >> beam.Create([args.output])
-         | "Finalise" >> beam.ParDo(FinaliseFn(index_config(args, config, samples_per_shard)),
+         | "OutputUrl" >> beam.Create([opts.output])
+         | "Finalise" >> beam.ParDo(FinaliseFn(opts.recorded()),
                                     entries=beam.pvalue.AsList(entries), errors=beam.pvalue.AsList(errors),
                                     warnings=beam.pvalue.AsList(warnings),
                                     stats=beam.pvalue.AsSingleton(read[STATS_TAG])))
@@ -348,69 +324,39 @@ def build_pipeline(pipeline: beam.Pipeline, args: argparse.Namespace, *, config:
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the job to completion; returns ``{"index", "counters", "seconds"}``."""
-    from beam_jobs.config import load_preprocess_config
-
-    args, beam_args = build_parser().parse_known_args(argv)
-    # Workers may run in another directory (local worker processes do), so local paths are made absolute here.
-    for name in ("manifest", "data_root", "output", "participants"):
-        value = getattr(args, name)
-        if value is not None and not storage.is_remote(value):
-            setattr(args, name, os.path.abspath(value))
+    opts, beam_args = parse_options(argv)
     options = runner.pipeline_options(beam_args, job_name="octjepa-preprocess")
-    runner.check_dataflow(options, manifest=args.manifest, data_root=args.data_root, output=args.output)
-    config = load_preprocess_config(args.config, args.overrides)
-    samples_per_shard = (default_samples_per_shard(config) if args.samples_per_shard is None
-                         else args.samples_per_shard)
-    if samples_per_shard < 1:
-        raise ConfigError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise ConfigError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    recommended = mf.check_inputs(args.manifest, participants=args.participants, data_root=args.data_root,
-                                  selection=selection_of(args), val_fraction=args.val_fraction)
+    runner.check_dataflow(options, manifest=opts.manifest, data_root=opts.data_root, output=opts.output)
+    recommended = mf.check_inputs(opts.manifest, participants=opts.participants, data_root=opts.data_root,
+                                  selection=opts.selection, val_fraction=opts.val_fraction)
 
-    with lease.hold(args.output, job="preprocess") as held:
-        lease.require_overwrite(args.output, args.overwrite)
-        started = time.monotonic()
-        pipeline = runner.make_pipeline(options)
-        build_pipeline(pipeline, args, config=config, recommended=recommended, samples_per_shard=samples_per_shard,
-                       record_workers=runner.is_local(options))
-        result = runner.run_and_wait(pipeline, on_signal=held.release)
-        seconds = time.monotonic() - started
-        index = read_result(args.output)
-    return {"index": index, "counters": runner.counters(result, NAMESPACE), "seconds": seconds}
+    with lease.hold(opts.output, job="preprocess") as held:
+        lease.require_overwrite(opts.output, opts.overwrite)
+        counters, seconds = job.run_pipeline(
+            options, lambda pipeline: build_pipeline(pipeline, opts, recommended=recommended),
+            on_signal=held.release, namespace=NAMESPACE)
+        index = job.read_result(opts.output, lambda errors: all_rows_failed(opts.output, errors))
+    return {"index": index, "counters": counters, "seconds": seconds}
 
 
 def summary(report: Mapping[str, Any]) -> str:
     index, seconds = report["index"], report["seconds"]
     shards = [s for split in index["splits"].values() for s in split["shards"]]
-    lines = [f"preprocess: {index['selected']} selected of {index['manifest_rows']} manifest rows -> "
-             f"{sum(index['counts']['by_split'].values())} samples in {len(shards)} shards, "
-             f"{index['errors']['count']} errors, {index['warnings']['count']} warnings",
-             f"  by split:  {index['counts']['by_split']}",
-             f"  by device: {index['counts']['by_device']}",
-             f"  errors:    {index['errors']['by_reason']}",
-             f"  warnings:  {index['warnings']['by_kind']}",
-             f"  {index['selected'] / max(seconds, 1e-9):.2f} volumes/s over {seconds:.1f} s; "
-             f"{sum(s['bytes'] for s in shards) / 1e6:.1f} MB of shards written"]
-    workers = sorted(k for k in report["counters"] if k.startswith("worker_pid_"))
-    if workers:
-        lines.append(f"  worker processes: {len(workers)}")
-    return "\n".join(lines)
+    return "\n".join([
+        f"preprocess: {index['selected']} selected of {index['manifest_rows']} manifest rows -> "
+        f"{sum(index['counts']['by_split'].values())} samples in {len(shards)} shards, "
+        f"{index['errors']['count']} errors, {index['warnings']['count']} warnings",
+        f"  by split:  {index['counts']['by_split']}",
+        f"  by device: {index['counts']['by_device']}",
+        f"  errors:    {index['errors']['by_reason']}",
+        f"  warnings:  {index['warnings']['by_kind']}",
+        f"  {index['selected'] / max(seconds, 1e-9):.2f} volumes/s over {seconds:.1f} s; "
+        f"{sum(s['bytes'] for s in shards) / 1e6:.1f} MB of shards written"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run and print the summary; user errors (OctjepaError) propagate to the ``octjepa`` dispatcher."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Beam logs every bundle at INFO; keep the job's own progress lines readable.
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    report = run(argv)
-    print(summary(report), flush=True)
-    return 0
+    return job.main(run, summary, argv)
 
 
 if __name__ == "__main__":
-    # Through the dispatcher, for its one-line errors; it imports beam_jobs.preprocess, so the DoFns pickle by
-    # reference to that module (importable on workers), not as __main__ classes.
-    import octjepa_cli
-
-    sys.exit(octjepa_cli.main(["preprocess", *sys.argv[1:]]))
+    job.exit_through_dispatcher("preprocess")

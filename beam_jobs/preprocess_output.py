@@ -2,25 +2,22 @@
 finalisation (errors.jsonl, stale shards out, index.json last), and the driver's reading of the result.
 
 A run in which every selected row failed writes no shard and no index: its dead letters go to
-``O/FAILED_RUN_ERRORS`` (errors.jsonl and index.json belong to whatever set the output already held, which stays
-whole) and the driver raises ``AllRowsFailed``. The next run that writes a set removes that file.
+``O/failed-run-errors.jsonl`` (``beam_jobs.job``; errors.jsonl and index.json belong to whatever set the output
+already held, which stays whole) and the driver raises ``AllRowsFailed``. The next run that writes a set removes it.
 """
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 from typing import Any, Mapping, Sequence
 
 from beam_jobs import dead_letters as dl
-from shards import (ERRORS_NAME, INDEX_NAME, build_index, iter_shard, remove_stale_shards, storage, write_index,
-                    write_shard)
+from beam_jobs import job
+from shards import INDEX_NAME, complete_set, iter_shard, storage, write_shard
 from shards.errors import OctjepaError
 
 CREATED_BY = "beam_jobs.preprocess"
 STAGING = "_staging"
-# Where a run in which every selected row failed puts its dead letters (errors.jsonl belongs to the set it left).
-FAILED_RUN_ERRORS = "failed-run-errors.jsonl"
 
 
 class AllRowsFailed(OctjepaError):
@@ -67,32 +64,22 @@ def finalise(output: str, *, entries: Sequence[Mapping[str, Any]], errors: Seque
     if written + len(errors) != selected:
         raise RuntimeError(f"{output}: {selected} selected manifest rows, but {written} samples in shards + "
                            f"{len(errors)} errors; refusing to write {INDEX_NAME}")
-    lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in sorted(errors, key=dl.sort_key)).encode("utf-8")
+    errors = sorted(errors, key=dl.sort_key)
     storage.remove(storage.join(output, STAGING), recursive=True)
     if written == 0:
-        storage.write_bytes(storage.join(output, FAILED_RUN_ERRORS), lines)
+        job.write_failed_run(output, errors)
         return None
-    storage.write_bytes(storage.join(output, ERRORS_NAME), lines)
-    storage.remove(storage.join(output, FAILED_RUN_ERRORS))
-    remove_stale_shards(output, {e["path"] for e in entries})
-    index = build_index(config=config, shards=entries, errors_by_reason=dl.count_by(errors, "reason"),
-                        manifest_rows=manifest_rows, selected=selected, created_by=CREATED_BY,
-                        extra={"warnings": dl.warnings_summary(warnings)})
-    write_index(output, index)
-    return index
+    job.clear_failed_run(output)
+    return complete_set(output, entries, errors=job.encode_jsonl(errors), config=config,
+                        errors_by_reason=dl.count_by(errors, "reason"), manifest_rows=manifest_rows,
+                        selected=selected, created_by=CREATED_BY, extra={"warnings": dl.warnings_summary(warnings)})
 
 
-def read_result(output: str) -> dict[str, Any]:
-    """The index this run wrote; AllRowsFailed when it wrote dead letters only."""
-    failed = storage.join(output, FAILED_RUN_ERRORS)
-    fs, path = storage.get_fs(failed)
-    fs.invalidate_cache()
-    if fs.exists(path):
-        errors = [json.loads(line) for line in storage.read_bytes(failed).decode("utf-8").splitlines()]
-        earlier = ("the set already there is unchanged" if storage.exists(storage.join(output, INDEX_NAME))
-                   else "no set was written")
-        first = f"; first: row {errors[0]['row']}: {errors[0]['message']}" if errors else ""
-        raise AllRowsFailed(f"{output}: every one of the {len(errors)} selected rows failed "
-                            f"({dl.count_by(errors, 'reason')}); no shard was written and {earlier}. Every row's "
-                            f"reason is in {failed}{first}")
-    return json.loads(storage.read_bytes(storage.join(output, INDEX_NAME)))
+def all_rows_failed(output: str, errors: list[dict[str, Any]]) -> AllRowsFailed:
+    """The error of a run whose every selected row failed, from its dead letters."""
+    earlier = ("the set already there is unchanged" if storage.exists(storage.join(output, INDEX_NAME))
+               else "no set was written")
+    first = f"; first: row {errors[0]['row']}: {errors[0]['message']}" if errors else ""
+    return AllRowsFailed(f"{output}: every one of the {len(errors)} selected rows failed "
+                         f"({dl.count_by(errors, 'reason')}); no shard was written and {earlier}. Every row's "
+                         f"reason is in {storage.join(output, job.FAILED_RUN_ERRORS)}{first}")

@@ -13,25 +13,28 @@ the same flags as preprocessing (``beam_jobs.runner``).
 
 Output: ``O2/<domain>/<split>/shard-NNNNNN.tar`` with ``O2/<domain>/index.json`` (each domain directory is an
 ordinary shard set: ``shards.read_index("O2/<domain>")`` reads it), and ``O2/index.json`` (``kind:
-octjepa-reshard-root``, see ``shards.verify``) listing the domains and their per-split counts. The domain
+octjepa-reshard-root``, see ``shards.index``) listing the domains and their per-split counts. The domain
 directory is the field value, percent-quoted if it holds characters unsafe in a path.
 
 The pipeline (the file work itself is in ``beam_jobs.reshard_files``)::
 
-    source shard entries -GroupByKey task-> ScanShards (size against the source index, then tar member offsets
-      and the small json members only) -> sample refs (key, domain, split, npy byte offset), and one SourceCheck
-      per source shard -GroupByKey (domain, split)-> DealIntoShards (sorted keys dealt round-robin; checks pass
-      through) -GroupByKey task-> CopyAndCheck (one output tar from ranged reads of the npy bytes, or one source
-      shard's sha256 against the source index) -GroupByKey all-> Finalise (refuses unless every source shard
-      passed its check; then per domain errors.jsonl, stale shards removed, index.json; then O2/index.json, last)
+    source shard entries -GroupByKey task-> ScanAndCheck (size and sha256 against the source index, tar member
+      offsets, the small json members) -> sample refs (key, domain, split, npy byte offset)
+      -GroupByKey (domain, split)-> DealIntoShards (sorted keys dealt round-robin) -GroupByKey task-> WriteShards
+      (one output tar from ranged reads of the npy bytes, each volume checked against its CRC32C as it is copied)
+    shard entries + source shards checked + problems -Finalise-> per domain errors.jsonl, stale shards removed,
+      index.json; then O2/index.json, last
 
 Every shuffle is a GroupByKey: on a unique key (a task) it spreads the work over the workers as a Reshuffle would
 (Beam's Reshuffle is a GroupByKey on a random key), with fewer transforms and, locally, fewer stages. Only
 references travel through the shuffles, never volume bytes, so memory stays flat however large the input. Each
-source byte is read twice (the ranged copy, and the checksum pass) and hashed once, each output byte written and
-hashed once. The checksum pass is a task beside the shard writes, not a step before them: locally it overlaps
-their disk writes, and on Dataflow it spreads like them. A flipped byte therefore fails the job while or after
-shards are written, but before any index.json: ``index.json`` files of an earlier run in O2 are deleted before the
+source byte is read twice (the checksum pass of the scan, and the ranged copy), each output byte written and hashed
+once. A damaged source shard is found before any shard is written: no shard is dealt once a scan has failed.
+
+A contract problem a worker finds (a corrupt or truncated source shard, a volume failing its CRC32C, a duplicate
+key, a requested domain without samples) is routed as data (tagged outputs), never raised there: Finalise then
+writes no index but the problems, to ``O2/failed-run-errors.jsonl`` (``beam_jobs.job``), and the driver raises the
+first as a ContractError naming its shard. ``index.json`` files of an earlier run in O2 are deleted before the
 pipeline starts, so a run that fails or dies midway leaves sets readers refuse.
 
 Before anything is deleted: ``--output`` must be apart from ``--input`` (not equal, inside or a parent,
@@ -56,43 +59,41 @@ import argparse
 import concurrent.futures
 import dataclasses
 import hashlib
-import json
-import logging
-import sys
-import time
 import typing
 from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from beam_jobs import runner
+from beam_jobs import job, runner
+from beam_jobs.reshard_files import (CREATED_BY, SampleRef, ShardWrite, check_source_shard, deal, finalise_domain,
+                                     retract_indexes, scan_shard, shard_count, write_domain_shard)
 from beam_jobs.reshard_output import check_output, remove_stale_domains
-from beam_jobs.reshard_files import (CREATED_BY, TARGET_SHARD_BYTES, SampleRef, ShardWrite, SourceCheck,  # noqa: F401
-                                     check_source_shard, deal, domain_dir, finalise_domain, retract_indexes,
-                                     scan_shard, shard_count, write_domain_shard)
-from shards import INDEX_NAME, ContractError, encode_index, lease, read_index, storage
+from shards import (INDEX_NAME, ContractError, build_root_index, encode_index, is_root_index, lease, load_any_index,
+                    read_index, storage)
 from shards.typed_config import ConfigError, from_dict, to_dict
-from shards.verify import ROOT_INDEX_KIND, build_root_index, load_any_index
 
 NAMESPACE = "octjepa.reshard"
 # Local default, unlike preprocess's processes: re-sharding is file I/O and sha256, which release the GIL, so
 # threads run it in parallel without starting a process per worker (each of which, where torch is installed, also
 # pays ~7 s for webdataset importing torch). --direct_running_mode on the command line still wins.
 LOCAL_RUNNING_MODE = "multi_threading"
+CHECKED_TAG = "checked"
+PROBLEMS_TAG = "problems"
 # Metadata fields a set can be split by (the domains are their values).
 ByField = Literal["device", "anatomic_region", "laterality", "split"]
 
 
 # ---------------------------------------------------------------------------------------------------- options
 @dataclasses.dataclass(frozen=True)
-class ReshardConfig:
+class ReshardOptions:
     input: str
     output: str
     by: ByField = "device"
     domains: tuple[str, ...] = ()          # empty: every value of the field
-    samples_per_shard: int | None = None   # None: about TARGET_SHARD_BYTES of volumes per shard
+    samples_per_shard: int | None = None   # None: about shards.TARGET_SHARD_BYTES of volumes per shard
     shards_multiple_of: int = 1
+    overwrite: bool = False                # replace the complete result of an earlier run
 
     def __post_init__(self) -> None:
         if self.samples_per_shard is not None and self.samples_per_shard < 1:
@@ -103,7 +104,7 @@ class ReshardConfig:
     def recorded(self) -> dict[str, Any]:
         """What the indexes record: everything that decides the output's bytes (not the output path, so two runs
         into two folders give identical indexes)."""
-        return {k: v for k, v in to_dict(self).items() if k != "output"}
+        return {k: v for k, v in to_dict(self).items() if k not in ("output", "overwrite")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_options(argv: Sequence[str] | None) -> tuple[ReshardOptions, list[str]]:
+    """The job's options, validated; and the rest of ``argv`` (Beam's pipeline options)."""
+    args, beam_args = build_parser().parse_known_args(argv)
+    fields = {**vars(args), "domains": [d.strip() for d in args.domains.split(",") if d.strip()]}
+    return from_dict(ReshardOptions, fields, where="octjepa reshard"), beam_args
+
+
 def pipeline_options(beam_args: Sequence[str]) -> Any:
     """``beam_jobs.runner``'s options with this job's local running mode as the default."""
     if not any(arg.startswith("--direct_running_mode") for arg in beam_args):
@@ -131,24 +139,41 @@ def pipeline_options(beam_args: Sequence[str]) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------- finalising
-def check_requested_domains(cfg: ReshardConfig, domains: Iterable[str]) -> None:
-    """Refuse when a requested domain had no sample."""
-    missing = sorted(set(cfg.domains) - set(domains))
+def finalise(opts: ReshardOptions, entries: Iterable[tuple[str, Mapping[str, Any]]], *, problems: list[dict],
+             domain_config: Mapping[str, Any], source: Mapping[str, Any],
+             source_config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Complete every domain set, remove the domain folders of an earlier run, write the root's index.json (last) and
+    return it. When the run found problems, or a requested domain had no sample, write only those (to the failed-run
+    file, ``beam_jobs.job``) and return None."""
+    by_domain: dict[str, list[Mapping[str, Any]]] = {}
+    for domain, entry in entries:
+        by_domain.setdefault(domain, []).append(entry)
+    missing = sorted(set(opts.domains) - set(by_domain))
     if missing:
-        raise ContractError(f"{cfg.input}: requested domain(s) {missing} have no samples when grouping by "
-                            f"{cfg.by!r}; found {sorted(domains)}. No root index written.")
-
-
-def finalise_root(output: str, domains: Mapping[str, Mapping[str, Any]], *, cfg: ReshardConfig,
-                  source_config: Mapping[str, Any]) -> dict[str, Any]:
-    """O2/index.json, written last, after the domain folders of an earlier run are removed: refuses when a requested
-    domain had no sample."""
-    check_requested_domains(cfg, domains)
-    remove_stale_domains(output, {entry["path"] for entry in domains.values()})
-    index = build_root_index(by=cfg.by, domains=domains, created_by=CREATED_BY,
-                             config={"reshard": cfg.recorded(), "source": dict(source_config)})
-    storage.write_bytes(storage.join(output, INDEX_NAME), encode_index(index))
+        problems = [*problems, {"stage": "finalise", "message": (
+            f"{opts.input}: requested domain(s) {missing} have no samples when grouping by {opts.by!r}; found "
+            f"{sorted(by_domain)}")}]
+    if problems:
+        job.write_failed_run(opts.output, sorted(problems, key=lambda p: (p["message"], p["stage"])))
+        return None
+    # Domains in parallel: each is a few small fsync'ed (or uploaded) files and a listing.
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(8, len(by_domain)))) as pool:
+        written = pool.map(lambda item: finalise_domain(opts.output, *item, config=domain_config, source=source),
+                           sorted(by_domain.items()))
+        domains = dict(zip(sorted(by_domain), written))
+    job.clear_failed_run(opts.output)
+    remove_stale_domains(opts.output, {entry["path"] for entry in domains.values()})
+    index = build_root_index(by=opts.by, domains=domains, created_by=CREATED_BY,
+                             config={"reshard": opts.recorded(), "source": dict(source_config)})
+    storage.write_bytes(storage.join(opts.output, INDEX_NAME), encode_index(index))
     return index
+
+
+def problems_error(output: str, problems: list[dict[str, Any]]) -> ContractError:
+    """The error of a run that found problems: the first, and where every one is."""
+    first = problems[0]["message"] if problems else "no problem recorded"
+    return ContractError(f"{first} ({len(problems)} problem(s) in all, each in "
+                         f"{storage.join(output, job.FAILED_RUN_ERRORS)}); no index.json written")
 
 
 # ---------------------------------------------------------------------------------------------------- DoFns
@@ -158,20 +183,33 @@ def only_one(values: Iterable[Any]) -> Any:
     return value
 
 
+def problem(stage: str, exc: ContractError) -> beam.pvalue.TaggedOutput:
+    """A contract failure found by a worker, as data for Finalise."""
+    Metrics.counter(NAMESPACE, f"problems_{stage}").inc()
+    return beam.pvalue.TaggedOutput(PROBLEMS_TAG, {"stage": stage, "message": str(exc)})
+
+
 class ScanShardFn(beam.DoFn):
     """(task number, [(split, source shard entry)]) -> ((domain, split), SampleRef) per sample of a kept domain,
-    and ((task number,), SourceCheck) for the shard (a 1-tuple key: never a (domain, split))."""
+    once the shard's size, tar structure and sha256 match its index entry; its URL to CHECKED_TAG. A shard that
+    does not match goes to PROBLEMS_TAG, and none of its samples goes on."""
 
     def __init__(self, source_root: str, by: str, domains: tuple[str, ...]):
         self._root, self._by, self._domains = source_root, by, set(domains)
 
     def process(self, element: tuple[int, Iterable[tuple[str, Mapping[str, Any]]]]) -> Iterator[Any]:
-        number, (split, entry) = element[0], only_one(element[1])
+        split, entry = only_one(element[1])
         url = storage.join(self._root, entry["path"])
-        refs = scan_shard(url, entry, split, self._by)
-        Metrics.counter(NAMESPACE, "source_shards_scanned").inc()
+        try:
+            refs = scan_shard(url, entry, split, self._by)
+            Metrics.counter(NAMESPACE, "source_shards_scanned").inc()
+            check_source_shard(url, entry)
+        except ContractError as exc:
+            yield problem("scan", exc)
+            return
+        Metrics.counter(NAMESPACE, "source_shards_checked").inc()
         Metrics.counter(NAMESPACE, "source_samples").inc(len(refs))
-        yield (number,), SourceCheck(url, entry["bytes"], entry["sha256"])
+        yield beam.pvalue.TaggedOutput(CHECKED_TAG, url)
         for ref in refs:
             if self._domains and ref.domain not in self._domains:
                 Metrics.counter(NAMESPACE, "samples_not_in_kept_domains").inc()
@@ -179,145 +217,124 @@ class ScanShardFn(beam.DoFn):
             yield (ref.domain, ref.split), ref
 
 
-def deal_into_shards(element: tuple[tuple, Iterable[SampleRef | SourceCheck]], *, samples_per_shard: int | None,
-                     multiple_of: int) -> Iterator[tuple[tuple, ShardWrite | SourceCheck]]:
-    """A (domain, split)'s refs -> its ShardWrites; a SourceCheck passes through (to be spread with the writes)."""
-    key, refs = element
-    if len(key) == 1:
-        yield ("check", *key), only_one(refs)
+def deal_into_shards(element: tuple[tuple[str, str], Iterable[SampleRef]], *, samples_per_shard: int | None,
+                     multiple_of: int, scan_problems: list[dict]) -> Iterator[Any]:
+    """A (domain, split)'s refs -> its ShardWrites, each under its own key; none once a source shard failed its scan
+    (no index will be written: copying would be wasted)."""
+    if scan_problems:
         return
-    domain, split = key
-    refs = list(refs)
+    (domain, split), refs = element[0], list(element[1])
     n = shard_count(len(refs), sum(r.npy_size for r in refs), samples_per_shard, multiple_of)
-    for number, shard_refs in enumerate(deal(refs, n)):  # empty ones too: an empty shard still counts towards K
-        yield ("write", domain, split, number), ShardWrite(domain, split, number, tuple(shard_refs))
+    try:
+        dealt = deal(refs, n)
+    except ContractError as exc:
+        yield problem("deal", exc)
+        return
+    for number, shard_refs in enumerate(dealt):  # empty ones too: an empty shard still counts towards K
+        yield (domain, split, number), ShardWrite(domain, split, number, tuple(shard_refs))
 
 
-class CopyFn(beam.DoFn):
-    """(unique key, [ShardWrite or SourceCheck]) -> (None, ("shard", domain, index entry with by_device)) or
-    (None, ("source", url)) once that source shard's checksum matched: one key, so one element gets them all."""
+class WriteShardFn(beam.DoFn):
+    """(task key, [ShardWrite]) -> (domain, index entry with by_device); a volume that fails its CRC32C as it is
+    copied goes to PROBLEMS_TAG instead (its shard is not written)."""
 
     def __init__(self, output: str):
         self._output = output
 
-    def process(self, element: tuple[tuple, Iterable[ShardWrite | SourceCheck]]) -> Iterator[tuple[None, tuple]]:
+    def process(self, element: tuple[tuple, Iterable[ShardWrite]]) -> Iterator[Any]:
         task = only_one(element[1])
-        if isinstance(task, SourceCheck):
-            check_source_shard(task)
-            Metrics.counter(NAMESPACE, "source_shards_checked").inc()
-            yield None, ("source", task.url)
+        try:
+            entry = write_domain_shard(self._output, task.domain, task.split, task.number, task.refs)
+        except ContractError as exc:
+            yield problem("copy", exc)
             return
-        entry = write_domain_shard(self._output, task.domain, task.split, task.number, task.refs)
         Metrics.counter(NAMESPACE, "shards_written").inc()
         Metrics.counter(NAMESPACE, "samples_written").inc(entry["num_samples"])
         Metrics.counter(NAMESPACE, "bytes_written").inc(entry["bytes"])
-        yield None, ("shard", task.domain, entry)
+        yield task.domain, entry
 
 
 class FinaliseFn(beam.DoFn):
-    """(None, every CopyFn result) -> the root index: refuses unless every source shard was checked, then writes
-    every domain's index.json, then the root's."""
+    """(one impulse) -> the root index (``finalise``), once every shard is written and every source shard checked."""
 
-    def __init__(self, cfg: ReshardConfig, config: Mapping[str, Any], source: Mapping[str, Any],
-                 source_config: Mapping[str, Any], source_shards: int):
-        self._cfg, self._config, self._source = cfg, dict(config), dict(source)
-        self._source_config, self._source_shards = dict(source_config), source_shards
+    def __init__(self, opts: ReshardOptions, source_shards: int, **context: Mapping[str, Any]):
+        self._opts, self._source_shards, self._context = opts, source_shards, context
 
-    def process(self, element: tuple[None, Iterable[tuple]]) -> Iterator[dict[str, Any]]:
-        checked = 0
-        by_domain: dict[str, list[dict]] = {}
-        for result in element[1]:
-            if result[0] == "source":
-                checked += 1
-            else:
-                by_domain.setdefault(result[1], []).append(result[2])
-        if checked != self._source_shards:  # cannot happen while a failed check fails the job; never trust it
-            raise ContractError(f"{self._cfg.input}: {checked} of {self._source_shards} source shards were checked; "
-                                f"no index written")
-        check_requested_domains(self._cfg, by_domain)  # before any domain index is written
-        # Domains in parallel: each is a few small fsync'ed (or uploaded) files and a listing.
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(8, len(by_domain)))) as pool:
-            written = pool.map(lambda item: finalise_domain(self._cfg.output, *item, config=self._config,
-                                                            source=self._source), sorted(by_domain.items()))
-            domains = dict(zip(sorted(by_domain), written))
-        yield finalise_root(self._cfg.output, domains, cfg=self._cfg, source_config=self._source_config)
+    def process(self, _: bytes, entries: list[tuple[str, dict]], checked: list[str],
+                problems: list[dict]) -> Iterator[dict[str, Any]]:
+        # Every scan either checks its shard or reports a problem, so this cannot happen; never trust the index to it.
+        if not problems and len(set(checked)) != self._source_shards:
+            problems = [{"stage": "finalise", "message": f"{self._opts.input}: {len(set(checked))} of "
+                                                         f"{self._source_shards} source shards were checked"}]
+        index = finalise(self._opts, entries, problems=list(problems), **self._context)
+        if index is not None:
+            yield index
 
 
 class Reshard(beam.PTransform):
-    """The whole job, from the source index: yields the root index (nothing for a source set without shards)."""
+    """The whole job, from the source index: yields the root index (nothing when the run found problems)."""
 
-    def __init__(self, cfg: ReshardConfig, source_index: Mapping[str, Any], source_sha256: str):
+    def __init__(self, opts: ReshardOptions, source_index: Mapping[str, Any], source_sha256: str):
         super().__init__()
-        self._cfg = cfg
+        self._opts = opts
         self._tasks = [(split, shard) for split, entry in sorted(source_index["splits"].items())
                        for shard in entry["shards"]]
-        self._domain_config = {**source_index["config"], "reshard": cfg.recorded()}
-        self._source_config = source_index["config"]
-        self._source = {"url": cfg.input, "index_sha256": source_sha256,
-                        "manifest_rows": source_index["manifest_rows"], "selected": source_index["selected"],
-                        "errors": source_index["errors"]["count"]}
+        self._context = {
+            "domain_config": {**source_index["config"], "reshard": opts.recorded()},
+            "source_config": source_index["config"],
+            "source": {"url": opts.input, "index_sha256": source_sha256, "manifest_rows": source_index["manifest_rows"],
+                       "selected": source_index["selected"], "errors": source_index["errors"]["count"]},
+        }
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        # Every shuffle is a GroupByKey on a key that spreads the work (a source shard, a copy task) or gathers it
-        # (a (domain, split), everything): the fusion breaks Reshuffles would give, in fewer transforms and stages
-        # (a Reshuffle, beam.Create's own included, is a composite of six transforms).
-        cfg = self._cfg
+        # Every shuffle is a GroupByKey on a key that spreads the work (a source shard, a shard to write) or gathers
+        # it (a (domain, split)): the fusion breaks Reshuffles would give, in fewer transforms and stages (a
+        # Reshuffle, beam.Create's own included, is a composite of six transforms).
+        opts = self._opts
+        scanned = (pbegin
+                   | "Start" >> beam.Impulse()
+                   | "SourceShards" >> beam.FlatMap(lambda _, tasks: enumerate(tasks), self._tasks)
+                   | "SpreadSourceShards" >> beam.GroupByKey()
+                   | "ScanAndCheck" >> beam.ParDo(ScanShardFn(opts.input, opts.by, opts.domains)).with_outputs(
+                       CHECKED_TAG, PROBLEMS_TAG, main="refs"))
+        dealt = (scanned.refs
+                 | "GroupByDomainSplit" >> beam.GroupByKey()
+                 | "DealIntoShards" >> beam.FlatMap(deal_into_shards, samples_per_shard=opts.samples_per_shard,
+                                                    multiple_of=opts.shards_multiple_of,
+                                                    scan_problems=beam.pvalue.AsList(scanned[PROBLEMS_TAG]))
+                 .with_outputs(PROBLEMS_TAG, main="writes"))
+        written = (dealt.writes
+                   | "SpreadShardWrites" >> beam.GroupByKey()
+                   | "WriteShards" >> beam.ParDo(WriteShardFn(opts.output)).with_outputs(PROBLEMS_TAG, main="entries"))
+        problems = (scanned[PROBLEMS_TAG], dealt[PROBLEMS_TAG], written[PROBLEMS_TAG]) | "Problems" >> beam.Flatten()
         return (pbegin
-                | "Start" >> beam.Impulse()
-                | "SourceShards" >> beam.FlatMap(lambda _, tasks: enumerate(tasks), self._tasks)
-                | "SpreadSourceShards" >> beam.GroupByKey()
-                | "ScanShards" >> beam.ParDo(ScanShardFn(cfg.input, cfg.by, cfg.domains))
-                | "GroupByDomainSplit" >> beam.GroupByKey()
-                | "DealIntoShards" >> beam.FlatMap(deal_into_shards, samples_per_shard=cfg.samples_per_shard,
-                                                   multiple_of=cfg.shards_multiple_of)
-                | "SpreadCopyTasks" >> beam.GroupByKey()
-                | "CopyAndCheck" >> beam.ParDo(CopyFn(cfg.output))
-                | "GatherResults" >> beam.GroupByKey()
-                | "Finalise" >> beam.ParDo(FinaliseFn(cfg, self._domain_config, self._source, self._source_config,
-                                                      len(self._tasks))))
+                | "Finish" >> beam.Impulse()
+                | "Finalise" >> beam.ParDo(FinaliseFn(opts, len(self._tasks), **self._context),
+                                           entries=beam.pvalue.AsList(written.entries),
+                                           checked=beam.pvalue.AsList(scanned[CHECKED_TAG]),
+                                           problems=beam.pvalue.AsList(problems)))
 
 
 # ---------------------------------------------------------------------------------------------------- run
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the job to completion; returns ``{"index": root index, "counters", "seconds"}``."""
-    args, beam_args = build_parser().parse_known_args(argv)
-    cfg = from_dict(ReshardConfig, {
-        "input": args.input, "output": args.output, "by": args.by,
-        "domains": [d.strip() for d in args.domains.split(",") if d.strip()],
-        "samples_per_shard": args.samples_per_shard, "shards_multiple_of": args.shards_multiple_of,
-    }, where="octjepa reshard")
+    opts, beam_args = parse_options(argv)
     options = pipeline_options(beam_args)
-    runner.check_dataflow(options, input=cfg.input, output=cfg.output)
-    lease.check_separate(cfg.input, cfg.output)
-    if load_any_index(cfg.input).get("kind") == ROOT_INDEX_KIND:  # also refuses a folder without index.json
-        raise ContractError(f"{cfg.input} is a re-sharded root, not a shard set; pass one of its domain folders")
-    source_index = read_index(cfg.input)
-    source_sha256 = hashlib.sha256(storage.read_bytes(storage.join(cfg.input, INDEX_NAME))).hexdigest()
+    runner.check_dataflow(options, input=opts.input, output=opts.output)
+    lease.check_separate(opts.input, opts.output)
+    if is_root_index(load_any_index(opts.input)):  # also refuses a folder without index.json
+        raise ContractError(f"{opts.input} is a re-sharded root, not a shard set; pass one of its domain folders")
+    source_index = read_index(opts.input)
+    source_sha256 = hashlib.sha256(storage.read_bytes(storage.join(opts.input, INDEX_NAME))).hexdigest()
 
-    with lease.hold(cfg.output, job="reshard") as held:
-        check_output(cfg.output, overwrite=args.overwrite)
-        retract_indexes(cfg.output)
-        started = time.monotonic()
-        pipeline = runner.make_pipeline(options)
-        _ = pipeline | "Reshard" >> Reshard(cfg, source_index, source_sha256)
-        result = run_reporting_contract_errors(pipeline, on_signal=held.release)
-        if not any(entry["shards"] for entry in source_index["splits"].values()):  # nothing reached Finalise
-            finalise_root(cfg.output, {}, cfg=cfg, source_config=source_index["config"])
-        seconds = time.monotonic() - started
-        index = json.loads(storage.read_bytes(storage.join(cfg.output, INDEX_NAME)))
-    return {"index": index, "counters": runner.counters(result, NAMESPACE), "seconds": seconds}
-
-
-def run_reporting_contract_errors(pipeline: beam.Pipeline, **kwargs: Any) -> Any:
-    """``runner.run_and_wait``, with a ContractError raised by a worker raised again as itself: Beam's threaded and
-    multi-process local runners re-raise it as a RuntimeError that keeps only its traceback text."""
-    try:
-        return runner.run_and_wait(pipeline, **kwargs)
-    except RuntimeError as exc:
-        reason = worker_contract_error(str(exc))
-        if reason is None:
-            raise
-        raise ContractError(reason) from None
+    with lease.hold(opts.output, job="reshard") as held:
+        check_output(opts.output, overwrite=opts.overwrite)
+        retract_indexes(opts.output)
+        counters, seconds = job.run_pipeline(
+            options, lambda pipeline: pipeline | "Reshard" >> Reshard(opts, source_index, source_sha256),
+            on_signal=held.release, namespace=NAMESPACE)
+        index = job.read_result(opts.output, lambda problems: problems_error(opts.output, problems))
+    return {"index": index, "counters": counters, "seconds": seconds}
 
 
 def summary(report: Mapping[str, Any]) -> str:
@@ -329,25 +346,9 @@ def summary(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def worker_contract_error(text: str) -> str | None:
-    """The ContractError a worker raised, from the text of the RuntimeError that Beam's threaded and multi-process
-    local runners re-raise it as (they keep only its traceback text); None if there is none."""
-    marker = f"{ContractError.__module__}.{ContractError.__name__}: "
-    lines = [line.split(marker, 1)[1] for line in text.splitlines() if marker in line]
-    return lines[-1].strip() if lines else None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run and print the summary; user errors (OctjepaError) propagate to the ``octjepa`` dispatcher."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    report = run(argv)
-    print(summary(report), flush=True)
-    return 0
+    return job.main(run, summary, argv)
 
 
 if __name__ == "__main__":
-    # Through the dispatcher, for its one-line errors; it imports beam_jobs.reshard, so the DoFns pickle by
-    # reference to that module, not as __main__ classes.
-    import octjepa_cli
-
-    sys.exit(octjepa_cli.main(["reshard", *sys.argv[1:]]))
+    job.exit_through_dispatcher("reshard")

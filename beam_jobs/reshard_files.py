@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import posixpath
 import tarfile
 import urllib.parse
 from typing import Any, Iterable, Mapping, Sequence
 
-from shards import (TARGET_SHARD_BYTES, CHECKSUM_EXT, ERRORS_NAME, INDEX_NAME, MEMBER_EXTS, META_EXT, VOLUME_EXT,
-                    ContractError, build_index, read_checksums, remove_stale_shards, storage, validate_meta,
-                    write_index, write_shard_file)
+from shards import (TARGET_SHARD_BYTES, CHECKSUM_EXT, INDEX_NAME, MEMBER_EXTS, META_EXT, VOLUME_EXT, ContractError,
+                    complete_set, device_counts, read_checksums, sha256_of, storage, validate_meta,
+                    write_shard_file)
 from shards.checksum import crc32c
 from shards.contract import check_crc
-from shards.verify import HashingReader
 
-_LOG = logging.getLogger(__name__)
 CREATED_BY = "beam_jobs.reshard"
 
 
@@ -44,14 +41,6 @@ class ShardWrite:
     split: str
     number: int
     refs: tuple[SampleRef, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceCheck:
-    """A source shard whose sha256 and size are to be checked against its index entry."""
-    url: str
-    size: int
-    sha256: str
 
 
 def domain_dir(value: str) -> str:
@@ -132,20 +121,18 @@ def scan_shard(url: str, entry: Mapping[str, Any], split: str, by: str) -> list[
     return refs
 
 
-def check_source_shard(check: SourceCheck) -> None:
+def check_source_shard(url: str, entry: Mapping[str, Any]) -> None:
     """Hash one source shard to its last byte (streamed, 4 MiB at a time) and compare with its index entry: only
     the checksum catches a flipped byte inside a volume. Raises ContractError naming the shard."""
-    fs, path = storage.get_fs(check.url)
+    fs, path = storage.get_fs(url)
     try:
         with fs.open(path, "rb") as f:
-            reader = HashingReader(f)
-            reader.drain()
+            digest, size = sha256_of(f)
     except OSError as exc:
-        raise ContractError(f"{check.url}: unreadable source shard ({type(exc).__name__}: {exc})") from exc
-    digest = reader.digest.hexdigest()
-    if reader.size != check.size or digest != check.sha256:
-        raise ContractError(f"{check.url}: source shard is corrupt or truncated: {reader.size} bytes, sha256 "
-                            f"{digest}; its index says {check.size} bytes, sha256 {check.sha256}")
+        raise ContractError(f"{url}: unreadable source shard ({type(exc).__name__}: {exc})") from exc
+    if size != entry["bytes"] or digest != entry["sha256"]:
+        raise ContractError(f"{url}: source shard is corrupt or truncated: {size} bytes, sha256 {digest}; its "
+                            f"index says {entry['bytes']} bytes, sha256 {entry['sha256']}")
 
 
 def shard_count(num_samples: int, volume_bytes: int, samples_per_shard: int | None, multiple_of: int) -> int:
@@ -189,25 +176,18 @@ def write_domain_shard(output: str, domain: str, split: str, number: int,
     records = ({"__key__": r.key, VOLUME_EXT: _read_volume_bytes(r), META_EXT: r.meta, CHECKSUM_EXT: r.checksums}
                for r in refs)
     entry = write_shard_file(storage.join(output, domain_dir(domain)), split, number, records)
-    by_device: dict[str, int] = {}
-    for ref in refs:
-        by_device[ref.device] = by_device.get(ref.device, 0) + 1
-    return {**entry, "by_device": dict(sorted(by_device.items()))}
+    return {**entry, "by_device": device_counts(ref.device for ref in refs)}
 
 
 def finalise_domain(output: str, domain: str, entries: Sequence[Mapping[str, Any]], *,
                     config: Mapping[str, Any], source: Mapping[str, Any]) -> dict[str, Any]:
-    """errors.jsonl, stale shards out, then the domain's index.json (last); returns its root-index entry."""
-    root = storage.join(output, domain_dir(domain))
-    storage.write_bytes(storage.join(root, ERRORS_NAME), b"")
-    removed = remove_stale_shards(root, {e["path"] for e in entries})
-    if removed:
-        _LOG.info("%s: removed %d stale file(s) of an earlier run", root, len(removed))
+    """The domain's set completed (an empty errors.jsonl: the source's dead letters stay with the source); returns
+    its root-index entry."""
     total = sum(e["num_samples"] for e in entries)
-    index = build_index(
-        config=config, shards=entries, errors_by_reason={}, manifest_rows=total, selected=total,
-        created_by=CREATED_BY, extra={"domain": {"by": config["reshard"]["by"], "value": domain}, "source": source})
-    write_index(root, index)
+    index = complete_set(
+        storage.join(output, domain_dir(domain)), entries, errors=b"", config=config, errors_by_reason={},
+        manifest_rows=total, selected=total, created_by=CREATED_BY,
+        extra={"domain": {"by": config["reshard"]["by"], "value": domain}, "source": source})
     return {"path": domain_dir(domain), "by_split": index["counts"]["by_split"]}
 
 

@@ -23,10 +23,9 @@ import posixpath
 from typing import Any, Iterable
 
 from beam_jobs.reshard_files import CREATED_BY
-from shards import ERRORS_NAME, INDEX_NAME, SPLITS, remove_stale_shards, storage
+from shards import ERRORS_NAME, INDEX_NAME, SPLITS, is_root_index, remove_stale_shards, storage
 from shards.lease import require_overwrite
 from shards.typed_config import ConfigError
-from shards.verify import ROOT_INDEX_KIND
 
 _LOG = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ def check_output(output: str, *, overwrite: bool) -> None:
     fs, root = storage.get_fs(output)
     fs.invalidate_cache()
     top = posixpath.join(root, INDEX_NAME)
-    if fs.exists(top) and _read(fs, top).get("kind") != ROOT_INDEX_KIND:
+    if fs.exists(top) and not is_root_index(_read(fs, top)):
         raise ConfigError(f"--output {output} holds a shard set, not a re-sharded root; choose another folder")
     foreign = [posixpath.dirname(path) for path in sorted(fs.glob(posixpath.join(root, "*", INDEX_NAME)))
                if _read(fs, path).get("created_by") != CREATED_BY]

@@ -26,9 +26,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import apache_beam as beam
 import psutil
+from apache_beam.metrics import Metrics
+
+from beam_jobs import preprocess
 
 IDLE_IMPORTS = ("import apache_beam.runners.worker.sdk_worker_main, beam_jobs.preprocess, beam_jobs.volume_to_sample, "
                 "pydicom, openjpeg, scipy.sparse, psutil, os; print(psutil.Process(os.getpid()).memory_info().rss)")
@@ -106,11 +110,21 @@ class WorkerMemory:
         self._thread.join()
 
 
-def run_job(dataset: dict[str, Any], output: Path, workers: int) -> dict[str, Any]:
-    from beam_jobs import preprocess
+class WorkerCountingFn(preprocess.PreprocessFn):
+    """The job's decode step, also counting the volumes each worker process decoded (``worker_pid_<pid>``): shows
+    that every worker took work. Defined in this script, so Beam ships it to the workers by value."""
 
+    def process(self, row: Any) -> Iterator[Any]:
+        for out in super().process(row):
+            if not isinstance(out, beam.pvalue.TaggedOutput):
+                Metrics.counter(preprocess.NAMESPACE, f"worker_pid_{os.getpid()}").inc()
+            yield out
+
+
+def run_job(dataset: dict[str, Any], output: Path, workers: int) -> dict[str, Any]:
     argv = ["--manifest", dataset["manifest"], "--data-root", dataset["root"], "--output", str(output),
             "--direct_num_workers", str(workers)]
+    preprocess.PreprocessFn = WorkerCountingFn  # this script's own runs only
     with WorkerMemory() as memory:
         start = time.perf_counter()
         report = preprocess.run(argv)

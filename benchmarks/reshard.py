@@ -34,7 +34,7 @@ if sys.path and os.path.abspath(sys.path[0]) == _HERE:
     sys.path[0] = os.path.dirname(_HERE)
 
 from shards import storage  # noqa: E402
-from tests.shards.helpers import make_shard_set  # noqa: E402
+from shards.synthetic import make_shard_set  # noqa: E402
 
 
 def copy_set(src: str, dst: str, *, fsync: bool) -> None:

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Protocol
 
 from shards import storage
 from shards.errors import OctjepaError
-from shards.shardset import INDEX_NAME
+from shards.index import INDEX_NAME
 from shards.typed_config import ConfigError
 
 _LOG = logging.getLogger(__name__)

@@ -1,13 +1,11 @@
-"""The shard-set layout: tar shards per split, ``errors.jsonl``, and ``index.json`` written last.
-
-``index.json`` at the root of a shard set means the set is complete: writers put it there only after every shard
-and the dead-letter file are in place, and readers refuse a directory without it.
+"""Tar shards: deterministic WebDataset tars written all or nothing while hashed, read member by member (or as a
+stream), and the shard files of a set (``<split>/shard-NNNNNN.tar``) that an earlier run left. What makes a folder
+of them a complete set, its ``index.json``, is ``shards.index``'s.
 """
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import posixpath
 import re
@@ -18,10 +16,8 @@ from typing import Any, BinaryIO
 
 from shards import storage
 from shards.checksum import crc32c
-from shards.contract import FORMAT_VERSION, MEMBER_EXTS, SPLITS, ContractError, format_version_error
+from shards.contract import MEMBER_EXTS, SPLITS, ContractError
 
-INDEX_NAME = "index.json"
-ERRORS_NAME = "errors.jsonl"
 # Every member gets this mtime so the same samples give byte-identical tars on every run (2020-01-01T00:00:00Z).
 # An int: tarfile gives a member with a float mtime its own PAX header, twice the headers for every reader to parse.
 TAR_MTIME = 1577836800
@@ -163,116 +159,29 @@ def iter_shard(fileobj: BinaryIO, *, name: str = "<shard>", defer: tuple[str, ..
         raise ContractError(f"shard {name}: unreadable tar ({type(exc).__name__}: {exc})") from exc
 
 
-def sha256_of(fileobj: BinaryIO, chunk: int = 1 << 22) -> tuple[str, int]:
+class HashingReader:
+    """A read-only file wrapper that hashes and counts every byte read through it (e.g. by a tar reader)."""
+
+    def __init__(self, fileobj: Any) -> None:
+        self._f, self.digest, self.size = fileobj, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        # A tar reader stops at the end-of-archive marker; the hash covers the file to its last byte.
+        while self.read(1 << 22):
+            pass
+
+
+def sha256_of(fileobj: BinaryIO) -> tuple[str, int]:
     """(hex sha256, byte count) of a file object read to its end."""
-    digest, size = hashlib.sha256(), 0
-    while block := fileobj.read(chunk):
-        digest.update(block)
-        size += len(block)
-    return digest.hexdigest(), size
-
-
-def build_index(
-    *,
-    config: Mapping[str, Any],
-    shards: Iterable[Mapping[str, Any]],
-    by_split_device: Mapping[str, Mapping[str, int]] | None = None,
-    errors_by_reason: Mapping[str, int],
-    manifest_rows: int,
-    selected: int,
-    created_by: str,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Assemble ``index.json``. ``shards`` are dicts with ``split, path, num_samples, bytes, sha256`` and, when
-    ``by_split_device`` is not given, ``by_device`` (samples per device in that shard)."""
-    shards = sorted(shards, key=lambda s: s["path"])
-    if by_split_device is None:
-        by_split_device = {}
-        for shard in shards:
-            counts = by_split_device.setdefault(shard["split"], {})
-            for device, n in shard["by_device"].items():
-                counts[device] = counts.get(device, 0) + n
-    splits: dict[str, dict[str, Any]] = {}
-    for shard in shards:
-        entry = splits.setdefault(shard["split"], {"num_samples": 0, "shards": []})
-        entry["shards"].append({k: shard[k] for k in ("path", "num_samples", "bytes", "sha256")})
-        entry["num_samples"] += shard["num_samples"]
-    by_device: dict[str, int] = {}
-    for devices in by_split_device.values():
-        for device, n in devices.items():
-            by_device[device] = by_device.get(device, 0) + n
-    index = {
-        "format_version": FORMAT_VERSION,
-        "created_by": created_by,
-        "config": dict(config),
-        "splits": dict(sorted(splits.items())),
-        "counts": {
-            "by_split": {s: e["num_samples"] for s, e in sorted(splits.items())},
-            "by_device": dict(sorted(by_device.items())),
-            "by_split_device": {s: dict(sorted(d.items())) for s, d in sorted(by_split_device.items())},
-        },
-        "errors": {
-            "path": ERRORS_NAME,
-            "count": sum(errors_by_reason.values()),
-            "by_reason": dict(sorted(errors_by_reason.items())),
-        },
-        "manifest_rows": manifest_rows,
-        "selected": selected,
-    }
-    if extra:
-        index.update(extra)
-    validate_index(index, where="<built index>")
-    return index
-
-
-def validate_index(index: Mapping[str, Any], *, where: str) -> None:
-    """Check the structure of an index; the message names the shard set and the field."""
-    if index.get("format_version") != FORMAT_VERSION:
-        raise format_version_error(f"{where}: index field 'format_version'", index.get("format_version"))
-    for field in ("config", "splits", "counts", "errors", "manifest_rows", "selected"):
-        if field not in index:
-            raise ContractError(f"{where}: index is missing field {field!r}")
-    for split, entry in index["splits"].items():
-        if split not in SPLITS:
-            raise ContractError(f"{where}: index split {split!r} is not one of {SPLITS}")
-        total = 0
-        for shard in entry["shards"]:
-            for field in ("path", "num_samples", "bytes", "sha256"):
-                if field not in shard:
-                    raise ContractError(f"{where}: shard entry {shard!r} is missing field {field!r}")
-            total += shard["num_samples"]
-        if total != entry["num_samples"]:
-            raise ContractError(f"{where}: split {split!r} says {entry['num_samples']} samples, its shards hold {total}")
-
-
-def encode_index(index: Mapping[str, Any]) -> bytes:
-    return (json.dumps(index, sort_keys=True, indent=1) + "\n").encode("utf-8")
-
-
-def write_index(root: str, index: Mapping[str, Any]) -> None:
-    """Write ``index.json`` last: a complete set is exactly a set that has one."""
-    validate_index(index, where=root)
-    storage.write_bytes(storage.join(root, INDEX_NAME), encode_index(index))
-
-
-def read_index(root: str) -> dict[str, Any]:
-    """Load and validate the index of a shard set; refuse a directory without one (it is incomplete or not a set)."""
-    path = storage.join(root, INDEX_NAME)
-    fs, fspath = storage.get_fs(path)
-    if not fs.exists(fspath):
-        raise ContractError(f"{root}: no {INDEX_NAME}; this is not a complete shard set (a writer may have been "
-                            f"interrupted, or the path is wrong)")
-    with fs.open(fspath, "rb") as f:
-        index = json.loads(f.read())
-    validate_index(index, where=root)
-    return index
-
-
-def shard_urls(root: str, index: Mapping[str, Any], split: str) -> list[str]:
-    """Full URLs of a split's shards, in index order; raise naming the split when the set has none."""
-    if split not in index["splits"]:
-        raise ContractError(f"{root}: shard set has no split {split!r} (it has {sorted(index['splits'])})")
-    return [storage.join(root, s["path"]) for s in index["splits"][split]["shards"]]
+    reader = HashingReader(fileobj)
+    reader.drain()
+    return reader.digest.hexdigest(), reader.size
 
 
 class _HashingWriter:

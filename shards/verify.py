@@ -7,74 +7,24 @@ against its contract and its CRC32C (a failing sample is reported by key).
 
 Prints a per-domain, per-split, per-device table of samples the index promises against samples found, then every
 problem; exits 1 on any problem. Reads each shard once, streaming (a shard is never held whole in memory).
-
-This module also owns the small schema of a re-sharded root's ``index.json`` (``kind: octjepa-reshard-root``), which
-lists the domain sets; each domain directory is an ordinary shard set that ``shards.read_index`` reads.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import sys
 from typing import Any, Mapping
 
 from shards import storage
-from shards.contract import FORMAT_VERSION, ContractError, decode_sample, format_version_error
-from shards.shardset import INDEX_NAME, iter_shard, read_index
-
-ROOT_INDEX_KIND = "octjepa-reshard-root"
-
-
-# ---------------------------------------------------------------------------------------------- root index schema
-def build_root_index(*, by: str, domains: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any],
-                     created_by: str) -> dict[str, Any]:
-    """The index of a re-sharded root. ``domains`` maps a domain value to ``{path, by_split}`` where ``path`` is the
-    domain set's directory relative to the root and ``by_split`` its sample counts."""
-    index = {
-        "kind": ROOT_INDEX_KIND,
-        "format_version": FORMAT_VERSION,
-        "created_by": created_by,
-        "by": by,
-        "config": dict(config),
-        "domains": {name: {"path": d["path"], "by_split": dict(sorted(d["by_split"].items())),
-                           "num_samples": sum(d["by_split"].values())}
-                    for name, d in sorted(domains.items())},
-    }
-    validate_root_index(index, where="<built root index>")
-    return index
-
-
-def validate_root_index(index: Mapping[str, Any], *, where: str) -> None:
-    if index.get("kind") != ROOT_INDEX_KIND:
-        raise ContractError(f"{where}: index field 'kind' is {index.get('kind')!r}, expected {ROOT_INDEX_KIND!r}")
-    if index.get("format_version") != FORMAT_VERSION:
-        raise format_version_error(f"{where}: index field 'format_version'", index.get("format_version"))
-    for field in ("by", "config", "domains"):
-        if field not in index:
-            raise ContractError(f"{where}: root index is missing field {field!r}")
-    for name, entry in index["domains"].items():
-        for field in ("path", "by_split", "num_samples"):
-            if field not in entry:
-                raise ContractError(f"{where}: domain {name!r} is missing field {field!r}")
-
-
-def load_any_index(root: str) -> dict[str, Any]:
-    """The raw ``index.json`` of a shard set or a re-sharded root; refuses a directory without one."""
-    url = storage.join(root, INDEX_NAME)
-    if not storage.exists(url):
-        raise ContractError(f"{root}: no {INDEX_NAME}; this is not a complete shard set (a writer may have been "
-                            f"interrupted, or the path is wrong)")
-    try:
-        return json.loads(storage.read_bytes(url))
-    except ValueError as exc:
-        raise ContractError(f"{url}: not valid JSON ({exc})") from exc
+from shards.contract import ContractError, decode_sample
+from shards.index import is_root_index, load_any_index, read_index, validate_root_index
+from shards.shardset import HashingReader, iter_shard
 
 
 # ---------------------------------------------------------------------------------------------- the report
 @dataclasses.dataclass
-class Row:
+class SplitDeviceCount:
+    """One line of the table: a device's samples in a split of a domain set, as the index promises and as found."""
     domain: str
     split: str
     device: str
@@ -90,7 +40,7 @@ class Row:
 @dataclasses.dataclass
 class VerifyReport:
     root: str
-    rows: list[Row] = dataclasses.field(default_factory=list)
+    rows: list[SplitDeviceCount] = dataclasses.field(default_factory=list)  # the table
     problems: list[str] = dataclasses.field(default_factory=list)
     shards_checked: int = 0
     samples_checked: int = 0
@@ -113,24 +63,6 @@ class VerifyReport:
 
 
 # ---------------------------------------------------------------------------------------------- checking
-class HashingReader:
-    """A read-only file wrapper that hashes and counts every byte read through it."""
-
-    def __init__(self, fileobj: Any) -> None:
-        self._f, self.digest, self.size = fileobj, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.digest.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:
-        # The tar reader stops at the end-of-archive marker; the hash covers the file to its last byte.
-        while self.read(1 << 22):
-            pass
-
-
 def _check_shard(url: str, entry: Mapping[str, Any], split: str, report: VerifyReport,
                  found: dict[str, int], seen: dict[str, str]) -> None:
     """Stream one shard: decode every sample, check its split, count devices, then compare hash, size and count."""
@@ -186,8 +118,8 @@ def _verify_set(root: str, domain: str, report: VerifyReport) -> dict[str, int]:
         for shard in entry["shards"]:
             _check_shard(storage.join(root, shard["path"]), shard, split, report, found, seen)
         for device in sorted(set(expected.get(split, {})) | set(found)):
-            report.rows.append(Row(domain, split, device, len(entry["shards"]),
-                                   expected.get(split, {}).get(device, 0), found.get(device, 0)))
+            report.rows.append(SplitDeviceCount(domain, split, device, len(entry["shards"]),
+                                                expected.get(split, {}).get(device, 0), found.get(device, 0)))
         found_by_split[split] = sum(found.values())
         if sum(expected.get(split, {}).values()) != entry["num_samples"]:
             report.problems.append(f"{root}: split {split!r} lists {entry['num_samples']} samples in its shards but "
@@ -200,7 +132,7 @@ def verify_shard_set(root: str) -> VerifyReport:
     goes into the report (only a root without any ``index.json`` raises, as nothing there can be checked)."""
     report = VerifyReport(root=root)
     top = load_any_index(root)
-    if top.get("kind") != ROOT_INDEX_KIND:
+    if not is_root_index(top):
         _verify_set(root, "-", report)
         return report
     try:
@@ -217,17 +149,16 @@ def verify_shard_set(root: str) -> VerifyReport:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print the table; 1 when it shows a problem. A root without any index.json raises ContractError, which the
+    ``octjepa`` dispatcher prints as one line (exit code 1)."""
     parser = argparse.ArgumentParser(prog="octjepa verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="shard set or re-sharded root (local path or gs://)")
-    args = parser.parse_args(argv)
-    try:
-        report = verify_shard_set(args.root)
-    except ContractError as exc:
-        print(f"octjepa verify: {exc}", file=sys.stderr)
-        return 1
+    report = verify_shard_set(parser.parse_args(argv).root)
     print(report.format_table())
     return 0 if report.ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import octjepa_cli
+
+    sys.exit(octjepa_cli.main(["verify", *sys.argv[1:]]))

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from shards import decode_sample, iter_shard, read_index, shard_urls, storage
-from shards.verify import ROOT_INDEX_KIND, load_any_index, validate_root_index
+from shards import ROOT_INDEX_KIND, load_any_index, validate_root_index
 from trainer.augment import crop_or_pad, crop_starts
 
 PANEL_INCHES = (3.2, 2.6)  # (width, height) of one panel; the PNG is exactly columns x rows panels at DPI

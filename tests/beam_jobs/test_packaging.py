@@ -221,13 +221,10 @@ def test_pipeline_graph_serialises_without_submitting():
     under default options: constructing a Pipeline with DataflowRunner options validates them against GCS.)"""
     import apache_beam as beam
 
-    from beam_jobs.config import load_preprocess_config
-
-    args, _ = preprocess.build_parser().parse_known_args(
-        ["--manifest", "gs://b/m.tsv", "--data-root", "gs://b", "--output", "gs://b/out"])
+    opts, _ = preprocess.parse_options(["--manifest", "gs://b/m.tsv", "--data-root", "gs://b", "--output", "gs://b/out",
+                                        "--samples-per-shard", "4"])
     pipeline = beam.Pipeline(options=runner.pipeline_options(["--direct_num_workers", "1"]))
-    preprocess.build_pipeline(pipeline, args, config=load_preprocess_config(None), recommended={"1001": "test"},
-                              samples_per_shard=4, record_workers=False)
+    preprocess.build_pipeline(pipeline, opts, recommended={"1001": "test"})
     proto = pipeline.to_runner_api()
     labels = {t.unique_name for t in proto.components.transforms.values()}
     for step in ("ReadManifest", "Preprocess/Reshuffle", "Preprocess/DecodeResample", "Preprocess/WriteShards",

@@ -20,6 +20,8 @@ import pytest
 from beam_jobs import preprocess
 from beam_jobs.synth import generate_dataset
 from shards import ContractError, decode_sample, iter_shard, read_index, sha256_of, storage
+from shards.typed_config import ConfigError
+from tests.beam_jobs.worker_evidence import counting_workers
 
 TINY = ["--set", "target_shape=[8,24,24]", "--set", "target_spacing_mm=[0.2,0.05,0.1]"]
 
@@ -87,7 +89,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def first(dataset: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     output = str(tmp_path_factory.mktemp("out") / "first")
-    report = preprocess.run(job_args(dataset, output, "--samples-per-shard", "2", "--direct_num_workers", "2"))
+    with counting_workers():  # worker_pid_* and volumes_on_workers_with_torch counters
+        report = preprocess.run(job_args(dataset, output, "--samples-per-shard", "2", "--direct_num_workers", "2"))
     return {"output": output, **report}
 
 
@@ -129,6 +132,18 @@ def test_shards_sorted_named_and_counted_in_the_index(first: dict[str, Any]):
     assert index["config"]["samples_per_shard"] == 2
     assert index["config"]["preprocess"]["target_shape"] == [8, 24, 24]
     assert index["created_by"] == "beam_jobs.preprocess"
+
+
+def test_options_are_parsed_once_validated_and_are_what_the_index_records(first: dict[str, Any],
+                                                                          dataset: dict[str, Any]):
+    opts, beam_args = preprocess.parse_options(job_args(dataset, "elsewhere", "--samples-per-shard", "2",
+                                                        "--direct_num_workers", "2"))
+    assert beam_args == ["--direct_num_workers", "2"]
+    assert opts.output == os.path.abspath("elsewhere") and opts.preprocess.target_shape == (8, 24, 24)
+    assert first["index"]["config"] == opts.recorded()  # the output path is not part of it
+    for flag, value in (("--samples-per-shard", "0"), ("--val-fraction", "1.5")):
+        with pytest.raises(ConfigError, match=flag):
+            preprocess.parse_options(job_args(dataset, "elsewhere", flag, value))
 
 
 def test_splits_follow_recommended_split(first: dict[str, Any], dataset: dict[str, Any]):
@@ -192,7 +207,7 @@ def _fake_samples(n: int) -> list[dict[str, Any]]:
     import numpy as np
 
     from shards import encode_sample
-    from tests.shards.helpers import fake_meta
+    from shards.synthetic import fake_meta
 
     out = []
     for i in range(n):

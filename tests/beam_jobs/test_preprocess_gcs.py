@@ -14,6 +14,7 @@ from beam_jobs import preprocess
 from beam_jobs.synth import generate_dataset
 from shards import lease, read_index, storage
 from tests.beam_jobs.test_preprocess import check_nothing_lost, job_args, manifest_uids
+from tests.beam_jobs.worker_evidence import counting_workers
 
 
 def test_gcs_in_gcs_out(gcs: str, tmp_path: Path):
@@ -28,8 +29,9 @@ def test_gcs_in_gcs_out(gcs: str, tmp_path: Path):
         preprocess.run(job_args(dataset, output, "--overwrite"))
     assert storage.read_bytes(f"{output}/index.json") == b"{}"
 
-    report = preprocess.run(job_args(dataset, output, "--samples-per-shard", "3", "--direct_num_workers", "2",
-                                     "--overwrite"))
+    with counting_workers():
+        report = preprocess.run(job_args(dataset, output, "--samples-per-shard", "3", "--direct_num_workers", "2",
+                                         "--overwrite"))
 
     index = read_index(output)
     assert index == report["index"]

@@ -15,6 +15,8 @@ import pytest
 
 import octjepa_cli
 from beam_jobs import preprocess, runner
+from beam_jobs.job import FAILED_RUN_ERRORS
+from beam_jobs.preprocess_output import AllRowsFailed
 from beam_jobs.synth import generate_dataset
 from shards import lease, read_index
 from tests.beam_jobs.test_preprocess import TINY, files_under
@@ -87,18 +89,18 @@ def test_a_run_in_which_every_row_fails_is_an_error_and_leaves_the_earlier_set(c
     assert f"every one of the {n} selected rows failed ({{'missing_file': {n}}})" in err, err
     assert "the set already there is unchanged" in err
     after = files_under(complete["output"])
-    failed = after.pop(preprocess.FAILED_RUN_ERRORS)
+    failed = after.pop(FAILED_RUN_ERRORS)
     assert after == complete["files"]
     assert failed.count(b'"reason": "missing_file"') == n
 
     fresh = str(tmp_path / "fresh")  # whatever was in --output: an empty one too
-    with pytest.raises(preprocess.AllRowsFailed, match="no set was written"):
+    with pytest.raises(AllRowsFailed, match="no set was written"):
         preprocess.run(argv(dataset, fresh, *IN_PROCESS, data_root=str(empty_root)))
     assert not Path(fresh, "index.json").exists()
 
     # The next run that writes a set removes the failed run's dead letters.
     preprocess.run(argv(dataset, fresh, *IN_PROCESS))
-    assert not Path(fresh, preprocess.FAILED_RUN_ERRORS).exists() and read_index(fresh)["selected"] == n
+    assert not Path(fresh, FAILED_RUN_ERRORS).exists() and read_index(fresh)["selected"] == n
 
 
 def test_a_second_job_into_a_leased_output_is_refused(complete, dataset, tmp_path, capsys):

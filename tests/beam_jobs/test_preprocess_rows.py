@@ -174,6 +174,13 @@ def test_another_patient_id_is_a_warning_counted_in_the_index(edge):
     assert "1 warnings" in preprocess.summary(edge["report"])
 
 
+def test_the_job_itself_counts_no_worker_processes(edge):
+    """Which worker took which volume is the tests' business (tests/beam_jobs/worker_evidence.py), not the job's."""
+    counters = edge["report"]["counters"]
+    assert counters["decoded"] > 0
+    assert [name for name in counters if name.startswith("worker_pid_") or "torch" in name] == []
+
+
 def _decoded(row_number: int, file_uid: str, manifest_uid: str | None = None) -> dl.Decoded:
     row = mf.Row(row_number=row_number, participant_id="1001", device="topcon_triton", laterality="L",
                  anatomic_region="macula", sop_instance_uid=manifest_uid or file_uid,

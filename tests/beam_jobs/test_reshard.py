@@ -13,8 +13,9 @@ import pytest
 import octjepa_cli
 import shards
 from beam_jobs import reshard
-from shards import lease, storage, verify
-from tests.shards.helpers import make_shard_set
+from beam_jobs.reshard_files import SampleRef, deal, domain_dir, shard_count
+from shards import ROOT_INDEX_KIND, lease, storage, verify
+from shards.synthetic import make_shard_set
 
 # In-process runner for speed; the CLI test below runs the default one (multi-threading, a worker per core).
 FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
@@ -90,7 +91,7 @@ def test_every_sample_names_its_domain_and_splits_are_kept(source, by_device):
             assert meta["device"] == domain and meta["split"] == split
             assert json.loads(samples[key]["json"])["split"] == split
     root = report["index"]
-    assert root["kind"] == verify.ROOT_INDEX_KIND and root["by"] == "device"
+    assert root["kind"] == ROOT_INDEX_KIND and root["by"] == "device"
     for name, entry in root["domains"].items():
         index = shards.read_index(str(out / entry["path"]))  # a domain directory is an ordinary shard set
         assert index["counts"]["by_device"] == {name: entry["num_samples"]}
@@ -155,27 +156,27 @@ def test_same_input_gives_the_same_bytes_and_reruns_replace_stale_output(source,
     (0, 5, 1, 1), (1, 1, 1, 1), (7, 100, 8, 8),
 ])
 def test_shard_count_arithmetic(count, per_shard, k, expected):
-    n = reshard.shard_count(count, 0, per_shard, k)
+    n = shard_count(count, 0, per_shard, k)
     assert n == expected and n % k == 0
-    dealt = reshard.deal([_ref(f"k{i:03d}") for i in range(count)], n)
+    dealt = deal([_ref(f"k{i:03d}") for i in range(count)], n)
     sizes = [len(s) for s in dealt]
     assert len(dealt) == n and sum(sizes) == count and max(sizes) - min(sizes) <= 1
 
 
 def test_shard_count_by_bytes_when_samples_per_shard_is_not_given():
-    target = reshard.TARGET_SHARD_BYTES
-    assert reshard.shard_count(10, 3 * target, None, 1) == 3
-    assert reshard.shard_count(10, 3 * target + 1, None, 2) == 4
-    assert reshard.shard_count(1, 10, None, 1) == 1
+    target = shards.TARGET_SHARD_BYTES
+    assert shard_count(10, 3 * target, None, 1) == 3
+    assert shard_count(10, 3 * target + 1, None, 2) == 4
+    assert shard_count(1, 10, None, 1) == 1
 
 
 def _ref(key):
-    return reshard.SampleRef(key, "d", "train", "d", "u", 0, 1, b"{}", b"{}")
+    return SampleRef(key, "d", "train", "d", "u", 0, 1, b"{}", b"{}")
 
 
 def test_deal_refuses_a_duplicated_key():
     with pytest.raises(shards.ContractError, match="k1 appears twice"):
-        reshard.deal([_ref("k1"), _ref("k0"), _ref("k1")], 2)
+        deal([_ref("k1"), _ref("k0"), _ref("k1")], 2)
 
 
 @pytest.mark.parametrize("by, per_shard, k", [("laterality", "3", "4"), ("anatomic_region", "1", "5")])
@@ -313,12 +314,12 @@ def test_local_runs_default_to_threads_and_dataflow_gets_the_preprocessing_flags
 
 def test_domain_directories_are_path_safe_and_distinct():
     names = ["topcon_triton", "Optic Disc", "a/b", "a%2Fb", "L"]
-    dirs = [reshard.domain_dir(n) for n in names]
+    dirs = [domain_dir(n) for n in names]
     assert dirs[0] == "topcon_triton" and all("/" not in d and " " not in d for d in dirs)
     assert len(set(dirs)) == len(dirs)
     for bad in ["", ".", ".."]:
         with pytest.raises(shards.ContractError):
-            reshard.domain_dir(bad)
+            domain_dir(bad)
 
 
 # ---------------------------------------------------------------------------------------------- gs:// and the CLI

@@ -13,7 +13,8 @@ import webdataset as wds
 
 import shards
 from shards import checksum
-from tests.shards.helpers import fake_meta, make_shard_set, rewritten
+from shards.synthetic import fake_meta, make_shard_set
+from tests.shards.helpers import rewritten
 
 
 def _sample(shape=(3, 5, 7), dtype=np.uint8, seed=0):

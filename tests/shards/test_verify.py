@@ -6,9 +6,11 @@ import tarfile
 
 import pytest
 
+import octjepa_cli
 import shards
 from shards import verify
-from tests.shards.helpers import make_shard_set, rewritten
+from shards.synthetic import make_shard_set
+from tests.shards.helpers import rewritten
 
 
 @pytest.fixture
@@ -135,5 +137,5 @@ def test_a_sample_of_the_wrong_format_version_is_caught(tmp_path):
 def test_a_directory_without_index_is_refused(tmp_path, capsys):
     with pytest.raises(shards.ContractError, match="no index.json"):
         verify.verify_shard_set(str(tmp_path))
-    assert verify.main([str(tmp_path)]) == 1
+    assert octjepa_cli.main(["verify", str(tmp_path)]) == 1
     assert "no index.json" in capsys.readouterr().err

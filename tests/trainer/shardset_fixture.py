@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 import shards
-from tests.shards.helpers import fake_meta, write_set
+from shards.synthetic import fake_meta, write_set
 
 DEVICES = ("heidelberg_spectralis", "topcon_triton", "zeiss_cirrus")
 

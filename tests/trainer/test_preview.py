@@ -38,7 +38,7 @@ def test_preview_has_one_row_per_domain_at_the_expected_size(tmp_path, devices):
 
 def test_preview_of_a_resharded_root_has_one_row_per_domain_set(tmp_path):
     from shards import storage
-    from shards.verify import build_root_index
+    from shards import build_root_index
 
     root = tmp_path / "by_laterality"
     domains = {}
