@@ -20,9 +20,9 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pickle
 import re
 import shutil
-import time
 import uuid
 from typing import Any
 
@@ -49,10 +49,14 @@ class CheckpointNotFound(OctjepaError, FileNotFoundError):
     exit_code = 1
 
 
+class CheckpointUnreadable(CheckpointNotFound):
+    """A checkpoint that is there but cannot be read back (truncated, overwritten, not a torch file)."""
+
+
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
-# Test hook: "<step>:<marker path>" makes the save of that step write its files, touch the marker and stall
-# before publishing, so a test can SIGKILL a process that is provably mid-save.
-PAUSE_ENV = "OCTJEPA_TEST_CHECKPOINT_PAUSE"
+# What torch.load raises on a cut or garbled file: EOFError (empty), RuntimeError (no zip central directory),
+# ValueError (a seek past a cut end), UnpicklingError (garbled pickle).
+_UNREADABLE = (EOFError, RuntimeError, ValueError, pickle.UnpicklingError)
 
 
 def step_dir_name(step: int) -> str:
@@ -68,15 +72,12 @@ def _torch_bytes(obj: Any) -> bytes:
 def _load_torch(url: str) -> dict:
     # weights_only: a checkpoint holds tensors, numbers, strings and containers only; nothing is unpickled as code.
     with storage.open_url(url, "rb") as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-
-
-def _maybe_pause(step: int) -> None:
-    spec = os.environ.get(PAUSE_ENV, "")
-    if spec and int(spec.split(":", 1)[0]) == step:
-        with open(spec.split(":", 1)[1], "w") as f:
-            f.write("saving\n")
-        time.sleep(600)
+        data = f.read()
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except _UNREADABLE as exc:
+        raise CheckpointUnreadable(f"{url} ({len(data)} bytes) cannot be read: {type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else 'empty'}") from exc
 
 
 class CheckpointStore:
@@ -102,14 +103,13 @@ class CheckpointStore:
         if self.remote:
             for fname, data in files.items():
                 storage.write_bytes(storage.join(self.root, name, fname), data)
-            _maybe_pause(step)
         else:
-            self._save_local(name, files, step)
+            self._save_local(name, files)
         storage.write_bytes(self.url(LATEST_NAME), name.encode())
         self.prune()
         return self.url(name)
 
-    def _save_local(self, name: str, files: dict[str, bytes], step: int) -> None:
+    def _save_local(self, name: str, files: dict[str, bytes]) -> None:
         os.makedirs(self.root, exist_ok=True)
         for stale in os.listdir(self.root):  # leftovers of a process killed mid-save; never published
             if stale.startswith(".tmp-"):
@@ -121,8 +121,10 @@ class CheckpointStore:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        _maybe_pause(step)
-        final = os.path.join(self.root, name)
+        self._publish_local(tmp, os.path.join(self.root, name))
+
+    def _publish_local(self, tmp: str, final: str) -> None:
+        """Rename a fully written checkpoint directory into place: the moment it becomes complete."""
         if os.path.exists(final):  # the same step saved again after a resume from an earlier checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -174,18 +176,30 @@ def load_checkpoint(url: str) -> dict:
     if not storage.exists(state_url):
         raise CheckpointNotFound(f"{url}: no {STATE_NAME}; not a complete checkpoint")
     state = _load_torch(state_url)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{state_url}: format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
+    if fmt != CHECKPOINT_FORMAT:
+        raise CheckpointUnreadable(f"{state_url}: format {fmt!r}, expected {CHECKPOINT_FORMAT!r}")
     return state
 
 
 def resolve_resume(resume: str, store: CheckpointStore) -> str | None:
     """"" -> None (fresh run); "auto" -> the latest complete checkpoint or None; anything else -> that path."""
+    candidates = resume_candidates(resume, store)
+    return candidates[0] if candidates else None
+
+
+def resume_candidates(resume: str, store: CheckpointStore) -> list[str]:
+    """Checkpoints to try, in order: "" -> none (fresh run); "auto" -> every complete one, the one `latest`
+    names first, then the others newest first (the fallbacks when it cannot be read); a path -> that path."""
     if not resume:
-        return None
-    if resume == "auto":
-        return store.latest()
-    return resume
+        return []
+    if resume != "auto":
+        return [resume]
+    latest = store.latest()
+    if latest is None:
+        return []
+    older = [store.url(step_dir_name(s)) for s in reversed(store.steps())]
+    return [latest] + [u for u in older if u != latest]
 
 
 # ---- the target encoder, alone, for downstream use ---------------------------------------------------------------

@@ -23,14 +23,16 @@ import torch
 import yaml
 
 from model import VJEPA, MultiBlockMasks
-from shards import read_index, storage
+from shards import storage
 from shards.typed_config import ConfigError, to_dict
-from trainer.checkpoint import CheckpointStore, export_encoder, load_checkpoint, resolve_resume
+from trainer.checkpoint import (CheckpointStore, CheckpointUnreadable, export_encoder, load_checkpoint,
+                                resume_candidates)
 from trainer.config import TrainConfig, load_train_config
 from trainer.data import build_train_loader, build_val_loader, steps_per_epoch, to_model_input
 from trainer.device import Device, batch_masks, build_device
 from trainer.monitor import Monitor
 from trainer.optim import Schedules, build_optimizer, clip_gradients, set_hparams
+from trainer.preflight import check_resume_data_order, check_shard_files, check_splits, read_run_index
 
 ENCODER_NAME = "encoder.pt"
 CONFIG_NAME = "config.yaml"
@@ -88,6 +90,29 @@ def _rng_isolated(batches: Iterable[dict]) -> Iterator[dict]:
         yield batch
 
 
+def load_resume_state(cfg: TrainConfig, store: CheckpointStore) -> tuple[str | None, dict | None]:
+    """The checkpoint to continue from and its state: with "auto", the latest complete one, or the newest
+    readable one before it when it is cut or garbled (with a warning naming it); (None, None) for a fresh run."""
+    candidates = resume_candidates(cfg.checkpoint.resume, store)
+    for url in candidates:
+        try:
+            return url, load_checkpoint(url)
+        except CheckpointUnreadable as exc:
+            if cfg.checkpoint.resume != "auto":
+                raise
+            print(f"train: warning: {exc}; falling back to the previous checkpoint", file=sys.stderr, flush=True)
+    if candidates:
+        raise CheckpointUnreadable(f"no readable checkpoint under {store.root}: tried {', '.join(candidates)}")
+    return None, None
+
+
+def check_resume(state: dict, cfg: TrainConfig, plan: Plan, url: str) -> None:
+    """Before any model is built: the checkpoint can continue this run's data order."""
+    check_resume_data_order(state["config"], state.get("host_count"), cfg, step_in_epoch=state["step_in_epoch"],
+                            host_count=plan.host_count, batches_per_epoch=plan.steps_per_epoch * cfg.grad_accum,
+                            url=url)
+
+
 def restore(state: dict, optimizer: torch.optim.Optimizer, device: Device, cfg: TrainConfig) -> RunState:
     """Load a checkpoint's optimiser and RNG states (after the model moved to its device); returns where the run was."""
     saved = state["config"]
@@ -111,6 +136,7 @@ def checkpoint_state(model: VJEPA, optimizer: torch.optim.Optimizer, device: Dev
                      sched: Schedules, cfg: TrainConfig) -> dict:
     return {
         "step": run.step, "epoch": run.epoch, "step_in_epoch": run.step_in_epoch, "seed": cfg.seed,
+        "host_count": device.host_index_count()[1],
         "encoder": device.to_cpu(model.encoder.state_dict()),
         "target_encoder": device.to_cpu(model.target_encoder.state_dict()),
         "predictor": device.to_cpu(model.predictor.state_dict()),
@@ -175,17 +201,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # -- device, data plan
     device = build_device(cfg.device, cfg.precision)
     cfg.model.encoder.attn_impl = device.attn_impl(cfg.model.encoder.attn_impl)
-    index = read_index(cfg.data.shards)
+    index = read_run_index(cfg)
+    check_splits(cfg, index, host_count=device.host_index_count()[1])
+    check_shard_files(cfg, index)
     plan = build_plan(cfg, index, device)
     num_masks = len(cfg.model.masks.blocks)
+    store = CheckpointStore(cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep_last)
+    resume_url, state = load_resume_state(cfg, store)
+    if state is not None:
+        check_resume(state, cfg, plan, resume_url)
 
-    # -- model, optimiser, schedules, checkpoint to resume from
+    # -- model, optimiser, schedules
     device.seed(cfg.seed)
     model = VJEPA(cfg.model)
     masks = MultiBlockMasks(model.grid, cfg.model.masks)
-    store = CheckpointStore(cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep_last)
-    resume_url = resolve_resume(cfg.checkpoint.resume, store)
-    state = load_checkpoint(resume_url) if resume_url else None
     if state is not None:
         load_weights(state, model)
     model.to(device.torch_device).train()
@@ -268,11 +297,7 @@ def _save(store: CheckpointStore, model: VJEPA, optimizer: torch.optim.Optimizer
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_train_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"octjepa train: bad config: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_train_config(args.config, args.overrides)  # a ConfigError: one line from the octjepa dispatcher
     if args.resume is not None:
         cfg.checkpoint.resume = args.resume
     train(cfg)

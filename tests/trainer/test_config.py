@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+import octjepa_cli
 from shards.typed_config import ConfigError, from_dict, to_dict
 from trainer.config import TrainConfig, load_train_config
-from trainer.train import main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEVICES = ["heidelberg_spectralis", "topcon_maestro2", "topcon_triton", "zeiss_cirrus"]
@@ -71,7 +71,7 @@ def test_an_unknown_key_in_a_file_fails_the_command(tmp_path: Path, capsys: pyte
     data["optim"]["mpl_ratio"] = 4.0
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))
-    assert main(["--config", str(path)]) == 2
+    assert octjepa_cli.main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "optim" in err and "mpl_ratio" in err
 

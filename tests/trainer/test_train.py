@@ -18,7 +18,6 @@ import model.config
 from shards import storage
 from shards.typed_config import from_dict
 from tests.trainer.shardset_fixture import make_shard_set
-from trainer import checkpoint
 from trainer.checkpoint import CheckpointStore, load_checkpoint, load_encoder
 from trainer.config import TrainConfig
 from trainer.train import main
@@ -106,11 +105,25 @@ from trainer.train import main
 sys.exit(main(sys.argv[1:]))
 """
 TRAIN_ENV = {"PYTHONPATH": str(REPO), "MKL_CBWR": "COMPATIBLE"}
+# The same, with the publishing of one checkpoint stalled after its files are written: the script touches the
+# marker file (first argument) and sleeps, so the test can SIGKILL a process that is provably mid-save.
+PAUSED_SAVE_SCRIPT = """
+import sys, time
+import trainer.checkpoint
+_publish = trainer.checkpoint.CheckpointStore._publish_local
+marker, stall = sys.argv.pop(1), sys.argv.pop(1)
+def stalled_publish(self, tmp, final):
+    if final.endswith(stall):
+        open(marker, "w").write("saving")
+        time.sleep(600)
+    return _publish(self, tmp, final)
+trainer.checkpoint.CheckpointStore._publish_local = stalled_publish
+""" + TRAIN_SCRIPT
 
 
-def _train_process(args: list[str], **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, *args], cwd=REPO,
-                            env={**os.environ, **TRAIN_ENV, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def _train_process(args: list[str], script: str = TRAIN_SCRIPT) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO,
+                            env={**os.environ, **TRAIN_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _finish(proc: subprocess.Popen) -> None:
@@ -130,7 +143,7 @@ def test_resume_after_a_kill_mid_checkpoint_matches_an_uninterrupted_run(shard_s
 
     # Stalls inside the step-8 save (files written, not yet published) so it can be SIGKILLed mid-save.
     marker = tmp_path / "saving-step-8"
-    proc = _train_process(_args(shard_set, killed, *common), **{checkpoint.PAUSE_ENV: f"8:{marker}"})
+    proc = _train_process([str(marker), "step-000000008", *_args(shard_set, killed, *common)], PAUSED_SAVE_SCRIPT)
     deadline = time.monotonic() + 300
     while not marker.exists():
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
