@@ -262,6 +262,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 if stop.agreed() or device.preempted(run.step):
                     stopped = True
                     break
+            if stopped:  # the loader's workers stop now, with the epoch half read, not when the process exits
+                for stream in (batches, cpu_batches):
+                    getattr(stream, "close", lambda: None)()
     finally:
         stop.close()
         trace.stop()

@@ -35,7 +35,8 @@ def shard_set(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def _run(args: list[str], **env: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, HARNESS, "train", "--config", SMOKE, *args], cwd=REPO,
-                            env={**os.environ, **ENV, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env={**os.environ, **ENV, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -58,7 +59,8 @@ def test_sigterm_mid_run_saves_the_step_reached_and_resume_continues(shard_set: 
     while not marker.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-3000:]
         time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGTERM)
+    # To the whole process group, as a VM shutting down signals every process: the loader worker too.
+    os.killpg(proc.pid, signal.SIGTERM)
     out = _finish(proc)
     assert "stopped by SIGTERM after step 3 of 6" in out
     store = CheckpointStore(str(stopped / "checkpoints"))
