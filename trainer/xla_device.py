@@ -87,16 +87,16 @@ class XlaDevice(Device):
         return xr.addressable_runtime_device_count()
 
     def attn_impl(self, requested: str) -> str:
-        # "sdpa" names the default kernel; on a TPU that is the Pallas flash kernel, checked here once rather
-        # than failing inside the first traced forward (off-TPU the model itself uses SDPA for "xla_flash").
-        if requested != "sdpa":
+        # "sdpa" names the default kernel; on a TPU that is the Pallas flash kernel, whose dependency is checked
+        # here, once, rather than failing inside the first traced forward (off-TPU the model uses SDPA for it).
+        if requested not in ("sdpa", "xla_flash"):
             return requested
         if self.device_type == "TPU":
             missing = flash_kernel_missing()
             if missing:
-                print(f"train: warning: the Pallas flash-attention kernel cannot run ({missing}); using SDPA. "
-                      "Install it with pip install -e '.[train,tpu]' (torch_xla[pallas])", file=sys.stderr,
-                      flush=True)
+                print(f"train: warning: the Pallas flash-attention kernel cannot run ({missing}); using SDPA "
+                      "attention instead. Install the kernel's dependency with pip install -e '.[train,tpu]' "
+                      "(torch_xla[pallas])", file=sys.stderr, flush=True)
                 return "sdpa"
         return "xla_flash"
 

@@ -147,7 +147,8 @@ def _losses(run_dir: Path) -> dict[int, float]:
 def straight(shard_set: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted 2-rank DDP run of 6 steps (checkpoints at 2, 4, 6): the reference of the resume tests."""
     root = tmp_path_factory.mktemp("straight")
-    _finish(_torchrun(_train_args(shard_set, str(root / "run"), root / "ckpt")))
+    _finish(_torchrun(_train_args(shard_set, str(root / "run"), root / "ckpt", "profile.steps=1",
+                                  "profile.start_step=2")))
     return root
 
 
@@ -162,6 +163,8 @@ def test_a_killed_run_resumed_under_torchrun_matches_an_uninterrupted_one(shard_
 
     out = _finish(_torchrun(_train_args(shard_set, str(run_dir), ckpt, "--resume", "auto")))
     assert f"resumed from {ckpt / 'step-000000004'}" in out
+    # (The reference run traced one step: each rank its own trace.)
+    assert sorted(p.name for p in (straight / "run/profile").iterdir()) == ["trace-rank0.json", "trace-rank1.json"]
     a, b = _losses(straight / "run"), _losses(run_dir)
     assert [a[s] for s in (5, 6)] == [b[s] for s in (5, 6)]
     assert_same_tensors(checkpoint_tensors(straight / "ckpt/step-000000006", tmp_path),

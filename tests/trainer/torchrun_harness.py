@@ -9,6 +9,10 @@ Instruments of `train`, from environment variables the tests set (test code only
     HARNESS_KEYS_DIR       each rank appends the keys of every training batch it draws to keys-rank<R>.jsonl
     HARNESS_RANK_CWD       each rank runs in <dir>/rank<R> (relative run_dir: shows which rank writes outputs)
     HARNESS_STALL          "STEP:RANK:SECONDS:MARKER": that rank touches MARKER before optimiser step STEP and sleeps
+    HARNESS_GLOO           start a gloo process group from torchrun's environment first: processes playing TPU hosts
+    HARNESS_BLIND_RANK     that rank's checkpoint listing finds nothing (a host that would decide alone starts over)
+    HARNESS_REPORT         each rank writes <prefix>-rank<R>.json: the checkpoint it resumed from and, on XLA, the
+                           sharding spec of every parameter and optimiser state tensor
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import json
 import os
 import sys
 import time
+from typing import Callable
 
 import model.config
 
@@ -65,7 +70,53 @@ def stall(spec: str) -> None:
     T.train_step = stalled
 
 
+def blind() -> None:
+    from trainer.checkpoint import CheckpointStore
+
+    CheckpointStore.latest = lambda self: None
+    CheckpointStore.steps = lambda self: []
+
+
+def report(prefix: str) -> Callable[[], None]:
+    """Record what the run decided and built; the returned function writes it once the run is over."""
+    seen: dict = {}
+    resume_cls, build_optimizer = T.Resume, T.build_optimizer
+
+    class Recorded(resume_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["resume"] = self
+
+    def recording_optimizer(model_, *args, **kwargs):
+        seen["model"], seen["optimizer"] = model_, build_optimizer(model_, *args, **kwargs)
+        return seen["optimizer"]
+
+    T.Resume, T.build_optimizer = Recorded, recording_optimizer
+
+    def write() -> None:
+        out = {"rank": RANK, "resumed_from": seen["resume"].url}
+        if os.environ.get("PJRT_DEVICE"):
+            import torch_xla
+
+            spec = torch_xla._XLAC._get_xla_sharding_spec
+            names = {id(p): n for n, p in seen["model"].named_parameters()}
+            out["params"] = {n: spec(p) for n, p in seen["model"].named_parameters()}
+            out["optim"] = {names[id(p)]: {k: spec(v) for k, v in st.items() if torch.is_tensor(v) and v.dim()}
+                            for p, st in seen["optimizer"].state.items()}
+        with open(f"{prefix}-rank{RANK}.json", "w") as f:
+            json.dump(out, f)
+
+    return write
+
+
 def run_train(argv: list[str]) -> int:
+    if os.environ.get("HARNESS_GLOO"):
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+    if os.environ.get("HARNESS_BLIND_RANK") == str(RANK):
+        blind()
+    write_report = report(os.environ["HARNESS_REPORT"]) if os.environ.get("HARNESS_REPORT") else None
     if os.environ.get("HARNESS_KEYS_DIR"):
         record_keys(os.environ["HARNESS_KEYS_DIR"])
     if os.environ.get("HARNESS_STALL"):
@@ -74,7 +125,10 @@ def run_train(argv: list[str]) -> int:
         cwd = os.path.join(os.environ["HARNESS_RANK_CWD"], f"rank{RANK}")
         os.makedirs(cwd, exist_ok=True)
         os.chdir(cwd)
-    return T.main(argv)
+    code = T.main(argv)
+    if write_report is not None:
+        write_report()
+    return code
 
 
 def first_step(out_dir: str, overrides: list[str]) -> None:
