@@ -87,3 +87,13 @@ def test_per_host_batch() -> None:
     assert cfg.host_batch_size(8) == 8  # 128 / 2 micro-batches / 8 hosts
     with pytest.raises(ConfigError, match="hosts 3"):
         cfg.host_batch_size(3)
+
+
+def test_each_host_checks_that_its_devices_divide_its_share_of_the_batch() -> None:
+    cfg = load_train_config(str(CONFIGS / "pretrain_vjepa_multi_domain.yaml"), ["global_batch_size=32"])
+    assert cfg.host_batch_size(4, local_devices=4) == 8  # e.g. a v4-32: 4 hosts of 4 chips, 2 samples per chip
+    with pytest.raises(ConfigError, match="8 samples per host must be divisible by this host's 3 local devices"):
+        cfg.host_batch_size(4, local_devices=3)
+    assert cfg.sharding == "replicated"
+    with pytest.raises(ConfigError, match="sharding"):
+        load_train_config(str(CONFIGS / "pretrain_vjepa_multi_domain.yaml"), ["sharding=zero3"])
