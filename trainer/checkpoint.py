@@ -252,12 +252,6 @@ def load_dcp(url: str, state: dict, *, planner: Any = None, process_group: Any =
                  process_group=process_group, no_dist=no_dist)
 
 
-def resolve_resume(resume: str, store: CheckpointStore) -> str | None:
-    """"" -> None (fresh run); "auto" -> the latest complete checkpoint or None; anything else -> that path."""
-    candidates = resume_candidates(resume, store)
-    return candidates[0] if candidates else None
-
-
 def resume_candidates(resume: str, store: CheckpointStore) -> list[str]:
     """Checkpoints to try, in order: "" -> none (fresh run); "auto" -> every complete one, the one `latest`
     names first, then the others newest first (the fallbacks when it cannot be read); a path -> that path."""

@@ -92,6 +92,18 @@ def _unreadable_errors() -> tuple[type[BaseException], ...]:
     return CheckpointUnreadable, FileNotFoundError, CheckpointException
 
 
+def describe(error: BaseException) -> str:
+    """One line for a checkpoint read error (DCP's collective error carries each rank's exception and traceback)."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict):
+        return "; ".join(f"rank {rank}: {describe(exc[0] if isinstance(exc, tuple) else exc)}"
+                         for rank, exc in sorted(failures.items()))
+    lines = str(error).splitlines()
+    if isinstance(error, CheckpointUnreadable):  # ours: already names the file and what is wrong with it
+        return lines[0]
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+
+
 class Resume:
     """The checkpoint a run continues from, decided once for every rank, with fallbacks when it cannot be read.
 
@@ -126,7 +138,7 @@ class Resume:
         return None, None
 
     def _skip(self, url: str, error: BaseException | None) -> None:
-        why = f"{error}" if error is not None else "another rank could not read it"
+        why = describe(error) if error is not None else "another rank could not read it"
         if self.explicit:
             raise CheckpointUnreadable(f"checkpoint {url} cannot be read: {why}") from error
         if self.device.is_main or error is not None:

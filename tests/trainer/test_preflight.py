@@ -132,3 +132,18 @@ def test_a_mid_epoch_resume_with_another_worker_count_is_refused(shard_set: str,
     assert "data.num_workers=2" in err and "data.num_workers=1" in err and "step-000000002" in err
     # 0 workers is the same single in-process stream as 1: that resume continues.
     assert main(_args(shard_set, run_dir, *common, "max_steps=3", "data.num_workers=0", "--resume", "auto")) == 0
+
+
+def test_a_cut_tensor_file_of_the_latest_checkpoint_falls_back_too(shard_set: str, tmp_path: Path, tiny,
+                                                                    capsys) -> None:
+    run_dir = tmp_path / "run"
+    common = ["val_every=0", "checkpoint.every_steps=2", "checkpoint.keep_last=3", "max_steps=4"]
+    assert main(_args(shard_set, run_dir, *common)) == 0
+    (tensors,) = (run_dir / "checkpoints/step-000000004/dcp").glob("*.distcp")
+    tensors.write_bytes(tensors.read_bytes()[:4096])
+    capsys.readouterr()
+    assert main(_args(shard_set, run_dir, *common, "--resume", "auto")) == 0
+    out = capsys.readouterr()
+    warning = [line for line in out.err.splitlines() if "falling back" in line]
+    assert len(warning) == 1 and "checkpoint " + str(run_dir / "checkpoints/step-000000004") in warning[0], out.err
+    assert "resumed from " + str(run_dir / "checkpoints/step-000000002") in out.out
