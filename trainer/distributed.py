@@ -97,6 +97,7 @@ class StopSignal:
 
     def __init__(self, install: bool = True) -> None:
         self.requested = False
+        self.installed = install
         self._previous: Any = None
         if install:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -105,7 +106,8 @@ class StopSignal:
         self.requested = True
 
     def agreed(self) -> bool:
-        return any_rank(self.requested)
+        # Not installed (a TPU, where the preemption sync point answers instead): nothing to agree on.
+        return any_rank(self.requested) if self.installed else False
 
     def close(self) -> None:
         if self._previous is not None:

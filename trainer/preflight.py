@@ -1,7 +1,7 @@
 """Checks a run makes before its first step, so a bad setting or input costs seconds, not the steps before it.
 
     index = read_run_index(cfg)                       # data.shards set, index.json present and valid
-    check_splits(cfg, index, host_count=hosts)        # splits present, each larger than one global micro-batch
+    check_splits(cfg, index, host_count=hosts)        # train split >= one global micro-batch; val split if validating
     check_shard_files(cfg, index)                     # every shard the run reads exists with its indexed size
     check_resume_data_order(saved, cfg, ...)          # a mid-epoch resume keeps the data order it started with
 
@@ -32,23 +32,21 @@ def _split_samples(index: dict, split: str) -> int:
 
 
 def check_splits(cfg: TrainConfig, index: dict, *, host_count: int) -> None:
-    """The train split (and the val split when validating) exists and holds at least one global micro-batch:
-    a smaller split would fill every batch with repeats of the same few samples."""
+    """The train split holds at least one global micro-batch (a smaller split would fill every batch with repeats
+    of the same few samples), and the val split exists when the run validates."""
     micro = cfg.global_batch_size // cfg.grad_accum  # samples per micro-batch, summed over hosts
-    wanted = [("data.train_split", cfg.data.train_split)]
-    if cfg.val_every > 0:
-        wanted.append(("data.val_split", cfg.data.val_split))
-    for key, split in wanted:
-        have = _split_samples(index, split)
-        if have == 0:
-            why = " (validation is on: val_every > 0; set val_every=0 to train without it)" if key.startswith(
-                "data.val") else ""
-            raise ConfigError(f"{key}={split!r}: shard set {cfg.data.shards} has no samples in that split "
-                              f"(its splits: {sorted(index['splits'])}){why}")
-        if micro > have:
-            raise ConfigError(f"global_batch_size / grad_accum = {micro} samples per micro-batch ({host_count} "
-                              f"host(s)), but split {split!r} of {cfg.data.shards} holds only {have}: lower "
-                              f"global_batch_size or raise grad_accum")
+    have = _split_samples(index, cfg.data.train_split)
+    if have == 0:
+        raise ConfigError(f"data.train_split={cfg.data.train_split!r}: shard set {cfg.data.shards} has no samples "
+                          f"in that split (its splits: {sorted(index['splits'])})")
+    if micro > have:
+        raise ConfigError(f"global_batch_size / grad_accum = {micro} samples per micro-batch ({host_count} "
+                          f"host(s)), but split {cfg.data.train_split!r} of {cfg.data.shards} holds only {have}: "
+                          "lower global_batch_size or raise grad_accum")
+    if cfg.val_every > 0 and _split_samples(index, cfg.data.val_split) == 0:
+        raise ConfigError(f"data.val_split={cfg.data.val_split!r}: shard set {cfg.data.shards} has no samples in "
+                          f"that split (its splits: {sorted(index['splits'])}), and validation is on "
+                          f"(val_every={cfg.val_every}); set val_every=0 to train without it")
 
 
 def check_shard_files(cfg: TrainConfig, index: dict) -> None:

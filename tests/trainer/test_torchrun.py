@@ -77,6 +77,7 @@ def test_two_ranks_average_the_gradient_a_single_process_gets(shard_set: str, tm
             # fp32 sums in another order: within 1e-5 of the tensor's largest entry (6e-7 seen).
             torch.testing.assert_close(ranks["grads"][name], grad, rtol=0, atol=1e-5 * float(grad.abs().max()),
                                        msg=f"{sharding} {name}")
+        assert ranks["logged"] == {"loss": 0.5, "skipped": 3.0}  # ranks' losses 0 and 1, skipped 1 and 2
         # Validation and the exported encoder state are what one process computes, whatever the sharding.
         assert ranks["val"] == pytest.approx(single["val"], rel=1e-6)
         for name, value in single["encoder"].items():

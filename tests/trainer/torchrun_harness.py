@@ -174,8 +174,11 @@ def first_step(out_dir: str, overrides: list[str]) -> None:
         T.train_step(model, optimizer, batches, device=device, cfg=cfg, sched=Schedules(cfg.optim, plan.total_steps),
                      step=0, params=params, step_model=step_model)
         T.clip_gradients = capture.__defaults__[0]
+        # What each rank logs: the loss averaged, the skipped samples (a (B,) vector, count in slot 0) summed.
+        mine = {"loss": torch.tensor(float(rank)), "skipped": torch.tensor([rank + 1, 0], dtype=torch.int32)}
+        logged = {k: float(v.sum()) for k, v in device.reduce_metrics(mine).items()}
         if rank == 0:
-            torch.save({"grads": grads, "val": float(val), "encoder": encoder},
+            torch.save({"grads": grads, "val": float(val), "encoder": encoder, "logged": logged},
                        os.path.join(out_dir, f"{sharding}-world{world}.pt"))
 
 
