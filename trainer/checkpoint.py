@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 import yaml
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
 
 from model import EncoderConfig, VisionTransformer3D
 from shards import storage
@@ -218,27 +220,36 @@ def load_checkpoint(url: str) -> dict:
     return state
 
 
-def dcp_writer(url: str) -> Any:
-    """A torch.distributed.checkpoint writer for a local directory or a gs:// prefix."""
-    from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+class _StorageFileSystem(FileSystem):
+    """DCP's fsspec adapter on the filesystem `shards.storage` configures (retries; the emulator's endpoint in
+    tests), so checkpoints go through the same client as every other object."""
 
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.fs = storage.get_fs(url)[0]
+
+    def init_path(self, path: Any, **kwargs: Any) -> Any:
+        return path
+
+    def rename(self, path: Any, new_path: Any) -> None:
+        # GCS has no rename: copy, then delete (what gcsfs falls back to after trying its move API, which some
+        # endpoints refuse only after its retries). Completeness is state.pt, written after, not this rename.
+        self.fs.copy(str(path), str(new_path))
+        self.fs.rm(str(path))
+
+
+def dcp_writer(url: str) -> FileSystemWriter:
+    """A torch.distributed.checkpoint writer for a local directory or a gs:// prefix."""
     return _on_storage_fs(FsspecWriter, url) if storage.is_remote(url) else FileSystemWriter(url)
 
 
-def dcp_reader(url: str) -> Any:
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
+def dcp_reader(url: str) -> FileSystemReader:
     return _on_storage_fs(FsspecReader, url) if storage.is_remote(url) else FileSystemReader(url)
 
 
 def _on_storage_fs(cls: type, url: str) -> Any:
-    # DCP opens its own fsspec filesystem from the URL; use the one `shards.storage` configures (retries, and the
-    # emulator's endpoint in tests) so checkpoints and every other object go through the same client.
-    fs, _ = storage.get_fs(url)
-    io_ = cls(url, **fs.storage_options)
-    io_.fs.fs = fs
+    io_ = cls(url, **storage.get_fs(url)[0].storage_options)  # options as storage's, so no other client is set up
+    io_.fs = _StorageFileSystem(url)
     return io_
 
 
