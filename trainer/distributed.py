@@ -16,7 +16,6 @@ rank after the same step), the checkpoint to resume from, whether every rank cou
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 from typing import Any
@@ -24,8 +23,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 
 def env_world_size() -> int:

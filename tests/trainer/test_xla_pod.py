@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from shards import storage
 from tests.trainer.shardset_fixture import make_shard_set
