@@ -7,6 +7,7 @@ Every run is a fresh subprocess (tests/trainer/torchrun_harness.py) so the XLA r
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -22,7 +23,8 @@ from tests.trainer.shardset_fixture import make_shard_set
 from tests.trainer.test_train import assert_same_tensors, checkpoint_tensors
 from trainer.checkpoint import LEGACY_FORMAT, CheckpointStore, load_checkpoint, load_torch, rng_name, torch_bytes
 
-pytest.importorskip("torch_xla")
+# Not imported here: torch_xla in the test process would set PJRT_DEVICE for every later test.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch_xla") is None, reason="torch_xla is not installed")
 
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = str(REPO / "tests/trainer/torchrun_harness.py")
