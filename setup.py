@@ -30,7 +30,8 @@ TRAIN = [
     "scikit-learn==1.9.1",
     "psutil==7.2.2",
 ]
-TPU = ["torch_xla[tpu]==2.9.0"]
+# TPU hosts: the TPU runtime, and jax for torch_xla's Pallas kernels (the flash attention the trainer uses on TPU).
+TPU = ["torch_xla[tpu,pallas]==2.9.0"]
 TEST = [
     "pytest==9.2.0",
     "pytest-timeout==2.4.0",
@@ -48,7 +49,8 @@ setup(
     name="octjepa",
     version="0.1.0",
     description="Retinal OCT DICOM -> WebDataset shards -> V-JEPA2 3D self-supervised pretraining",
-    python_requires=">=3.11,<3.12",
+    # 3.10: the stock TPU VM images (tpu-ubuntu2204-base, the v5/v6 runtimes); torch_xla 2.9 ships 3.10-3.12 wheels.
+    python_requires=">=3.10,<3.13",
     packages=find_packages(include=["shards", "shards.*", "beam_jobs", "beam_jobs.*", "model", "model.*",
                                     "trainer", "trainer.*"]),
     py_modules=["octjepa_cli"],

@@ -150,8 +150,18 @@ def load_yaml(cls: type[T], path: str | None, overrides: Sequence[str] = ()) -> 
     if path is not None:
         from shards import storage
 
-        with storage.open_url(path, "rb") as f:
-            loaded = _yaml_load(f.read()) or {}
+        try:
+            with storage.open_url(path, "rb") as f:
+                text = f.read()
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            raise ConfigError(f"config file {path!r} cannot be read: {type(exc).__name__}: "
+                              f"{exc.strerror or exc}") from exc
+        import yaml
+
+        try:
+            loaded = _yaml_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         data = loaded

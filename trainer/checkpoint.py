@@ -2,15 +2,22 @@
 
 Layout under the checkpoint root:
 
-    step-000001000/state.pt      everything needed to continue (see `CheckpointStore.save`)
-    step-000001000/config.yaml   the resolved config, readable without torch
-    latest                       name of the newest complete checkpoint, written only after it is complete
+    step-000001000/dcp/           model and optimiser state: torch.distributed.checkpoint, written by every rank
+                                  (FSDP2 / XLA fsdp: each its shards; replicated: deduplicated), keyed by parameter
+                                  name, so it loads under any sharding and any number of ranks or hosts
+    step-000001000/rng-00000.pt   each rank's (host's) RNG states
+    step-000001000/config.yaml    the resolved config, readable without torch
+    step-000001000/state.pt       step, epoch, schedules, config: written last (the checkpoint is complete)
+    latest                        name of the newest complete checkpoint, written only after it is complete
 
-Atomicity. Locally a checkpoint is written under `.tmp-<name>-<uuid>/` and renamed into place, so a `step-*`
+Checkpoints of format v1 (`state.pt` holding every tensor, written by one process) still load.
+
+Atomicity. Locally a checkpoint is written under `.tmp-step-<n>/` and renamed into place, so a `step-*`
 directory exists only once complete. GCS has no rename, but each object appears only when its upload finishes;
-the `latest` object is written after every file of the checkpoint, so a run killed mid-save leaves `latest` on
-the previous, complete checkpoint. Resume reads `latest`; without it (e.g. older runs) it falls back to the
-newest complete checkpoint found by listing.
+`state.pt` is written after every other file of the checkpoint and `latest` after that, so a run killed mid-save
+leaves `latest` on the previous, complete checkpoint. Resume reads `latest`; without it (e.g. older runs) it falls
+back to the newest complete checkpoint found by listing; a checkpoint that cannot be read is skipped for the one
+before it (see `trainer.train_state`).
 
     from trainer.checkpoint import load_encoder
     encoder, enc_cfg = load_encoder("runs/smoke/encoder.pt")   # or a checkpoint directory
@@ -20,14 +27,16 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pickle
 import re
 import shutil
-import time
-import uuid
+import warnings
 from typing import Any
 
 import torch
 import yaml
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
 
 from model import EncoderConfig, VisionTransformer3D
 from shards import storage
@@ -36,11 +45,15 @@ from shards.typed_config import from_dict, to_dict
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "octjepa-checkpoint-v1"
+CHECKPOINT_FORMAT = "octjepa-checkpoint-v2"
+LEGACY_FORMAT = "octjepa-checkpoint-v1"  # every tensor inside state.pt
 ENCODER_FORMAT = "octjepa-encoder-v1"
 STATE_NAME = "state.pt"
 CONFIG_NAME = "config.yaml"
 LATEST_NAME = "latest"
+DCP_DIR = "dcp"
+# DCP's note that a save or load without a process group is one process's: that is what it is meant to be here.
+SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 
 
 class CheckpointNotFound(OctjepaError, FileNotFoundError):
@@ -49,34 +62,40 @@ class CheckpointNotFound(OctjepaError, FileNotFoundError):
     exit_code = 1
 
 
+class CheckpointUnreadable(CheckpointNotFound):
+    """A checkpoint that is there but cannot be read back (truncated, overwritten, not a torch file)."""
+
+
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
-# Test hook: "<step>:<marker path>" makes the save of that step write its files, touch the marker and stall
-# before publishing, so a test can SIGKILL a process that is provably mid-save.
-PAUSE_ENV = "OCTJEPA_TEST_CHECKPOINT_PAUSE"
+# What torch.load raises on a cut or garbled file: EOFError (empty), RuntimeError (no zip central directory),
+# ValueError (a seek past a cut end), UnpicklingError (garbled pickle).
+_UNREADABLE = (EOFError, RuntimeError, ValueError, pickle.UnpicklingError)
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:09d}"
 
 
-def _torch_bytes(obj: Any) -> bytes:
+def rng_name(rank: int) -> str:
+    return f"rng-{rank:05d}.pt"
+
+
+def torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
 
 
-def _load_torch(url: str) -> dict:
+def load_torch(url: str) -> Any:
+    """A torch file (tensors, numbers, strings, containers only); CheckpointUnreadable when cut or garbled."""
     # weights_only: a checkpoint holds tensors, numbers, strings and containers only; nothing is unpickled as code.
     with storage.open_url(url, "rb") as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-
-
-def _maybe_pause(step: int) -> None:
-    spec = os.environ.get(PAUSE_ENV, "")
-    if spec and int(spec.split(":", 1)[0]) == step:
-        with open(spec.split(":", 1)[1], "w") as f:
-            f.write("saving\n")
-        time.sleep(600)
+        data = f.read()
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except _UNREADABLE as exc:
+        raise CheckpointUnreadable(f"{url} ({len(data)} bytes) cannot be read: {type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else 'empty'}") from exc
 
 
 class CheckpointStore:
@@ -92,37 +111,50 @@ class CheckpointStore:
     def url(self, name: str) -> str:
         return storage.join(self.root, name)
 
-    def save(self, step: int, state: dict, config: dict) -> str:
-        """Write `state` (all tensors on the CPU) and the resolved config as the checkpoint of `step`, publish
-        it as `latest`, prune to the newest `keep_last`; returns its URL."""
+    def begin(self, step: int) -> str:
+        """Prepare the place every rank writes the checkpoint of `step` into (call once, on the main rank):
+        locally a fresh `.tmp-step-<n>` directory (leftovers of killed saves removed), on GCS the step's own
+        prefix, emptied of a save of the same step that an earlier run left (it is rewritten, not mixed)."""
         name = step_dir_name(step)
-        # state.pt last: on GCS its presence then means every other file is there too.
-        files = {CONFIG_NAME: yaml.safe_dump(config, sort_keys=False).encode(),
-                 STATE_NAME: _torch_bytes({"format": CHECKPOINT_FORMAT, **state})}
         if self.remote:
-            for fname, data in files.items():
-                storage.write_bytes(storage.join(self.root, name, fname), data)
-            _maybe_pause(step)
-        else:
-            self._save_local(name, files, step)
-        storage.write_bytes(self.url(LATEST_NAME), name.encode())
-        self.prune()
-        return self.url(name)
-
-    def _save_local(self, name: str, files: dict[str, bytes], step: int) -> None:
+            where = self.url(name)
+            if storage.exists(where):
+                storage.remove(where, recursive=True)
+            return where
         os.makedirs(self.root, exist_ok=True)
         for stale in os.listdir(self.root):  # leftovers of a process killed mid-save; never published
             if stale.startswith(".tmp-"):
                 shutil.rmtree(os.path.join(self.root, stale), ignore_errors=True)
-        tmp = os.path.join(self.root, f".tmp-{name}-{uuid.uuid4().hex}")
+        tmp = os.path.join(self.root, f".tmp-{name}")
         os.makedirs(tmp)
-        for fname, data in files.items():
-            with open(os.path.join(tmp, fname), "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        _maybe_pause(step)
-        final = os.path.join(self.root, name)
+        return tmp
+
+    def commit(self, step: int, where: str, state: dict, config: dict) -> str:
+        """Finish the checkpoint `begin` prepared, once every rank wrote its part into `where`: write the config
+        and `state` (state.pt, last), publish it (rename locally), point `latest` at it, prune; returns its URL."""
+        name = step_dir_name(step)
+        files = {CONFIG_NAME: yaml.safe_dump(config, sort_keys=False).encode(),
+                 STATE_NAME: torch_bytes({"format": CHECKPOINT_FORMAT, **state})}
+        for fname, data in files.items():  # state.pt last: on GCS its presence means every other file is there
+            if self.remote:
+                storage.write_bytes(storage.join(where, fname), data)
+            else:
+                with open(os.path.join(where, fname), "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+        if not self.remote:
+            self._publish_local(where, os.path.join(self.root, name))
+        storage.write_bytes(self.url(LATEST_NAME), name.encode())
+        self.prune()
+        return self.url(name)
+
+    def save(self, step: int, state: dict, config: dict) -> str:
+        """A checkpoint made of `state` and the config alone (one process); returns its URL."""
+        return self.commit(step, self.begin(step), state, config)
+
+    def _publish_local(self, tmp: str, final: str) -> None:
+        """Rename a fully written checkpoint directory into place: the moment it becomes complete."""
         if os.path.exists(final):  # the same step saved again after a resume from an earlier checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -168,34 +200,103 @@ class CheckpointStore:
                     storage.remove(self.url(m.group(0)), recursive=True)
 
 
+def checkpoint_dir(url: str) -> str:
+    """The checkpoint directory of `url` (the directory itself or its state.pt)."""
+    if url.rstrip("/").endswith("/" + STATE_NAME) or url == STATE_NAME:
+        return url.rstrip("/")[:-len(STATE_NAME) - 1]
+    return url.rstrip("/") if storage.is_remote(url) else url
+
+
 def load_checkpoint(url: str) -> dict:
-    """The state dict saved in checkpoint directory `url` (or its state.pt), checked for its format."""
-    state_url = url if url.endswith(STATE_NAME) else storage.join(url, STATE_NAME)
+    """The state saved in checkpoint directory `url` (or its state.pt), checked for its format (v2: counters,
+    schedules and config, the tensors being in `dcp/`; v1: every tensor too)."""
+    state_url = storage.join(checkpoint_dir(url), STATE_NAME)
     if not storage.exists(state_url):
         raise CheckpointNotFound(f"{url}: no {STATE_NAME}; not a complete checkpoint")
-    state = _load_torch(state_url)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{state_url}: format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    state = load_torch(state_url)
+    fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
+    if fmt not in (CHECKPOINT_FORMAT, LEGACY_FORMAT):
+        raise CheckpointUnreadable(f"{state_url}: format {fmt!r}, expected {CHECKPOINT_FORMAT!r}")
     return state
 
 
-def resolve_resume(resume: str, store: CheckpointStore) -> str | None:
-    """"" -> None (fresh run); "auto" -> the latest complete checkpoint or None; anything else -> that path."""
+class _StorageFileSystem(FileSystem):
+    """DCP's fsspec adapter on the filesystem `shards.storage` configures (retries; the emulator's endpoint in
+    tests), so checkpoints go through the same client as every other object."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.fs = storage.get_fs(url)[0]
+
+    def init_path(self, path: Any, **kwargs: Any) -> Any:
+        return path
+
+    def rename(self, path: Any, new_path: Any) -> None:
+        # GCS has no rename: copy, then delete (what gcsfs falls back to after trying its move API, which some
+        # endpoints refuse only after its retries). Completeness is state.pt, written after, not this rename.
+        self.fs.copy(str(path), str(new_path))
+        self.fs.rm(str(path))
+
+
+def dcp_writer(url: str) -> FileSystemWriter:
+    """A torch.distributed.checkpoint writer for a local directory or a gs:// prefix."""
+    return _on_storage_fs(FsspecWriter, url) if storage.is_remote(url) else FileSystemWriter(url)
+
+
+def dcp_reader(url: str) -> FileSystemReader:
+    return _on_storage_fs(FsspecReader, url) if storage.is_remote(url) else FileSystemReader(url)
+
+
+def _on_storage_fs(cls: type, url: str) -> Any:
+    io_ = cls(url, **storage.get_fs(url)[0].storage_options)  # options as storage's, so no other client is set up
+    io_.fs = _StorageFileSystem(url)
+    return io_
+
+
+def load_dcp(url: str, state: dict, *, planner: Any = None, process_group: Any = None, no_dist: bool = False) -> None:
+    """Load checkpoint `url`'s DCP tensors into `state` in place (names as saved, e.g. {"model": {...}})."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
+        dcp.load(state, storage_reader=dcp_reader(storage.join(checkpoint_dir(url), DCP_DIR)), planner=planner,
+                 process_group=process_group, no_dist=no_dist)
+
+
+def resume_candidates(resume: str, store: CheckpointStore) -> list[str]:
+    """Checkpoints to try, in order: "" -> none (fresh run); "auto" -> every complete one, the one `latest`
+    names first, then the others newest first (the fallbacks when it cannot be read); a path -> that path."""
     if not resume:
-        return None
-    if resume == "auto":
-        return store.latest()
-    return resume
+        return []
+    if resume != "auto":
+        return [resume]
+    latest = store.latest()
+    if latest is None:
+        return []
+    older = [store.url(step_dir_name(s)) for s in reversed(store.steps())]
+    return [latest] + [u for u in older if u != latest]
 
 
 # ---- the target encoder, alone, for downstream use ---------------------------------------------------------------
 
-def export_encoder(path: str, model: torch.nn.Module, cfg: Any) -> None:
-    """Write the target encoder with its config: {"format", "encoder_config", "state_dict", "train_config"}."""
-    state = {k: v.detach().cpu() for k, v in model.target_encoder.state_dict().items()}
+def encoder_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The target encoder's state dict as whole, plain CPU tensors (copies). Under FSDP2 its shards are gathered,
+    a collective: every rank calls it. On XLA the sharded tensors come back whole."""
+    state = model.target_encoder.state_dict()
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu", copy=True)
+            for k, v in state.items()}
+
+
+def export_encoder(path: str, model: torch.nn.Module, cfg: Any, *, write: bool = True) -> None:
+    """Write the target encoder with its config: {"format", "encoder_config", "state_dict", "train_config"}, a
+    plain state dict loadable without torch.distributed (`load_encoder`). With several ranks call it on every
+    rank (FSDP2 gathers the shards) and `write` on one."""
+    state = encoder_state(model)
+    if not write:
+        return
     payload = {"format": ENCODER_FORMAT, "encoder_config": to_dict(cfg.model.encoder), "state_dict": state,
                "train_config": to_dict(cfg)}
-    storage.write_bytes(path, _torch_bytes(payload))
+    storage.write_bytes(path, torch_bytes(payload))
 
 
 def _encoder_from(state_dict: dict, encoder_config: dict, where: str) -> tuple[VisionTransformer3D, EncoderConfig]:
@@ -217,12 +318,22 @@ def load_encoder(path: str) -> tuple[VisionTransformer3D, EncoderConfig]:
             if latest is None:
                 raise CheckpointNotFound(f"{path}: a directory with neither {STATE_NAME} nor any checkpoint")
             path = latest
-        state = load_checkpoint(path)
-        return _encoder_from(state["target_encoder"], state["config"]["model"]["encoder"], path)
-    payload = _load_torch(path)
+        return _checkpoint_encoder(path, load_checkpoint(path))
+    payload = load_torch(path)
     fmt = payload.get("format") if isinstance(payload, dict) else None
     if fmt == ENCODER_FORMAT:
         return _encoder_from(payload["state_dict"], payload["encoder_config"], path)
-    if fmt == CHECKPOINT_FORMAT:
-        return _encoder_from(payload["target_encoder"], payload["config"]["model"]["encoder"], path)
+    if fmt in (CHECKPOINT_FORMAT, LEGACY_FORMAT):
+        return _checkpoint_encoder(path, payload)
     raise ValueError(f"{path}: format {fmt!r}; expected {ENCODER_FORMAT!r} or {CHECKPOINT_FORMAT!r}")
+
+
+def _checkpoint_encoder(url: str, state: dict) -> tuple[VisionTransformer3D, EncoderConfig]:
+    enc_config = state["config"]["model"]["encoder"]
+    if state["format"] == LEGACY_FORMAT:
+        return _encoder_from(state["target_encoder"], enc_config, url)
+    # Only the target encoder's tensors are read, in this process alone, whatever sharding wrote them.
+    template = VisionTransformer3D(from_dict(EncoderConfig, enc_config, where=f"{url}: encoder_config")).state_dict()
+    wanted = {"model": {f"target_encoder.{k}": v for k, v in template.items()}}
+    load_dcp(url, wanted, no_dist=True)
+    return _encoder_from({k[len("target_encoder."):]: v for k, v in wanted["model"].items()}, enc_config, url)

@@ -80,6 +80,18 @@ class LoggingConfig:
 
 
 @dataclass
+class ProfileConfig:
+    steps: int = 0                          # > 0: capture a trace of this many steps into <run_dir>/profile
+    start_step: int = 10                    # first traced step (after warm-up and compilation)
+    port: int = 9012                        # XLA: the profiler server's port (for TensorBoard / capture_profile)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "start_step", "port"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"profile.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"           # config.yaml, metrics.jsonl, checkpoints/, encoder.pt, loss_curve.png
     seed: int = 0                           # model init, data order and masks
@@ -90,11 +102,15 @@ class TrainConfig:
     global_batch_size: int = 128            # samples per optimiser step, summed over hosts and accumulation
     grad_accum: int = 1
     val_every: int = 0                      # optimiser steps between validation losses; 0 = never
+    # replicated: every device holds all params and optimizer state (DDP under torchrun, SPMD data parallel on
+    # XLA); fsdp: params, grads and optimizer state sharded over the devices (FSDP2 under torchrun, SPMD FSDPv2 on XLA)
+    sharding: Literal["replicated", "fsdp"] = "replicated"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "global_batch_size", "grad_accum"):
@@ -113,14 +129,21 @@ class TrainConfig:
                 f"{tuple(self.model.encoder.input_shape)}: the encoder sees exactly the loader's crops"
             )
 
-    def host_batch_size(self, host_count: int) -> int:
-        """Samples per host per micro-batch (one forward/backward)."""
+    def host_batch_size(self, host_count: int, local_devices: int = 1) -> int:
+        """Samples per host (per torchrun rank) per micro-batch (one forward/backward); it must split evenly over
+        the host's `local_devices` (XLA: its chips; the SPMD loader shards each host's batch over them)."""
         micro = self.global_batch_size // self.grad_accum
         if micro % host_count:
             raise ConfigError(
                 f"global_batch_size / grad_accum = {micro} must be divisible by the number of hosts {host_count}"
             )
-        return micro // host_count
+        host = micro // host_count
+        if host % local_devices:
+            raise ConfigError(
+                f"global_batch_size / grad_accum / hosts = {micro} / {host_count} = {host} samples per host must be "
+                f"divisible by this host's {local_devices} local devices"
+            )
+        return host
 
 
 def load_train_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:

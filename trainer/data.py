@@ -28,7 +28,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import os
 import random
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -232,6 +235,21 @@ class _WorkerStream(IterableDataset):
         return islice(iter(wds.DataPipeline(*pipeline)), quota - done)
 
 
+def _sigterm_from_parent_only(worker_id: int) -> None:
+    """A loader worker obeys SIGTERM only from its trainer. A VM being preempted signals every process; the
+    trainer then finishes its step and writes a checkpoint, and a worker that died first would crash it mid-step.
+    The trainer's own SIGTERM (the DataLoader ending a worker) still ends it at once, as torch's handler would."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before the worker starts any thread: all inherit it
+
+    def wait() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
+
+
 class Batches:
     """Exactly ``len(self)`` batches per iteration, from ``num_workers`` loader processes (0: in-process)."""
 
@@ -248,7 +266,8 @@ class Batches:
         budget = DamageBudget(plan.cfg.max_skipped_fraction, plan.num_batches * plan.batch_size,
                               what=f"{'training epoch' if plan.train else 'validation'} {plan.stream}")
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=2 if self.num_workers else None)
+                            prefetch_factor=2 if self.num_workers else None,
+                            worker_init_fn=_sigterm_from_parent_only if self.num_workers else None)
         count = 0
         for batch in loader:
             budget.charge(batch["dropped"])  # here, in the one process that sees every worker's batches

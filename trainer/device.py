@@ -1,10 +1,10 @@
-"""Where the train step runs: the CPU, one CUDA GPU, or every TPU chip of a pod through torch_xla SPMD.
+"""Where the train step runs: the CPU or CUDA GPUs (one process, or one per GPU under torchrun), or every TPU
+chip of a pod through torch_xla SPMD (`trainer.xla_device`).
 
-This is the only module that imports torch_xla, and only inside the XLA code paths, so the trainer runs where
-torch_xla is not installed. On XLA: one process per host, `xr.use_spmd()`, a 1-D ("data",) mesh over every
-device of the pod, per-host minibatches sharded onto it by `MpDeviceLoader(input_sharding=...)`, bf16 autocast,
-metrics read through step closures. The model and optimiser are replicated; the SPMD partitioner inserts the
-gradient all-reduce.
+This module and `trainer.xla_device` are the device layer: the only modules that import torch_xla, and only on
+the XLA code paths, so the trainer runs where torch_xla is not installed. On CPU/CUDA under torchrun each rank
+drives one device (cuda:LOCAL_RANK), the model is wrapped by DDP (`sharding: replicated`) or FSDP2 (`fsdp`), and
+ranks agree through `trainer.distributed`. On XLA: one process per host, SPMD over every device of the pod.
 
 A batch crosses to the device as a flat dict of tensors whose first axis is the batch (the form MpDeviceLoader's
 per-key sharding takes): volume, scale, shift, flip, context_<i>/target_<i> per mask configuration, and `skipped`
@@ -15,25 +15,15 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import sys
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from torch import nn
+
+from trainer import distributed
 
 KINDS = ("cpu", "cuda", "xla")
-
-
-def host_index_count() -> tuple[int, int]:
-    """(this host's index, number of hosts): torch_xla's process index/count when an XLA runtime is in use,
-    torch.distributed's rank/world on GPU when initialised, else (0, 1)."""
-    if "torch_xla" in sys.modules and os.environ.get("PJRT_DEVICE"):
-        import torch_xla.runtime as xr
-
-        return xr.process_index(), xr.process_count()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def resolve_kind(name: str) -> str:
@@ -77,11 +67,13 @@ def batch_ndims(num_masks: int) -> dict[str, int]:
 
 
 class Device:
-    """The plain-torch device (cpu, cuda); `XlaDevice` overrides what SPMD does differently."""
+    """The plain-torch device (cpu, cuda), one per torchrun rank; `XlaDevice` overrides what SPMD does differently."""
 
-    def __init__(self, kind: str, precision: str = "auto") -> None:
+    def __init__(self, kind: str, precision: str = "auto", sharding: str = "replicated") -> None:
         self.kind = kind
-        self.torch_device = torch.device("cuda" if kind == "cuda" else "cpu")
+        self.sharding = sharding
+        distributed.init_from_env(kind)
+        self.torch_device = torch.device(f"cuda:{distributed.local_rank()}" if kind == "cuda" else "cpu")
         self.dtype = self._autocast_dtype(precision)
 
     def _autocast_dtype(self, precision: str) -> torch.dtype | None:
@@ -105,7 +97,12 @@ class Device:
         return torch.autocast(device_type=self.autocast_type, dtype=self.dtype)
 
     def host_index_count(self) -> tuple[int, int]:
-        return host_index_count()
+        """(this process's index, process count): the torchrun rank and world size, or (0, 1)."""
+        return distributed.rank_world()
+
+    def local_devices(self) -> int:
+        """Devices this process feeds with its share of the batch."""
+        return 1
 
     @property
     def is_main(self) -> bool:
@@ -114,10 +111,90 @@ class Device:
     def attn_impl(self, requested: str) -> str:
         return requested
 
-    def wrap_loader(self, loader: Iterable[dict], num_masks: int) -> Iterator[dict[str, torch.Tensor]]:
+    def check_checkpoint_dir(self, url: str) -> None:
+        """Refuse a checkpoint location the processes cannot share (see `XlaDevice`); torchrun ranks on one node
+        share its disk, and across nodes the user names shared storage or gs://."""
+
+    # -- the model, its step and what ranks exchange
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """The module the step calls (DDP / FSDP2 under torchrun, the model itself in one process)."""
+        return distributed.wrap_model(model, self.sharding, self.torch_device)
+
+    def grad_sync(self, step_model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+        return distributed.grad_sync(step_model, sync)
+
+    def reduce_metrics(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Step metrics as the whole run saw them (over every rank); call on every rank at the same steps."""
+        return distributed.reduce_metrics(stats)
+
+    def mean_over_hosts(self, value: torch.Tensor) -> torch.Tensor:
+        return distributed.mean_over_ranks(value)
+
+    def val_share(self, host_batch: int, host_index: int, host_count: int) -> tuple[int, int, int, slice | None]:
+        """(host index, host count, batch size, rows) for the validation loader. Under torchrun every rank composes
+        the batches a single process would (host 0 of 1, the whole micro-batch) and computes its own rows of them,
+        so val/loss does not depend on the number of ranks."""
+        if host_count == 1:
+            return host_index, host_count, host_batch, None
+        return 0, 1, host_batch * host_count, slice(host_index * host_batch, (host_index + 1) * host_batch)
+
+    def wrap_loader(self, loader: Iterable[dict], num_masks: int,
+                    rows: slice | None = None) -> Iterator[dict[str, torch.Tensor]]:
         non_blocking = self.kind == "cuda"
         for batch in loader:
-            yield {k: v.to(self.torch_device, non_blocking=non_blocking) for k, v in flatten_batch(batch).items()}
+            flat = flatten_batch(batch)
+            if rows is not None:
+                flat = {k: v[rows] for k, v in flat.items()}
+            yield {k: v.to(self.torch_device, non_blocking=non_blocking) for k, v in flat.items()}
+
+    # -- checkpoints and stopping
+    def save_planner(self) -> Any:
+        return None  # DCP's default planner
+
+    def load_planner(self) -> Any:
+        return None
+
+    def checkpoint_group(self) -> Any:
+        return None  # the default group when one is initialised
+
+    def prepare_optimizer_for_load(self, optimizer: torch.optim.Optimizer) -> None:
+        """Give the optimiser its state tensors before a checkpoint is loaded into them in place
+        (`get_state_dict` creates them itself on CPU/CUDA)."""
+
+    def after_optimizer_load(self, optimizer: torch.optim.Optimizer) -> None:
+        """Put optimiser state loaded from a full (unsharded) state dict where the sharding wants it."""
+
+    def stop_signal(self) -> distributed.StopSignal:
+        return distributed.StopSignal(install=True)
+
+    def preempted(self, step: int) -> bool:
+        """Whether the platform announced a preemption that every host sees at this step (TPU only)."""
+        return False
+
+    def barrier(self) -> None:
+        distributed.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        return distributed.broadcast(obj)
+
+    def all_ok(self, flag: bool) -> bool:
+        return distributed.all_ranks(flag)
+
+    # -- profiling
+    def start_trace(self, log_dir: str, port: int = 0) -> None:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.kind == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self._profiler = torch.profiler.profile(activities=activities)
+        self._profiler.__enter__()
+        self._trace_dir = log_dir
+
+    def stop_trace(self) -> str:
+        self._profiler.__exit__(None, None, None)
+        os.makedirs(self._trace_dir, exist_ok=True)
+        path = os.path.join(self._trace_dir, f"trace-rank{self.host_index_count()[0]}.json")
+        self._profiler.export_chrome_trace(path)
+        return path
 
     def mark_step(self) -> None:
         """The end of one traced step; nothing to do eagerly."""
@@ -159,89 +236,15 @@ class Device:
         torch.manual_seed(seed)
 
 
-class XlaDevice(Device):
-    """torch_xla SPMD over every device of the pod (TPU; or the CPU backend with PJRT_DEVICE=CPU in tests)."""
-
-    def __init__(self, precision: str = "auto") -> None:
-        import torch_xla
-        import torch_xla.distributed.spmd as xs
-        import torch_xla.runtime as xr
-
-        xr.use_spmd()
-        n = xr.global_runtime_device_count()
-        self.mesh = xs.Mesh(np.arange(n), (n,), ("data",))
-        # Global so model code (e.g. flash attention's partition_spec) can find the mesh without a handle.
-        xs.set_global_mesh(self.mesh)
-        self.kind = "xla"
-        self.torch_device = torch_xla.device()
-        self.dtype = None if precision == "fp32" else torch.bfloat16
-        self.device_type = xr.device_type()
-
-    def host_index_count(self) -> tuple[int, int]:
-        import torch_xla.runtime as xr
-
-        return xr.process_index(), xr.process_count()
-
-    def attn_impl(self, requested: str) -> str:
-        # "sdpa" names the default kernel; on XLA that is the Pallas flash kernel (model falls back off-TPU).
-        return "xla_flash" if requested == "sdpa" else requested
-
-    def wrap_loader(self, loader: Iterable[dict], num_masks: int) -> Iterator[dict[str, torch.Tensor]]:
-        import torch_xla.distributed.parallel_loader as pl
-        import torch_xla.distributed.spmd as xs
-
-        # minibatch=True: each host's batch is its slice of the global batch, sharded over its own devices.
-        sharding = {key: xs.ShardingSpec(self.mesh, ("data",) + (None,) * (ndim - 1), minibatch=True)
-                    for key, ndim in batch_ndims(num_masks).items()}
-        flat = (flatten_batch(b) for b in loader)
-        return iter(pl.MpDeviceLoader(flat, self.torch_device, input_sharding=sharding))
-
-    def mark_step(self) -> None:
-        import torch_xla
-
-        torch_xla.sync()
-
-    def add_step_closure(self, fn: Callable, args: tuple = ()) -> None:
-        import torch_xla.core.xla_model as xm
-
-        xm.add_step_closure(fn, args=args)
-
-    def compile_count(self) -> int | None:
-        import torch_xla.debug.metrics as met
-
-        data = met.metric_data("CompileTime")
-        return int(data[0]) if data else 0
-
-    def to_cpu(self, obj: Any) -> Any:
-        import torch_xla.core.xla_model as xm
-
-        # One batched device->host transfer for the whole structure instead of one per tensor.
-        return xm._maybe_convert_to_cpu(obj)
-
-    def rng_state(self) -> dict:
-        import torch_xla.core.xla_model as xm
-
-        state = super().rng_state()
-        state["xla"] = int(xm.get_rng_state())
-        return state
-
-    def set_rng_state(self, state: dict) -> None:
-        import torch_xla.core.xla_model as xm
-
-        super().set_rng_state(state)
-        if "xla" in state:
-            xm.set_rng_state(int(state["xla"]))
-
-    def seed(self, seed: int) -> None:
-        import torch_xla.core.xla_model as xm
-
-        super().seed(seed)
-        xm.set_rng_state(seed)
-
-
-def build_device(name: str, precision: str = "auto") -> Device:
+def build_device(name: str, precision: str = "auto", sharding: str = "replicated",
+                 cache_dir: str | None = None) -> Device:
+    """The device of this process. `cache_dir`: XLA's persistent compilation cache (a restart reuses the graphs)."""
     kind = resolve_kind(name)
-    return XlaDevice(precision) if kind == "xla" else Device(kind, precision)
+    if kind == "xla":
+        from trainer.xla_device import XlaDevice
+
+        return XlaDevice(precision, sharding=sharding, cache_dir=cache_dir)
+    return Device(kind, precision, sharding)
 
 
 def _numpy_state() -> dict:

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+import octjepa_cli
 from shards.typed_config import ConfigError, from_dict, to_dict
 from trainer.config import TrainConfig, load_train_config
-from trainer.train import main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEVICES = ["heidelberg_spectralis", "topcon_maestro2", "topcon_triton", "zeiss_cirrus"]
@@ -71,7 +71,7 @@ def test_an_unknown_key_in_a_file_fails_the_command(tmp_path: Path, capsys: pyte
     data["optim"]["mpl_ratio"] = 4.0
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))
-    assert main(["--config", str(path)]) == 2
+    assert octjepa_cli.main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "optim" in err and "mpl_ratio" in err
 
@@ -87,3 +87,13 @@ def test_per_host_batch() -> None:
     assert cfg.host_batch_size(8) == 8  # 128 / 2 micro-batches / 8 hosts
     with pytest.raises(ConfigError, match="hosts 3"):
         cfg.host_batch_size(3)
+
+
+def test_each_host_checks_that_its_devices_divide_its_share_of_the_batch() -> None:
+    cfg = load_train_config(str(CONFIGS / "pretrain_vjepa_multi_domain.yaml"), ["global_batch_size=32"])
+    assert cfg.host_batch_size(4, local_devices=4) == 8  # e.g. a v4-32: 4 hosts of 4 chips, 2 samples per chip
+    with pytest.raises(ConfigError, match="8 samples per host must be divisible by this host's 3 local devices"):
+        cfg.host_batch_size(4, local_devices=3)
+    assert cfg.sharding == "replicated"
+    with pytest.raises(ConfigError, match="sharding"):
+        load_train_config(str(CONFIGS / "pretrain_vjepa_multi_domain.yaml"), ["sharding=zero3"])
