@@ -231,7 +231,7 @@ class _WorkerStream(IterableDataset):
             view_rng=np.random.default_rng(derive_seed("augment", p.seed, *stream)) if p.train else None,
             slot_rng=random.Random(derive_seed("shuffle", p.seed, *stream)) if shuffled else None,
             flip=cfg.flip_lateral, jitter=cfg.intensity_jitter, masks=self.masks, mask_seed=(p.seed, *stream),
-            counters=counters, skip_batches=done))
+            counters=counters, skip_batches=done, pack_passes=not balanced))
         return islice(iter(wds.DataPipeline(*pipeline)), quota - done)
 
 

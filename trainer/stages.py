@@ -11,9 +11,16 @@ training crop shape (the usual case: preprocessing writes the training shape) th
 loader's only copy of its voxels. A smaller or larger stored volume is read whole, then cropped or padded into its
 slot. Batches hold one dtype each (a set mixing uint8 and uint16 volumes gives batches of each; voxel values are
 never rescaled); memory is the open batches plus the batches in flight.
+
+An epoch is a pass: when a worker's stream starts its next pass over its shards, ``assemble`` first packs the samples
+still waiting in partly filled batches into as few batches as they fill (a copy of those few volumes, once a pass),
+so every sample of a pass leaves in a batch before more than one batch's worth of the next pass does. Without it,
+samples waiting in open batches at the end of an epoch would be left out of it while samples of the next pass fill
+its last batches.
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import math
@@ -98,7 +105,7 @@ def shard_source(shards: list[Shard], *, seed: int, stream: tuple, shuffle: bool
                 raise DataDamageError(f"no decodable sample in a full pass over shards {urls}; see the warnings "
                                       f"above")
             counters.good, current = 0, round_no
-        yield {"shard": shard}
+        yield {"shard": shard, "round": round_no}
 
 
 def read_shards(source: Iterable[dict], *, counters: Counters, defer_volumes: bool = False) -> Iterator[dict]:
@@ -125,7 +132,7 @@ def read_shards(source: Iterable[dict], *, counters: Counters, defer_volumes: bo
                     if seen > shard.num_samples:
                         counters.drop(shard.url, last, f"past the {shard.num_samples} samples the index lists")
                         continue
-                    yield {**sample, "__url__": shard.url}
+                    yield {**sample, "__url__": shard.url, "__round__": item.get("round", 0)}
         except (ContractError, OSError) as exc:
             failure = f": {exc}"
         if seen < shard.num_samples:
@@ -143,13 +150,14 @@ def open_samples(samples: Iterable[dict], *, counters: Counters) -> Iterator[dic
             if not isinstance(member, MemberReader):
                 volume, meta = decode_sample(sample)
                 counters.good += 1
-                yield {"volume": volume, "meta": meta}
+                yield {"volume": volume, "meta": meta, "__round__": sample.get("__round__", 0)}
                 continue
             meta, offset, check = decode_sample_header(sample, member.read(0, _NPY_HEAD), member.size)
         except ContractError as exc:
             counters.drop(sample.get("__url__"), sample.get("__key__"), str(exc))
             continue
-        yield {"member": member, "offset": offset, "meta": meta, "check": check, "__url__": sample.get("__url__")}
+        yield {"member": member, "offset": offset, "meta": meta, "check": check, "__url__": sample.get("__url__"),
+               "__round__": sample.get("__round__", 0)}
 
 
 def _read_checked(item: dict, dest: np.ndarray, fileobj: Any = None) -> None:
@@ -170,7 +178,7 @@ def materialize(items: Iterable[dict], *, counters: Counters) -> Iterator[dict]:
     for item in items:
         if "member" in item:
             try:
-                item = {"volume": _read_volume(item), "meta": item["meta"]}
+                item = {"volume": _read_volume(item), "meta": item["meta"], "__round__": item.get("__round__", 0)}
             except ContractError as exc:
                 counters.drop(item.get("__url__"), item["meta"]["key"], str(exc))
                 continue
@@ -286,9 +294,27 @@ def _read_unread(open_batches: Iterable[_OpenBatch], counters: Counters) -> None
                     batch.fields[slot] = None
 
 
+def _pack(batches: list[_OpenBatch]) -> None:
+    """Move the samples of the least filled open batches into the free slots of the most filled ones until at most
+    one is partly filled. No random draw: a resumed stream packs exactly as the uninterrupted one did. A slot not
+    read yet (a resumed stream's skipped batches) moves as its reference, a read one as a copy of its voxels."""
+    while len(partial := [b for b in batches if 0 < len(b.free) < len(b.fields)]) > 1:
+        partial.sort(key=lambda b: len(b.free))  # most filled first; the sort is stable, so list order breaks ties
+        dest, src = partial[0], partial[-1]
+        for slot in [i for i, f in enumerate(src.fields) if f is not None][:len(dest.free)]:
+            to = dest.free.pop(0)
+            if slot in src.unread:
+                dest.unread[to] = src.unread.pop(slot)
+            else:
+                dest.volume[to].copy_(src.volume[slot])
+            dest.fields[to], src.fields[slot] = src.fields[slot], None
+            bisect.insort(src.free, slot)
+
+
 def assemble(items: Iterable[dict], *, crop: Sequence[int], batch_size: int, open_batches: int,
              view_rng: np.random.Generator | None, slot_rng: random.Random | None, flip: bool, jitter: float,
-             masks: Any, mask_seed: tuple, counters: Counters, skip_batches: int = 0) -> Iterator[dict]:
+             masks: Any, mask_seed: tuple, counters: Counters, skip_batches: int = 0,
+             pack_passes: bool = False) -> Iterator[dict]:
     """Static batches of ``batch_size``: each sample's voxels read into a random free slot of ``open_batches`` open
     batches (``slot_rng=None``: slots in arrival order, one batch at a time), its view drawn by ``view_rng``.
 
@@ -296,6 +322,9 @@ def assemble(items: Iterable[dict], *, crop: Sequence[int], batch_size: int, ope
     [(context, target)] list per batch, seeded by ``mask_seed`` and the batch number), ``skipped`` (samples
     dropped as damaged since the previous batch) and ``dropped`` (``Drop`` records of those, host-side). Never a
     partial batch.
+
+    ``pack_passes``: when the items' pass (``__round__``) changes, the open batches are packed first (``_pack``) and
+    those it fills leave, so a pass's samples are not left waiting behind the next pass's.
 
     ``skip_batches``: the first batches are composed but not yielded, and their voxels are not read (mid-epoch
     resume): every random draw happens as in the full stream, so the batches that follow are the same. Slots still
@@ -305,8 +334,33 @@ def assemble(items: Iterable[dict], *, crop: Sequence[int], batch_size: int, ope
     """
     crop = tuple(crop)
     pending: dict[str, list[_OpenBatch]] = {}  # dtype -> open batches of that dtype
-    number = 0
+    number, current_pass = 0, None
+
+    def complete(batch: _OpenBatch, batches: list[_OpenBatch]) -> Iterator[dict]:
+        nonlocal number
+        batches.remove(batch)
+        if number < skip_batches:
+            number += 1
+            if number == skip_batches:
+                _read_unread((b for group in pending.values() for b in group), counters)
+            return
+        generator = torch.Generator().manual_seed(derive_seed("masks", *mask_seed, number))
+        skipped, dropped = counters.take()
+        yield {
+            **batch.finish(),
+            "masks": masks(batch_size, generator) if masks is not None else [],
+            "skipped": torch.tensor(skipped, dtype=torch.int64),
+            "dropped": dropped,
+        }
+        number += 1
+
     for item in items:
+        if pack_passes and item.get("__round__", 0) != current_pass:
+            for group in pending.values() if current_pass is not None else ():
+                _pack(group)
+                for full in [b for b in group if not b.free]:
+                    yield from complete(full, group)
+            current_pass = item.get("__round__", 0)
         meta = item["meta"]
         dtype = np.dtype(meta["dtype"])
         batches = pending.setdefault(dtype.str, [])
@@ -335,23 +389,8 @@ def assemble(items: Iterable[dict], *, crop: Sequence[int], batch_size: int, ope
             counters.good += 1
         batch.free.remove(slot)
         batch.fields[slot] = (meta["key"], flipped, scale, shift)
-        if batch.free:
-            continue
-        batches.remove(batch)
-        if number < skip_batches:
-            number += 1
-            if number == skip_batches:
-                _read_unread((b for group in pending.values() for b in group), counters)
-            continue
-        generator = torch.Generator().manual_seed(derive_seed("masks", *mask_seed, number))
-        skipped, dropped = counters.take()
-        yield {
-            **batch.finish(),
-            "masks": masks(batch_size, generator) if masks is not None else [],
-            "skipped": torch.tensor(skipped, dtype=torch.int64),
-            "dropped": dropped,
-        }
-        number += 1
+        if not batch.free:
+            yield from complete(batch, batches)
 
 
 def augment_all(samples: Iterable[dict], *, crop: Sequence[int], rng: np.random.Generator | None, flip: bool,

@@ -560,6 +560,30 @@ def test_train_loader_reads_gcs_in_worker_processes(gcs):
     assert len(batches) == 3 and all(b["volume"].shape == (2, 1, *CROP) for b in batches)
 
 
+@pytest.mark.parametrize("workers, buffer", [(0, 12), (0, 7), (2, 9)])
+def test_an_epoch_is_a_pass_every_sample_once_whatever_the_shuffle_buffer(tmp_path, workers, buffer):
+    # 4 shards of 6: with 2 workers each reads 12 samples, 4 batches of 3; the open batches (up to 4 here) must not
+    # leave samples of the pass waiting while samples of the next pass fill the epoch's last batches.
+    root = str(tmp_path / "set")
+    index = make_shard_set(root, n_train=24, n_val=2, shape=CROP, samples_per_shard=6)
+    cfg = DataConfig(shards=root, crop_shape=CROP, shuffle_buffer=buffer, num_workers=workers)
+    every = sorted(k for b in list(iter_eval_batches(root, "train", CROP, 8)) for k in b["keys"])
+    for epoch in range(3):
+        batches = _train(cfg, index, batch=3, epoch=epoch, seed=epoch)
+        keys = [k for b in batches for k in b["keys"]]
+        assert len(batches) == 8 and sorted(keys) == every, f"epoch {epoch}: {len(set(keys))} of 24 samples"
+        assert [_number(k) for k in keys] != sorted(_number(k) for k in keys)  # still shuffled
+        for b in batches:  # a packed slot moved its voxels with its key
+            assert all(int(v.float().mean()) - 20 - _number(k) % 200 in range(8) for v, k in zip(b["volume"], b["keys"]))
+    # Resuming at each batch of an epoch whose end was packed gives the same rest.
+    full = _train(cfg, index, batch=3, epoch=0, seed=0)
+    for start in range(1, 8):
+        rest = list(build_train_loader(cfg, index=index, batch_size=3, masks=MASKS, seed=0, epoch=0, host_index=0,
+                                       host_count=1, start=start))
+        assert [b["keys"] for b in rest] == [b["keys"] for b in full[start:]]
+        assert all(torch.equal(a["volume"], b["volume"]) for a, b in zip(rest, full[start:]))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_resumed_epoch_yields_the_rest_of_the_uninterrupted_epoch_without_reading_the_skipped_batches(
         tmp_path, monkeypatch, workers):

@@ -89,10 +89,8 @@ def test_ranks_split_the_data_and_only_rank0_writes_outputs(shard_set: str, tmp_
     monkeypatch.setitem(model.config.SIZES, "tiny", NARROW_TINY)  # as in the harness, to load its encoder here
     keys, work, ckpt = tmp_path / "keys", tmp_path / "work", tmp_path / "ckpt"
     keys.mkdir()
-    # shuffle_buffer = one batch: with more open batches the loader's epoch draws a few samples of the next
-    # round on any number of ranks (a single process too), which would hide what the rank split does.
-    out = _finish(_torchrun(_train_args(shard_set, "run", ckpt, "logging.wandb=offline", "sharding=fsdp",
-                                        "data.shuffle_buffer=2"),
+    # The preset's shuffle buffer (8 samples: 4 open batches of 2 per rank).
+    out = _finish(_torchrun(_train_args(shard_set, "run", ckpt, "logging.wandb=offline", "sharding=fsdp"),
                             HARNESS_KEYS_DIR=str(keys), HARNESS_RANK_CWD=str(work)))
     assert out.count("train: done at step 6") == 1, out[-3000:]  # rank 0 alone reports
 

@@ -209,7 +209,7 @@ def test_hosts_agree_on_the_resume_step_and_split_the_data(shard_set: str, tmp_p
     ckpt = f"{gcs}/runs/pod/checkpoints"
     keys = tmp_path / "keys"
     keys.mkdir()
-    common = [f"data.shards={shard_set}", f"checkpoint.dir={ckpt}", "data.shuffle_buffer=2", "val_every=0"]
+    common = [f"data.shards={shard_set}", f"checkpoint.dir={ckpt}", "val_every=0"]
     _finish(_hosts(str(tmp_path / "run"), *common, "max_steps=4", HARNESS_KEYS_DIR=str(keys)))
     assert CheckpointStore(ckpt).steps() == [2, 4] and load_checkpoint(f"{ckpt}/step-000000004")["host_count"] == 2
     assert storage.exists(f"{ckpt}/step-000000004/{rng_name(1)}")
