@@ -5,7 +5,8 @@
     octjepa train --config configs/pretrain_vjepa_multi_domain.yaml --resume auto    # continue the latest checkpoint
 
 Writes <run_dir>/config.yaml (the resolved config), metrics.jsonl, checkpoints/ (or checkpoint.dir, may be gs://),
-encoder.pt (the target encoder alone, see `trainer.checkpoint.load_encoder`), loss_curve.png and a mask image.
+encoder.pt (the encoder `checkpoint.export_encoder` names, see `trainer.checkpoint.load_encoder`), loss_curve.png
+and a mask image.
 
 The step is XLA-clean: static shapes (mask sizes come from the config), hyperparameters computed on the host from
 the step number, metrics read only in step closures on logging steps.
@@ -27,8 +28,9 @@ from shards import read_index, storage
 from shards.typed_config import ConfigError, to_dict
 from trainer.checkpoint import CheckpointStore, export_encoder, load_checkpoint, resolve_resume
 from trainer.config import TrainConfig, load_train_config
-from trainer.data import build_train_loader, build_val_loader, steps_per_epoch, to_model_input
+from trainer.data import build_train_loader, iter_full_val, steps_per_epoch, to_model_input
 from trainer.device import Device, batch_masks, build_device
+from trainer.diagnostics import evaluate
 from trainer.monitor import Monitor
 from trainer.optim import Schedules, build_optimizer, clip_gradients, set_hparams
 
@@ -147,18 +149,13 @@ def train_step(model: VJEPA, optimizer: torch.optim.Optimizer, batches: Iterator
 @torch.no_grad()
 def validate(model: VJEPA, cfg: TrainConfig, device: Device, index: dict, masks: MultiBlockMasks,
              plan: Plan) -> dict[str, torch.Tensor]:
-    """Mean loss over the fixed validation batches (fixed crops and masks), as a device tensor."""
-    loader = build_val_loader(cfg.data, index=index, batch_size=plan.host_batch, masks=masks, seed=cfg.seed,
-                              host_index=plan.host_index, host_count=plan.host_count)
-    model.eval()
-    total = torch.zeros((), device=device.torch_device)
-    for batch in device.wrap_loader(_rng_isolated(loader), len(cfg.model.masks.blocks)):
-        x = to_model_input(batch["volume"], batch["scale"], batch["shift"])
-        with device.autocast():
-            total = total + model(x, batch_masks(batch))["loss"].float()
-        device.mark_step()
-    model.train()
-    return {"loss": total / cfg.data.val_batches}
+    """Loss over every val volume and the collapse diagnostics (`trainer.diagnostics`), as device tensors."""
+    def batches(limit: int | None) -> Iterator[dict]:
+        loader = iter_full_val(cfg.data, index=index, batch_size=plan.host_batch, masks=masks, seed=cfg.seed,
+                               host_index=plan.host_index, host_count=plan.host_count, limit=limit)
+        return device.wrap_loader(_rng_isolated(loader), len(cfg.model.masks.blocks))
+
+    return evaluate(model, batches, device=device, fixed_batches=cfg.data.val_batches)
 
 
 def write_config(cfg: TrainConfig, path: str) -> None:
