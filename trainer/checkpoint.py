@@ -1,4 +1,4 @@
-"""Checkpoints of a run (local directory or gs://) and the target-encoder export for downstream use.
+"""Checkpoints of a run (local directory or gs://) and the encoder export for downstream use.
 
 Layout under the checkpoint root:
 
@@ -188,13 +188,19 @@ def resolve_resume(resume: str, store: CheckpointStore) -> str | None:
     return resume
 
 
-# ---- the target encoder, alone, for downstream use ---------------------------------------------------------------
+# ---- one encoder (target or online), alone, for downstream use ---------------------------------------------------
+
+ENCODER_KINDS = ("target", "online")  # the EMA target encoder, or the online (context) encoder it follows
+
 
 def export_encoder(path: str, model: torch.nn.Module, cfg: Any) -> None:
-    """Write the target encoder with its config: {"format", "encoder_config", "state_dict", "train_config"}."""
-    state = {k: v.detach().cpu() for k, v in model.target_encoder.state_dict().items()}
-    payload = {"format": ENCODER_FORMAT, "encoder_config": to_dict(cfg.model.encoder), "state_dict": state,
-               "train_config": to_dict(cfg)}
+    """Write the encoder ``cfg.checkpoint.export_encoder`` names with its config: {"format", "encoder",
+    "encoder_config", "state_dict", "train_config"}."""
+    which = cfg.checkpoint.export_encoder
+    module = model.encoder if which == "online" else model.target_encoder
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    payload = {"format": ENCODER_FORMAT, "encoder": which, "encoder_config": to_dict(cfg.model.encoder),
+               "state_dict": state, "train_config": to_dict(cfg)}
     storage.write_bytes(path, _torch_bytes(payload))
 
 
@@ -205,9 +211,19 @@ def _encoder_from(state_dict: dict, encoder_config: dict, where: str) -> tuple[V
     return encoder.eval(), enc_cfg
 
 
-def load_encoder(path: str) -> tuple[VisionTransformer3D, EncoderConfig]:
-    """The target encoder (eval mode, CPU) and its config, from an `export_encoder` file, a checkpoint directory,
-    its state.pt, or a checkpoint root (its latest checkpoint)."""
+def _from_checkpoint(state: dict, which: str | None, where: str) -> tuple[VisionTransformer3D, EncoderConfig]:
+    # A checkpoint holds both; without a choice, the one its run exports (runs before the key: the target).
+    which = which or state["config"].get("checkpoint", {}).get("export_encoder", "target")
+    key = "encoder" if which == "online" else "target_encoder"
+    return _encoder_from(state[key], state["config"]["model"]["encoder"], where)
+
+
+def load_encoder(path: str, which: str | None = None) -> tuple[VisionTransformer3D, EncoderConfig]:
+    """An encoder (eval mode, CPU) and its config, from an `export_encoder` file, a checkpoint directory, its
+    state.pt, or a checkpoint root (its latest checkpoint). ``which`` ("target" or "online") picks one of a
+    checkpoint's two encoders (default: the one its config exports); an export holds one, and refuses the other."""
+    if which is not None and which not in ENCODER_KINDS:
+        raise ValueError(f"encoder kind must be one of {ENCODER_KINDS}, got {which!r}")
     fs, fpath = storage.get_fs(path)
     if not fs.exists(fpath):
         raise CheckpointNotFound(f"{path}: no such encoder export or checkpoint")
@@ -217,12 +233,15 @@ def load_encoder(path: str) -> tuple[VisionTransformer3D, EncoderConfig]:
             if latest is None:
                 raise CheckpointNotFound(f"{path}: a directory with neither {STATE_NAME} nor any checkpoint")
             path = latest
-        state = load_checkpoint(path)
-        return _encoder_from(state["target_encoder"], state["config"]["model"]["encoder"], path)
+        return _from_checkpoint(load_checkpoint(path), which, path)
     payload = _load_torch(path)
     fmt = payload.get("format") if isinstance(payload, dict) else None
     if fmt == ENCODER_FORMAT:
+        held = payload.get("encoder", "target")  # exports before the choice existed held the target
+        if which is not None and which != held:
+            raise CheckpointNotFound(f"{path}: this export holds the {held} encoder, not the {which} one; "
+                                     "load the run's checkpoint to choose")
         return _encoder_from(payload["state_dict"], payload["encoder_config"], path)
     if fmt == CHECKPOINT_FORMAT:
-        return _encoder_from(payload["target_encoder"], payload["config"]["model"]["encoder"], path)
+        return _from_checkpoint(payload, which, path)
     raise ValueError(f"{path}: format {fmt!r}; expected {ENCODER_FORMAT!r} or {CHECKPOINT_FORMAT!r}")
