@@ -243,7 +243,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 _save(store, model, optimizer, device, run, sched, cfg)
                 last_saved = run.step
 
-    # -- the end: final checkpoint, encoder export, loss curve
+    # -- the end: the last step's diagnostics (whatever val_every), final checkpoint, encoder export, loss curve
+    if cfg.val_every and run.step % cfg.val_every:
+        device.add_step_closure(monitor.log_val, (run.step, validate(model, cfg, device, index, masks, plan)))
+        device.mark_step()
     if run.step != last_saved:
         _save(store, model, optimizer, device, run, sched, cfg)
     encoder_path = os.path.join(cfg.run_dir, ENCODER_NAME)
