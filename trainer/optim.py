@@ -40,10 +40,14 @@ def warmup_constant_cooldown(
     return peak + (final - peak) * t
 
 
+_MIN_HORIZON_STEPS = 2.0
+
+
 def horizon_momentum(step: int, *, start: float, end: float, total: int) -> float:
     """EMA momentum whose averaging horizon is a fraction of the run: 1 - 1/tau, where the horizon tau (in steps)
-    grows along a half cosine from ``start * total`` to ``end * total`` steps (then stays), floored at one step
-    (momentum 0: the target copies the online encoder).
+    grows along a half cosine from ``start * total`` to ``end * total`` steps (then stays), floored at two steps
+    (momentum 0.5) for very short runs. Not one step: a momentum of exactly 0 is a special scalar to torch_xla,
+    baked into the graph as a constant, so leaving it would compile the EMA update again mid-run.
 
     The horizon is the EMA's time constant: a weight's share of the target decays as exp(-steps / tau). Set in
     fractions of the run, the target forgets its random init and lags the online encoder by the same share of
@@ -52,7 +56,7 @@ def horizon_momentum(step: int, *, start: float, end: float, total: int) -> floa
     """
     t = min(max(step, 0), total) / max(total, 1)
     fraction = start + (end - start) * 0.5 * (1.0 - math.cos(math.pi * t))
-    return 1.0 - 1.0 / max(fraction * total, 1.0)
+    return 1.0 - 1.0 / max(fraction * total, _MIN_HORIZON_STEPS)
 
 
 def cosine(step: int, *, start: float, end: float, total: int) -> float:
