@@ -23,10 +23,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
-# The DICOM writers are re-exported: bad_inputs, inspect's tests and benchmarks build files with them.
+# Some DICOM writers are re-exported: bad_inputs, the inspect/dicom tests and benchmarks import them from here.
 from beam_jobs.synth_dicom import (  # noqa: F401
-    OP_SOP_CLASS,
-    UID_ROOT,
     dataset_bytes,
     new_uid,
     oct_dataset,

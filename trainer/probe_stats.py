@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 ATTENTIVE_WD_GRID = (1e-3, 1e-2, 1e-1)  # the attentive probe's weight decay (its regularisation)
 RIDGE_ALPHAS = tuple(10.0 ** k for k in np.arange(-2.0, 5.01, 0.5))  # on standardised features
-LOGISTIC_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+LOGISTIC_CS = (1e-3, 1e-2, 1e-1, 1.0)  # larger C never won on these sizes and cost the most iterations
 TASKS = ("regression", "classification")
 METRICS = {"regression": ("r2",), "classification": ("balanced_accuracy", "auroc_macro_ovr")}
 
@@ -87,7 +87,8 @@ def _logistic_path(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray)
     from sklearn.linear_model import LogisticRegression
 
     x_train, x_test = _standardise(x_train, x_test)
-    model = LogisticRegression(max_iter=2000, warm_start=True)
+    # tol 1e-3: probabilities to three decimals are all a balanced accuracy and an AUROC read.
+    model = LogisticRegression(max_iter=500, tol=1e-3, warm_start=True)
     out = []
     for c in LOGISTIC_CS:
         model.set_params(C=c)
@@ -98,7 +99,10 @@ def _logistic_path(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray)
     return out
 
 
-def _attentive_path(t_train: np.ndarray, y_train: np.ndarray, t_test: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+ClassPath = Callable[[np.ndarray, np.ndarray, np.ndarray], list[tuple[np.ndarray, np.ndarray]]]
+
+
+def _attentive_path(t_train: np.ndarray, y_train: np.ndarray, t_test: np.ndarray) -> list[tuple[Any, np.ndarray]]:
     """(classes, test probabilities) per weight decay of ATTENTIVE_WD_GRID, on (V, N, E) tokens."""
     out = []
     for wd in ATTENTIVE_WD_GRID:
@@ -107,7 +111,7 @@ def _attentive_path(t_train: np.ndarray, y_train: np.ndarray, t_test: np.ndarray
     return out
 
 
-def _class_path(x: np.ndarray):
+def _class_path(x: np.ndarray) -> ClassPath:
     """Pooled features (V, E) take the logistic path, tokens (V, N, E) the attentive probe's."""
     return _attentive_path if x.ndim == 3 else _logistic_path
 
@@ -245,7 +249,8 @@ class AttentiveProbe:
             torch.manual_seed(self.seed)
             self.query = torch.nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
             self.attn = torch.nn.MultiheadAttention(embed_dim, heads, batch_first=True)
-            self.head = torch.nn.Sequential(torch.nn.LayerNorm(embed_dim), torch.nn.Linear(embed_dim, len(self.classes_)))
+            self.head = torch.nn.Sequential(torch.nn.LayerNorm(embed_dim),
+                                            torch.nn.Linear(embed_dim, len(self.classes_)))
             params = [self.query, *self.attn.parameters(), *self.head.parameters()]
             opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
             for _ in range(self.epochs):  # full batch: probe sets are small (the tokens are all in memory)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import model.config
-from model import VJEPA, EncoderConfig, ModelConfig, MultiBlockMasks, PredictorConfig, gather_tokens
+from model import VJEPA, EncoderConfig, ModelConfig, MultiBlockMasks, PredictorConfig
 from tests.trainer.shardset_fixture import make_shard_set
 from trainer.data import DataConfig, full_val_batches, iter_full_val, real_samples, to_model_input
-from trainer.device import Device, flatten_batch
+from trainer.device import Device
 from trainer.diagnostics import effective_rank, effective_rank_from_gram, evaluate
 
 

@@ -44,7 +44,8 @@ def test_label_table_errors_name_the_problem(tmp_path):
     path = write_table(tmp_path / "p.tsv", ("participant_id", "study_group"), [("1001", "healthy")])
     with pytest.raises(ValueError, match="no column 'diagnosis'"):
         probe.read_labels(path, targets=["diagnosis"])
-    path = write_table(tmp_path / "q.tsv", ("participant_id", "study_group"), [("1001", "healthy"), ("1001", "insulin")])
+    path = write_table(tmp_path / "q.tsv", ("participant_id", "study_group"),
+                       [("1001", "healthy"), ("1001", "insulin")])
     with pytest.raises(ValueError, match="two 'study_group' values"):
         probe.read_labels(path, targets=["study_group"])
 
