@@ -44,7 +44,8 @@ def plot_report(path: Path, records: list[dict], probes: dict[str, dict[str, Any
 
     fig = plt.figure(figsize=(12, 4.2 + 0.45 * len(probes)))
     grid = fig.add_gridspec(2, 2, height_ratios=(4.0, 1.0 + 0.45 * len(probes)))
-    plot_training([fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])], records, rank_floor=rank_floor)
+    plot_training([fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])], records,
+                  rank_floor=(rank_floor, f"goal: a quarter of the encoder width ({rank_floor:g})"))
     ax = fig.add_subplot(grid[1, :])
     rows = []
     for target, p in probes.items():

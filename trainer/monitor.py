@@ -151,9 +151,9 @@ LOSS_LINES = (("train", "loss", "train", "-"), ("val", "loss", "val (every volum
 RANK_LINES = (("val", "rank_target", "target features", ".-"), ("val", "rank_pred", "predictor outputs", ".--"))
 
 
-def plot_training(axes: Sequence[Any], records: list[dict], *, rank_floor: float | None = None) -> None:
+def plot_training(axes: Sequence[Any], records: list[dict], *, rank_floor: tuple[float, str] | None = None) -> None:
     """The loss panel (train, val, and the lookup baseline) and the effective-rank panel on two matplotlib axes;
-    ``rank_floor`` draws a horizontal line (e.g. a quarter of the encoder width)."""
+    ``rank_floor`` (value, label) draws a horizontal line (e.g. a quarter of the encoder width)."""
     loss_ax, rank_ax = axes
     for split, key, label, style in LOSS_LINES:
         steps, values = _series(records, split, key)
@@ -169,7 +169,7 @@ def plot_training(axes: Sequence[Any], records: list[dict], *, rank_floor: float
         if steps:
             rank_ax.plot(steps, values, style, label=label)
     if rank_floor is not None:
-        rank_ax.axhline(rank_floor, color="grey", linestyle=":", label=f"{rank_floor:g}")
+        rank_ax.axhline(rank_floor[0], color="grey", linestyle=":", label=rank_floor[1])
     rank_ax.set_xlabel("optimiser step")
     rank_ax.set_ylabel("effective rank (RankMe), val fixed set")
     rank_ax.set_ylim(bottom=0)
