@@ -15,33 +15,25 @@ lateral spacing in SliceThickness (their real quirk); some Spectralis optic-disc
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import openjpeg
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import (
-    RLELossless,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    PYDICOM_IMPLEMENTATION_UID,
-    UID,
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+
+# Some DICOM writers are re-exported: bad_inputs, the inspect/dicom tests and benchmarks import them from here.
+from beam_jobs.synth_dicom import (  # noqa: F401
+    dataset_bytes,
+    new_uid,
+    oct_dataset,
+    radial_frame_locations,
+    raster_frame_locations,
+    reference_image_bytes,
 )
-
-from beam_jobs.dicom import OPT_SOP_CLASS
-from beam_jobs.synth_volumes import STUDY_GROUPS, Style, oct_volume
+from beam_jobs.synth_volumes import ANATOMY_COLUMNS, STUDY_GROUPS, Anatomy, Style, draw_anatomy, render_volume
 from shards import storage
-
-OP_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.5.1"  # Ophthalmic Photography 8 Bit Image Storage (the fundus reference)
-UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root for generated UIDs
 
 MANIFEST_COLUMNS = (
     "participant_id", "manufacturer", "manufacturers_model_name", "anatomic_region", "imaging", "laterality",
@@ -49,7 +41,10 @@ MANIFEST_COLUMNS = (
     "reference_instance_uid", "reference_filepath",
 )
 PARTICIPANT_COLUMNS = ("participant_id", "clinical_site", "study_group", "age", "recommended_split", "retinal_oct")
+ANATOMY_TABLE_COLUMNS = ("participant_id", "sop_instance_uid", "device", "laterality", "anatomic_region",
+                         "study_group") + ANATOMY_COLUMNS
 CLINICAL_SITES = ("UAB", "UCSD", "UW")
+ANATOMY_TABLE = "synth_anatomy.tsv"  # at the dataset root, beside participants.tsv
 
 
 @dataclass(frozen=True)
@@ -83,14 +78,8 @@ DEVICES: dict[str, Device] = {
 ALL_DEVICES = tuple(DEVICES)
 CIRRUS_200 = ((200, 1024, 200), (0.03015, 0.001955, 0.03015))  # the 200x200 cube: lateral = pitch, quirk harmless
 ONH_RADIAL_FRAMES, ONH_CIRCLES = 24, 3  # Spectralis ONH: 24 radial B-scans + 3 circle scans = 27 frames
-# Field of view of the reference fundus image; its pixel size is not in the OCT file (as in the real data).
-_REF_FOV_MM = 8.8
 _MAX_SCALED_PITCH_MM = 0.4  # scaled-down volumes keep enough B-scans that the pitch stays plausible
 _MIN_FRAME_SIDE = 32  # openjpeg encodes 6 wavelet resolutions, which needs frames of at least 32 x 32
-
-
-def new_uid(rng: np.random.Generator) -> str:
-    return UID_ROOT + ".".join(str(int(v)) for v in rng.integers(1, 2**31, size=3))
 
 
 def scaled_geometry(
@@ -108,151 +97,6 @@ def scaled_geometry(
         out_shape.append(min(n, m))
         out_spacing.append(round(extent / min(n, m), 6))
     return tuple(out_shape), tuple(out_spacing)
-
-
-# --- DICOM writing --------------------------------------------------------------------------------------------
-
-def _encode_pixels(ds: Dataset, volume: np.ndarray, transfer_syntax: str) -> None:
-    """Set PixelData for ``volume`` (D, H, W) in ``transfer_syntax`` (encoded frame by frame)."""
-    if transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-        ds.PixelData = np.ascontiguousarray(volume).tobytes()
-        ds["PixelData"].VR = "OW" if volume.dtype == np.uint16 else "OB"
-        return
-    if transfer_syntax == RLELossless:
-        ds.compress(RLELossless, np.ascontiguousarray(volume), generate_instance_uid=False)
-        return
-    frames = []
-    for frame in volume:
-        if transfer_syntax == JPEGBaseline8Bit:
-            from PIL import Image
-
-            buf = io.BytesIO()
-            Image.fromarray(frame).save(buf, format="JPEG", quality=92)
-            frames.append(buf.getvalue())
-        elif transfer_syntax in (JPEG2000Lossless, JPEG2000):
-            lossy = {"compression_ratios": [2.0]} if transfer_syntax == JPEG2000 else {}  # speckle barely compresses
-            frames.append(openjpeg.encode(np.ascontiguousarray(frame), photometric_interpretation=2, use_mct=False,
-                                          codec_format=0, **lossy))
-        else:
-            raise ValueError(f"synth cannot write transfer syntax {transfer_syntax}")
-    ds.PixelData = encapsulate(frames)
-    ds["PixelData"].VR = "OB"
-    ds["PixelData"].is_undefined_length = True
-    if transfer_syntax != JPEG2000Lossless:
-        ds.LossyImageCompression = "01"
-
-
-def raster_frame_locations(d: int, w: int, dz: float, dx: float, ref_size: int) -> list[list[float]]:
-    """ReferenceCoordinates (row, col of the line's start and end on the fundus image) for a raster of B-scans."""
-    px = _REF_FOV_MM / ref_size
-    centre, half = ref_size / 2, (w - 1) * dx / 2 / px
-    return [[centre + (i - (d - 1) / 2) * dz / px, centre - half, centre + (i - (d - 1) / 2) * dz / px, centre + half]
-            for i in range(d)]
-
-
-def radial_frame_locations(n_radial: int, n_circles: int, w: int, dx: float, ref_size: int) -> list[list[float]]:
-    centre, half = ref_size / 2, (w - 1) * dx / 2 / (_REF_FOV_MM / ref_size)
-    lines = [[centre - half * math.sin(a), centre - half * math.cos(a), centre + half * math.sin(a),
-              centre + half * math.cos(a)] for a in (math.pi * k / n_radial for k in range(n_radial))]
-    for c in range(n_circles):
-        radius = half * (0.5 + 0.2 * c)
-        pts = [v for t in range(16) for v in (centre + radius * math.sin(2 * math.pi * t / 16),
-                                              centre + radius * math.cos(2 * math.pi * t / 16))]
-        lines.append(pts)
-    return lines
-
-
-def oct_dataset(
-    *,
-    volume: np.ndarray,
-    spacing_mm: tuple[float, float, float],
-    device: Device,
-    participant_id: str,
-    laterality: str,
-    sop_instance_uid: str,
-    reference_uid: str,
-    rng: np.random.Generator,
-    transfer_syntax: str = JPEG2000Lossless,
-    frame_locations: list[list[float]] | None = None,
-    per_frame_spacing: list[tuple[float, float]] | None = None,
-) -> Dataset:
-    """An Ophthalmic Tomography data set laid out like the AI-READI files (pixel data encoded)."""
-    d, h, w = volume.shape
-    dz, dy, dx = spacing_mm
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = OPT_SOP_CLASS
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = UID(transfer_syntax)
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = OPT_SOP_CLASS, sop_instance_uid, "OPT"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = new_uid(rng), new_uid(rng)
-    ds.Manufacturer, ds.ManufacturerModelName = device.manufacturer, device.model
-    ds.PatientID, ds.ImageLaterality = participant_id, laterality
-    ds.NumberOfFrames, ds.Rows, ds.Columns = d, h, w
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    bits = 8 * volume.dtype.itemsize
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
-
-    shared = Dataset()
-    anatomy = Dataset()
-    anatomy.FrameLaterality = laterality
-    shared.FrameAnatomySequence = [anatomy]
-    if per_frame_spacing is None:
-        measures = Dataset()
-        measures.PixelSpacing = [f"{dy:.6g}", f"{dx:.6g}"]
-        measures.SliceThickness = f"{(dx if device.slice_thickness_is_lateral else dz):.6g}"
-        shared.PixelMeasuresSequence = [measures]
-    ds.SharedFunctionalGroupsSequence = [shared]
-
-    per_frame = []
-    locations = frame_locations if frame_locations is not None else raster_frame_locations(d, w, dz, dx, 768)
-    for i in range(d):
-        item = Dataset()
-        location = Dataset()
-        location.ReferenceCoordinates = [float(v) for v in locations[i]]
-        location.ReferencedSOPInstanceUID = reference_uid
-        location.ReferencedSOPClassUID = OP_SOP_CLASS
-        location.OphthalmicImageOrientation = "LINEAR" if len(locations[i]) == 4 else "NONLINEAR"
-        item.OphthalmicFrameLocationSequence = [location]
-        content = Dataset()
-        content.InStackPositionNumber = i + 1
-        item.FrameContentSequence = [content]
-        if per_frame_spacing is not None:
-            measures = Dataset()
-            measures.PixelSpacing = [f"{per_frame_spacing[i][0]:.6g}", f"{per_frame_spacing[i][1]:.6g}"]
-            item.PixelMeasuresSequence = [measures]
-        per_frame.append(item)
-    ds.PerFrameFunctionalGroupsSequence = per_frame
-    _encode_pixels(ds, volume, transfer_syntax)
-    return ds
-
-
-def dataset_bytes(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def reference_image_bytes(size: int, sop_instance_uid: str, participant_id: str, laterality: str,
-                          device: Device, rng: np.random.Generator) -> bytes:
-    """A small fundus-like 2D image: what the OCT's frame locations and the manifest's reference_* point to."""
-    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
-    image = (90 + 60 * np.exp(-((xx - 0.2) ** 2 + yy**2) / 0.005) - 40 * np.exp(-(xx**2 + yy**2) / 0.01)
-             + rng.normal(0, 8, (size, size))).clip(0, 255).astype(np.uint8)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = OP_SOP_CLASS, sop_instance_uid
-    meta.TransferSyntaxUID, meta.ImplementationClassUID = ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = OP_SOP_CLASS, sop_instance_uid, "OP"
-    ds.Manufacturer, ds.ManufacturerModelName = device.manufacturer, device.model
-    ds.PatientID, ds.ImageLaterality = participant_id, laterality
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = size, size, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = image.tobytes()
-    return dataset_bytes(ds)
 
 
 # --- the dataset ----------------------------------------------------------------------------------------------
@@ -325,14 +169,19 @@ def generate_dataset(
     rng = np.random.default_rng(seed)
     ids = [str(1001 + i) for i in range(participants)]
     splits = _splits(participants, rng)
-    people, manifest, counts = [], [], {name: 0 for name in devices}
+    people, manifest, anatomy_rows, counts = [], [], [], {name: 0 for name in devices}
     for p, pid in enumerate(ids):
         group = STUDY_GROUPS[int(rng.integers(len(STUDY_GROUPS)))]
         people.append({"participant_id": pid, "clinical_site": CLINICAL_SITES[int(rng.integers(3))],
                        "study_group": group, "age": int(rng.integers(40, 86)), "recommended_split": splits[p],
                        "retinal_oct": "TRUE"})
+        anatomy = draw_anatomy(group, rng)
         for scan in _scans_for(p, list(devices), rng, onh_radial):
-            manifest.append(_write_scan(root, pid, group, scan, scale, rng, uncompressed_fraction))
+            row, known = _write_scan(root, pid, anatomy, scan, scale, rng, uncompressed_fraction)
+            manifest.append(row)
+            anatomy_rows.append({"participant_id": pid, "sop_instance_uid": row["sop_instance_uid"],
+                                 "device": scan.device.name, "laterality": scan.laterality,
+                                 "anatomic_region": scan.region, "study_group": group, **known})
             counts[scan.device.name] += 1
             if progress:
                 progress(manifest[-1]["filepath"])
@@ -344,8 +193,12 @@ def generate_dataset(
     participants_url = storage.join(root, "participants.tsv")
     with storage.open_url(participants_url, "wb") as f:
         f.write(_tsv(people, PARTICIPANT_COLUMNS, PARTICIPANT_COLUMNS).encode())
+    anatomy_url = storage.join(root, ANATOMY_TABLE)
+    with storage.open_url(anatomy_url, "wb") as f:
+        f.write(_tsv(anatomy_rows, ANATOMY_TABLE_COLUMNS, ANATOMY_TABLE_COLUMNS).encode())
     summary: dict[str, Any] = {
-        "root": root, "manifest": manifest_url, "participants_tsv": participants_url, "participants": participants,
+        "root": root, "manifest": manifest_url, "participants_tsv": participants_url, "anatomy_tsv": anatomy_url,
+        "participants": participants,
         "volumes": len(manifest), "by_device": counts, "files": [r["filepath"] for r in manifest],
     }
     if broken:
@@ -355,13 +208,14 @@ def generate_dataset(
     return summary
 
 
-def _write_scan(root: str, pid: str, group: str, scan: Scan, scale: float, rng: np.random.Generator,
-                uncompressed_fraction: float) -> dict[str, Any]:
+def _write_scan(root: str, pid: str, anatomy: Anatomy, scan: Scan, scale: float, rng: np.random.Generator,
+                uncompressed_fraction: float) -> tuple[dict[str, Any], dict[str, float]]:
+    """Write one OCT file and its fundus reference; returns its manifest row and its known anatomy values."""
     device = scan.device
     shape, spacing = scaled_geometry(scan.shape, scan.spacing_mm, scale)
     if scan.radial:  # the radial + circle frame count is the protocol's, not a grid to shrink
         shape = (ONH_RADIAL_FRAMES + ONH_CIRCLES,) + shape[1:]
-    volume = oct_volume(shape, spacing, style=device.style, study_group=group, rng=rng, radial=scan.radial)
+    volume, known = render_volume(shape, spacing, style=device.style, anatomy=anatomy, rng=rng, radial=scan.radial)
     uid, ref_uid = new_uid(rng), new_uid(rng)
     d, h, w = shape
     ref_size = max(64, round(768 * scale))
@@ -393,7 +247,7 @@ def _write_scan(root: str, pid: str, group: str, scan: Scan, scale: float, rng: 
         "slice_thickness": "Not reported" if scan.radial else f"{thickness:.6g}",
         "sop_instance_uid": uid, "filepath": "/" + rel, "reference_instance_uid": ref_uid,
         "reference_filepath": "/" + ref_rel,
-    }
+    }, known
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -54,10 +54,13 @@ class VJEPA(nn.Module):
         """Features for probes and embeddings: the target encoder's layer-normed output (B, N, E)."""
         return self.target_features(x)
 
-    def forward(self, x: Tensor, masks: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, masks: list[tuple[Tensor, Tensor]], *, features: bool = False) -> dict[str, Tensor]:
         """x (B, 1, D, H, W); masks: one (context_idx (B, Kc), target_idx (B, Kt)) per mask configuration.
 
-        Returns loss (scalar, differentiable), pred_std and target_std (detached scalars).
+        Returns loss (scalar, differentiable), sample_loss (B,) (each sample's loss, detached: every sample has the
+        same number of targets, so their mean is the loss), pred_std and target_std (detached scalars). With
+        ``features``: also target (B, N, E), the target encoder's layer-normed features, and preds, one
+        (B, Kt_i, E) prediction per configuration (for the trainer's collapse diagnostics).
         """
         if len(masks) != self.predictor.mask_tokens.shape[0]:
             raise ValueError(
@@ -68,12 +71,18 @@ class VJEPA(nn.Module):
         tokens = self.encoder.embed(x)  # (B, N, E), shared by every configuration's context
         contexts = [self.encoder.forward_tokens(tokens, ctx) for ctx, _ in masks]  # (B, Kc_i, E) each
         preds = self.predictor.forward_configs([(z, ctx, tgt) for z, (ctx, tgt) in zip(contexts, masks)])
-        losses = [(p - gather_tokens(target, tgt)).abs().mean() for p, (_, tgt) in zip(preds, masks)]
-        return {
-            "loss": torch.stack(losses).mean(),
+        losses = [(p - gather_tokens(target, tgt)).abs().mean(dim=(1, 2)) for p, (_, tgt) in zip(preds, masks)]
+        sample_loss = torch.stack(losses).mean(dim=0)  # (B,): the mean over configurations, per sample
+        out = {
+            "loss": sample_loss.mean(),
+            "sample_loss": sample_loss.detach(),
             "pred_std": torch.stack([feature_std(p) for p in preds]).mean(),
             "target_std": feature_std(target),
         }
+        if features:
+            out["target"] = target
+            out["preds"] = [p.detach() for p in preds]
+        return out
 
     @torch.no_grad()
     def update_target(self, momentum: float | Tensor) -> None:

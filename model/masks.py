@@ -3,16 +3,18 @@
 V-JEPA 2's video blocks span every frame and sit in the (H, W) plane. Here they span every B-scan (the full d
 axis) and sit in the (h, w) = axial x lateral plane of the token grid (d, h, w). Per mask configuration, each
 sample draws one block shape (area `spatial_scale * h * w`, log-uniform aspect ratio height/width, as V-JEPA 2)
-and `num_blocks` uniform positions; the union of the blocks is the target region.
+and `num_blocks` uniform positions; the union of the blocks is the target region, its complement the context.
 
-Static shapes. V-JEPA 2 cuts every sample to the batch minimum with a prefix (`idx[:min_keep]`), which changes
-the shapes every batch (an XLA recompilation) and always drops the last B-scans and bottom rows. Here the
-number of target columns T of a configuration is fixed once from the config and the grid: the mean union area
-over 4096 draws from a fixed seed, clipped to [1, h*w - 1]. Each sample then reaches exactly T columns without
-positional bias: a random key per column, union columns ranked above all others, top T by key. A union larger
-than T loses a uniformly random subset of its columns; a smaller one gains uniformly random extra columns. The
-context is the complement (h*w - T columns). Whole columns move, so targets always span all B-scans. So for
-every sample, batch and host: targets = d * T tokens, context = d * (h*w - T) tokens.
+Static shapes, as V-JEPA 2 makes them. V-JEPA 2 cuts every sample's targets and context to the batch minimum
+(`idx[:min_keep]`): the cut union tokens are neither predicted nor seen, and the cut changes the shapes every
+batch (an XLA recompilation). Here the counts are fixed once from the config and the grid: T target columns =
+the `KEEP_QUANTILE` quantile of the union size, C context columns = the same quantile of the complement size,
+both over 4096 draws from a fixed seed (about the minimum of a batch of ten). A draw whose union has fewer than
+T columns or whose complement has fewer than C is drawn again (V-JEPA 2 likewise redraws an empty context), so
+every sample's T targets are a uniformly random subset of its union and its C context columns a uniformly random
+subset of its complement: no positional bias, and the remaining columns (`h*w - T - C`, the trimmed blocks and
+trimmed context) belong to neither set. Whole columns move, so targets always span all B-scans. For every
+sample, batch and host: targets = d * T tokens, context = d * C tokens.
 
 Indices are flat d-major token indices (index = (i_d * h + i_h) * w + i_w), int64, sorted ascending per row.
 """
@@ -26,8 +28,11 @@ from torch import Tensor
 
 from model.config import MaskBlockConfig, MaskConfig
 
+KEEP_QUANTILE = 0.1  # the static counts are this quantile of the union and complement sizes
 _CALIBRATION_DRAWS = 4096
 _CALIBRATION_SEED = 0
+_MIN_ACCEPTANCE = 0.05  # below this, drawing until a union fits would mostly draw
+_MAX_REDRAW_ROUNDS = 50
 _CPU = torch.device("cpu")  # masks are made in the loader, on the CPU, whatever the default device
 
 
@@ -58,12 +63,24 @@ def block_union(plane: tuple[int, int], cfg: MaskBlockConfig, n: int, generator:
     return (in_rows[..., :, None] & in_cols[..., None, :]).any(dim=1)  # (n, h, w)
 
 
-def fixed_target_columns(plane: tuple[int, int], cfg: MaskBlockConfig) -> int:
-    """The static number of target columns: mean union area over a fixed-seed sample, in [1, h*w - 1]."""
+def fixed_counts(plane: tuple[int, int], cfg: MaskBlockConfig) -> tuple[int, int, float]:
+    """The static (target columns T, context columns C) of a configuration on an (h, w) plane, and the fraction of
+    draws that hold both (union >= T, complement >= C): the quantiles of a fixed-seed sample, T >= 1, C >= 1."""
     h, w = plane
+    cells = h * w
     gen = torch.Generator(device=_CPU).manual_seed(_CALIBRATION_SEED)
-    mean_area = block_union(plane, cfg, _CALIBRATION_DRAWS, gen).sum(dim=(1, 2)).double().mean().item()
-    return int(min(max(round(mean_area), 1), h * w - 1))
+    union = block_union(plane, cfg, _CALIBRATION_DRAWS, gen).sum(dim=(1, 2)).double()
+    q = torch.tensor(KEEP_QUANTILE, dtype=torch.float64)
+    targets = int(min(max(int(torch.quantile(union, q, interpolation="lower")), 1), cells - 1))
+    context = int(min(max(int(torch.quantile(cells - union, q, interpolation="lower")), 1), cells - targets))
+    accepted = ((union >= targets) & (cells - union >= context)).double().mean().item()
+    if accepted < _MIN_ACCEPTANCE:
+        raise ValueError(
+            f"mask configuration {cfg} on a {h} x {w} token plane leaves too few draws with {targets} target and "
+            f"{context} context columns ({accepted:.1%}): the blocks nearly always cover the plane; lower "
+            "num_blocks or spatial_scale"
+        )
+    return targets, context, accepted
 
 
 def _expand_columns(cells: Tensor, grid: tuple[int, int, int]) -> Tensor:
@@ -85,23 +102,43 @@ class MultiBlockMasks:
         self.grid = grid
         self.cfg = cfg
         self.plane = grid[1:]
-        self._target_columns = tuple(fixed_target_columns(self.plane, b) for b in cfg.blocks)
-        cells = grid[1] * grid[2]
-        self.num_target = tuple(grid[0] * t for t in self._target_columns)
-        self.num_context = tuple(grid[0] * (cells - t) for t in self._target_columns)
+        counts = [fixed_counts(self.plane, b) for b in cfg.blocks]
+        self._columns = tuple((t, c) for t, c, _ in counts)
+        self._acceptance = tuple(a for _, _, a in counts)
+        self.num_target = tuple(grid[0] * t for t, _ in self._columns)
+        self.num_context = tuple(grid[0] * c for _, c in self._columns)
+
+    def _unions(self, index: int, n: int, generator: torch.Generator) -> Tensor:
+        """n unions (n, h*w) of configuration `index` that hold its T targets and leave its C context columns."""
+        block_cfg, (targets, context) = self.cfg.blocks[index], self._columns[index]
+        cells = self.plane[0] * self.plane[1]
+        kept: list[Tensor] = []
+        need = n
+        for _ in range(_MAX_REDRAW_ROUNDS):
+            draws = math.ceil(need / self._acceptance[index] * 1.25) + 4
+            union = block_union(self.plane, block_cfg, draws, generator).flatten(1)  # (draws, h*w)
+            size = union.sum(dim=1)
+            union = union[(size >= targets) & (cells - size >= context)][:need]
+            kept.append(union)
+            need -= union.shape[0]
+            if need == 0:
+                return torch.cat(kept)
+        raise RuntimeError(f"mask configuration {index}: {need} of {n} unions still unfit after "
+                           f"{_MAX_REDRAW_ROUNDS} rounds of draws (acceptance {self._acceptance[index]:.1%})")
 
     def __call__(self, batch_size: int, generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         out = []
-        for block_cfg, num_cols in zip(self.cfg.blocks, self._target_columns):
-            union = block_union(self.plane, block_cfg, batch_size, generator).flatten(1)  # (B, h*w)
-            # Union columns rank above the rest; the random part picks which ones without positional bias.
-            key = union.double() + torch.rand(union.shape, generator=generator, dtype=torch.float64, device=_CPU)
-            order = torch.argsort(key, dim=1, descending=True)
-            target_cells = order[:, :num_cols].sort(dim=1).values
-            context_cells = order[:, num_cols:].sort(dim=1).values
-            out.append((_expand_columns(context_cells, self.grid), _expand_columns(target_cells, self.grid)))
+        for i, (targets, context) in enumerate(self._columns):
+            union = self._unions(i, batch_size, generator)  # (B, h*w) bool
+            # Random keys pick a uniform subset without positional bias: union columns rank above the rest for
+            # the targets, complement columns for the context.
+            key = torch.rand(union.shape, generator=generator, dtype=torch.float64, device=_CPU)
+            target_cells = torch.argsort(union.double() + key, dim=1, descending=True)[:, :targets]
+            context_cells = torch.argsort((~union).double() + key, dim=1, descending=True)[:, :context]
+            out.append((_expand_columns(context_cells.sort(dim=1).values, self.grid),
+                        _expand_columns(target_cells.sort(dim=1).values, self.grid)))
         return out
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints of a run (local directory or gs://) and the target-encoder export for downstream use.
+"""Checkpoints of a run (local directory or gs://) and the encoder export for downstream use.
 
 Layout under the checkpoint root:
 
@@ -277,25 +277,29 @@ def resume_candidates(resume: str, store: CheckpointStore) -> list[str]:
     return [latest] + [u for u in older if u != latest]
 
 
-# ---- the target encoder, alone, for downstream use ---------------------------------------------------------------
+# ---- one encoder (target or online), alone, for downstream use ---------------------------------------------------
 
-def encoder_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The target encoder's state dict as whole, plain CPU tensors (copies). Under FSDP2 its shards are gathered,
-    a collective: every rank calls it. On XLA the sharded tensors come back whole."""
-    state = model.target_encoder.state_dict()
+ENCODER_KINDS = ("target", "online")  # the EMA target encoder, or the online (context) encoder it follows
+
+
+def encoder_state(model: torch.nn.Module, which: str = "target") -> dict[str, torch.Tensor]:
+    """The state dict of the target (EMA) or online encoder as whole, plain CPU tensors (copies). Under FSDP2 its
+    shards are gathered, a collective: every rank calls it. On XLA the sharded tensors come back whole."""
+    module = model.encoder if which == "online" else model.target_encoder
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu", copy=True)
-            for k, v in state.items()}
+            for k, v in module.state_dict().items()}
 
 
 def export_encoder(path: str, model: torch.nn.Module, cfg: Any, *, write: bool = True) -> None:
-    """Write the target encoder with its config: {"format", "encoder_config", "state_dict", "train_config"}, a
-    plain state dict loadable without torch.distributed (`load_encoder`). With several ranks call it on every
-    rank (FSDP2 gathers the shards) and `write` on one."""
-    state = encoder_state(model)
+    """Write the encoder ``cfg.checkpoint.export_encoder`` names with its config: {"format", "encoder",
+    "encoder_config", "state_dict", "train_config"}, a plain state dict loadable without torch.distributed
+    (`load_encoder`). With several ranks call it on every rank (FSDP2 gathers the shards) and `write` on one."""
+    which = cfg.checkpoint.export_encoder
+    state = encoder_state(model, which)
     if not write:
         return
-    payload = {"format": ENCODER_FORMAT, "encoder_config": to_dict(cfg.model.encoder), "state_dict": state,
-               "train_config": to_dict(cfg)}
+    payload = {"format": ENCODER_FORMAT, "encoder": which, "encoder_config": to_dict(cfg.model.encoder),
+               "state_dict": state, "train_config": to_dict(cfg)}
     storage.write_bytes(path, torch_bytes(payload))
 
 
@@ -306,9 +310,12 @@ def _encoder_from(state_dict: dict, encoder_config: dict, where: str) -> tuple[V
     return encoder.eval(), enc_cfg
 
 
-def load_encoder(path: str) -> tuple[VisionTransformer3D, EncoderConfig]:
-    """The target encoder (eval mode, CPU) and its config, from an `export_encoder` file, a checkpoint directory,
-    its state.pt, or a checkpoint root (its latest checkpoint)."""
+def load_encoder(path: str, which: str | None = None) -> tuple[VisionTransformer3D, EncoderConfig]:
+    """An encoder (eval mode, CPU) and its config, from an `export_encoder` file, a checkpoint directory, its
+    state.pt, or a checkpoint root (its latest checkpoint). ``which`` ("target" or "online") picks one of a
+    checkpoint's two encoders (default: the one its config exports); an export holds one, and refuses the other."""
+    if which is not None and which not in ENCODER_KINDS:
+        raise ValueError(f"encoder kind must be one of {ENCODER_KINDS}, got {which!r}")
     fs, fpath = storage.get_fs(path)
     if not fs.exists(fpath):
         raise CheckpointNotFound(f"{path}: no such encoder export or checkpoint")
@@ -318,22 +325,29 @@ def load_encoder(path: str) -> tuple[VisionTransformer3D, EncoderConfig]:
             if latest is None:
                 raise CheckpointNotFound(f"{path}: a directory with neither {STATE_NAME} nor any checkpoint")
             path = latest
-        return _checkpoint_encoder(path, load_checkpoint(path))
+        return _checkpoint_encoder(path, load_checkpoint(path), which)
     payload = load_torch(path)
     fmt = payload.get("format") if isinstance(payload, dict) else None
     if fmt == ENCODER_FORMAT:
+        held = payload.get("encoder", "target")  # exports before the choice existed held the target
+        if which is not None and which != held:
+            raise CheckpointNotFound(f"{path}: this export holds the {held} encoder, not the {which} one; "
+                                     "load the run's checkpoint to choose")
         return _encoder_from(payload["state_dict"], payload["encoder_config"], path)
     if fmt in (CHECKPOINT_FORMAT, LEGACY_FORMAT):
-        return _checkpoint_encoder(path, payload)
+        return _checkpoint_encoder(path, payload, which)
     raise ValueError(f"{path}: format {fmt!r}; expected {ENCODER_FORMAT!r} or {CHECKPOINT_FORMAT!r}")
 
 
-def _checkpoint_encoder(url: str, state: dict) -> tuple[VisionTransformer3D, EncoderConfig]:
+def _checkpoint_encoder(url: str, state: dict, which: str | None) -> tuple[VisionTransformer3D, EncoderConfig]:
+    # A checkpoint holds both encoders; without a choice, the one its run exports (runs before the key: the target).
+    which = which or state["config"].get("checkpoint", {}).get("export_encoder", "target")
+    prefix = "encoder" if which == "online" else "target_encoder"
     enc_config = state["config"]["model"]["encoder"]
     if state["format"] == LEGACY_FORMAT:
-        return _encoder_from(state["target_encoder"], enc_config, url)
-    # Only the target encoder's tensors are read, in this process alone, whatever sharding wrote them.
+        return _encoder_from(state[prefix], enc_config, url)
+    # Only that encoder's tensors are read, in this process alone, whatever sharding wrote them.
     template = VisionTransformer3D(from_dict(EncoderConfig, enc_config, where=f"{url}: encoder_config")).state_dict()
-    wanted = {"model": {f"target_encoder.{k}": v for k, v in template.items()}}
+    wanted = {"model": {f"{prefix}.{k}": v for k, v in template.items()}}
     load_dcp(url, wanted, no_dist=True)
-    return _encoder_from({k[len("target_encoder."):]: v for k, v in wanted["model"].items()}, enc_config, url)
+    return _encoder_from({k[len(prefix) + 1:]: v for k, v in wanted["model"].items()}, enc_config, url)

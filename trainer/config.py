@@ -29,9 +29,15 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1.0e-8
     clip_grad: float = 1.0                  # max global gradient norm; 0 disables clipping (the norm is still logged)
-    ema_schedule: Literal["cosine", "constant"] = "cosine"
-    ema_start: float = 0.996                # target encoder momentum at step 0
-    ema_end: float = 1.0                    # ... and at the last step
+    # EMA target: "horizon" (the default) sets the EMA's time constant as a fraction of the run's total steps,
+    # growing from ema_horizon_start to ema_horizon_end (trainer.optim.horizon_momentum): the target forgets its
+    # random init in any run length. For 400 steps: momentum 0.75 -> 0.975; for 100k: 0.999 -> 0.9999 (V-JEPA 2:
+    # 0.99925 constant). "cosine" (ema_start -> ema_end, I-JEPA's 0.996 -> 1.0) and "constant" (ema_start) as before.
+    ema_schedule: Literal["horizon", "cosine", "constant"] = "horizon"
+    ema_horizon_start: float = 0.01         # horizon at step 0, as a fraction of the run's optimiser steps
+    ema_horizon_end: float = 0.1            # ... and at the last step
+    ema_start: float = 0.996                # "cosine"/"constant": target encoder momentum at step 0
+    ema_end: float = 1.0                    # "cosine": ... and at the last step
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -49,6 +55,9 @@ class OptimConfig:
         for name in ("ema_start", "ema_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"optim.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("ema_horizon_start", "ema_horizon_end"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"optim.{name} must be in (0, 1] (a fraction of the run), got {getattr(self, name)}")
 
 
 @dataclass
@@ -57,6 +66,7 @@ class CheckpointConfig:
     every_steps: int = 1000                 # also saved at the end of the run; 0 = only at the end
     keep_last: int = 3
     resume: str = ""                        # "" = fresh run, "auto" = latest complete checkpoint if any, or a path
+    export_encoder: Literal["target", "online"] = "target"  # which encoder <run_dir>/encoder.pt carries
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:

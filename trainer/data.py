@@ -69,7 +69,7 @@ class DataConfig:
     domain_weights: dict[str, float] = field(default_factory=dict)  # device -> weight; empty = natural mix
     flip_lateral: bool = True
     intensity_jitter: float = 0.1  # relative scale and (z-unit) shift jitter, folded into (scale, shift)
-    val_batches: int = 4  # static number of val batches per evaluation, on every host
+    val_batches: int = 4  # val batches per host that form the fixed diagnostic set (effective rank, lookup baseline)
     # Damaged samples a pass may drop, as a fraction of the samples it reads on a host; over it the run stops.
     max_skipped_fraction: float = 0.001
 
@@ -370,3 +370,50 @@ def iter_eval_batches(root: str, split: str, crop_shape: Sequence[int], batch_si
         yield {**stages.collate(group), "meta": [g["meta"] for g in group]}
     budget.charge(counters.take()[1])  # the last shard's end is checked after its last sample
     budget.report()
+
+
+# ---- every validation volume once, in static batches (the trainer's diagnostics) ----------------------------------
+
+def full_val_batches(index: dict, cfg: DataConfig, batch_size: int, host_count: int) -> int:
+    """Batches per host that hold every val sample once, from the index alone: the same count on every host
+    (the host with the most samples sets it; the others pad)."""
+    shards = split_shards(cfg.shards, index, cfg.val_split)
+    per_host = [sum(s.num_samples for s in shards[h::host_count]) for h in range(host_count)]
+    return max(1, max(math.ceil(n / batch_size) for n in per_host))
+
+
+def real_samples(scale: torch.Tensor) -> torch.Tensor:
+    """(B,) 1.0 for a real sample, 0.0 for padding: ``iter_full_val`` pads with scale 0 (an all-zero input), which
+    no real sample has (its scale is a / std > 0). Computed on the device, so padding costs no extra tensor."""
+    return (scale != 0).float()
+
+
+def iter_full_val(cfg: DataConfig, *, index: dict, batch_size: int, masks: Any, seed: int, host_index: int,
+                  host_count: int, limit: int | None = None) -> Iterator[dict]:
+    """Every val sample of this host's shards (``shards[host::hosts]``, index order) once: centre crop, no
+    augmentation, in exactly ``full_val_batches`` batches of ``batch_size`` (``limit``: only the first ones).
+
+    Static shapes: the last real batch and any batches after it are padded with all-zero samples whose scale is 0
+    (see ``real_samples``), so a validation step compiles once; masks come from fixed seeds per batch number.
+    Samples that fail the contract are skipped (counted in ``skipped``) and replaced by padding."""
+    _check_batch(batch_size, host_index, host_count)
+    total = full_val_batches(index, cfg, batch_size, host_count)
+    mine = split_shards(cfg.shards, index, cfg.val_split)[host_index::host_count]
+    counters = stages.Counters()
+    budget = DamageBudget(cfg.max_skipped_fraction, sum(s.num_samples for s in mine) or 1,
+                          f"{cfg.shards} split {cfg.val_split!r}")
+    opened = stages.open_samples(stages.read_shards(({"shard": s} for s in mine), counters=counters),
+                                 counters=counters)
+    samples = stages.augment_all(opened, crop=cfg.crop_shape, rng=None, flip=False, jitter=0.0)
+    dtype = np.dtype(np.uint8)
+    for number in range(total if limit is None else min(limit, total)):
+        group = list(islice(samples, batch_size))
+        if group:
+            dtype = np.result_type(dtype, *(g["volume"] for g in group))
+        pad = [{"key": "", "volume": np.zeros(cfg.crop_shape, dtype), "flip": False, "scale": 0.0, "shift": 0.0}
+               for _ in range(batch_size - len(group))]
+        batch = stages.collate(group + pad)
+        generator = torch.Generator().manual_seed(derive_seed("masks", seed, "full-val", host_index, number))
+        skipped, dropped = counters.take()
+        budget.charge(dropped)
+        yield {**batch, "masks": masks(batch_size, generator), "skipped": torch.tensor(skipped)}

@@ -127,8 +127,9 @@ class Device:
         """Step metrics as the whole run saw them (over every rank); call on every rank at the same steps."""
         return distributed.reduce_metrics(stats)
 
-    def mean_over_hosts(self, value: torch.Tensor) -> torch.Tensor:
-        return distributed.mean_over_ranks(value)
+    def sum_over_hosts(self, value: torch.Tensor) -> torch.Tensor:
+        """A sum each rank holds part of, over every rank (validation's sums; see `val_share`)."""
+        return distributed.sum_over_ranks(value)
 
     def val_share(self, host_batch: int, host_index: int, host_count: int) -> tuple[int, int, int, slice | None]:
         """(host index, host count, batch size, rows) for the validation loader. Under torchrun every rank composes

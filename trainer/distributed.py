@@ -164,9 +164,10 @@ def reduce_metrics(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: (flat[i] if n == "skipped" else flat[i] / world) for i, n in enumerate(names)}
 
 
-def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over every rank (each holds its part of a sum); call on every rank."""
     if rank_world()[1] == 1:
         return t
     t = t.clone()
     dist.all_reduce(t)
-    return t / rank_world()[1]
+    return t

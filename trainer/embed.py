@@ -2,10 +2,10 @@
 
     octjepa embed --checkpoint runs/smoke/encoder.pt --shards data/shards --out embeddings.npz [--random-init]
 
-Each volume is encoded by the frozen target encoder (centre crop, no augmentation) and its layer-normed tokens are
-mean-pooled, as ``VJEPA.encode`` does for V-JEPA 2's frozen evaluation; the tokens themselves are kept (float16)
-when the attentive probe asks for them. ``--random-init`` embeds with a randomly initialised encoder of the same
-architecture instead (the probe's baseline).
+Each volume is encoded by the frozen encoder (centre crop, no augmentation) and its layer-normed tokens are
+mean-pooled, as ``VJEPA.encode`` does for V-JEPA 2's frozen evaluation. ``--random-init`` embeds with a randomly
+initialised encoder of the same architecture instead (the probe's baseline). ``embed_many`` runs several encoders
+over one read of the set, plus the raw-voxel baseline features (``raw_voxel_features``) when asked.
 """
 from __future__ import annotations
 
@@ -32,8 +32,20 @@ class Embeddings:
     participant_ids: list[str]
     devices: list[str]
     splits: list[str]
+    sop_instance_uids: list[str]
     features: np.ndarray
     tokens: np.ndarray | None = None
+
+
+RAW_POOL = (4, 8, 8)  # the raw-voxel baseline's downsampled grid (D, H, W)
+
+
+def raw_voxel_features(x: torch.Tensor) -> torch.Tensor:
+    """The raw-voxel baseline of a normalised (B, 1, D, H, W) batch: its mean depth profile (H values: where the
+    layers are and how bright) and the volume averaged down to ``RAW_POOL`` cells -> (B, H + prod(RAW_POOL))."""
+    profile = x.mean(dim=(1, 2, 4))  # (B, H)
+    cells = F.adaptive_avg_pool3d(x, RAW_POOL).flatten(1)  # (B, 256)
+    return torch.cat([profile, cells], dim=1)
 
 
 def pick_device(name: str) -> torch.device:
@@ -53,51 +65,73 @@ def random_init_encoder(cfg: Any, seed: int) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def embed_shard_set(encoder: torch.nn.Module, root: str, *, batch_size: int = 4, keep_tokens: bool = False,
-                    device: torch.device | str = "cpu") -> Embeddings:
-    """Encode every volume of every split of a shard set once (centre crop to the encoder's input shape)."""
+def embed_many(encoders: dict[str, torch.nn.Module], root: str, *, batch_size: int = 4, raw_voxels: str | None = None,
+               keep_tokens: bool = False, device: torch.device | str = "cpu") -> dict[str, Embeddings]:
+    """Encode every volume of every split of a shard set once per encoder, reading the set once (centre crop to
+    the encoders' common input shape); ``raw_voxels`` names an extra entry of ``raw_voxel_features``.
+    ``keep_tokens`` also keeps every encoder's tokens (N x E float16 per volume: meant for small sets)."""
     from trainer.data import iter_eval_batches, to_model_input
 
+    if not encoders:
+        raise ValueError("embed_many needs at least one encoder")
+    shapes = {tuple(e.cfg.input_shape) for e in encoders.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"the encoders take different input shapes {sorted(shapes)}; embed them separately")
+    crop = shapes.pop()
     index = read_index(root)
-    crop_shape = tuple(encoder.cfg.input_shape)
-    encoder = encoder.to(device).eval()
-    rows: dict[str, list[str]] = {"keys": [], "participant_ids": [], "devices": [], "splits": []}
-    features, tokens = [], []
+    rows: dict[str, list[str]] = {"keys": [], "participant_ids": [], "devices": [], "splits": [],
+                                  "sop_instance_uids": []}
+    names = list(encoders) + ([raw_voxels] if raw_voxels else [])
+    features: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    tokens: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
+    modules = {name: e.to(device).eval() for name, e in encoders.items()}
     for split in sorted(index["splits"]):
-        for batch in iter_eval_batches(root, split, crop_shape, batch_size):
+        for batch in iter_eval_batches(root, split, crop, batch_size):
             x = to_model_input(batch["volume"].to(device), batch["scale"].to(device), batch["shift"].to(device))
-            h = encoder(x)  # (B, N, E)
-            h = F.layer_norm(h, (h.shape[-1],))  # as VJEPA.encode: the features the predictor regressed
-            features.append(h.mean(dim=1).float().cpu().numpy())
-            if keep_tokens:
-                tokens.append(h.to(torch.float16).cpu().numpy())
+            for name, encoder in modules.items():
+                h = encoder(x)  # (B, N, E)
+                h = F.layer_norm(h, (h.shape[-1],))  # as VJEPA.encode: the features the predictor regressed
+                features[name].append(h.mean(dim=1).float().cpu().numpy())
+                if keep_tokens:
+                    tokens[name].append(h.to(torch.float16).cpu().numpy())
+            if raw_voxels:
+                features[raw_voxels].append(raw_voxel_features(x).float().cpu().numpy())
             for meta in batch["meta"]:
-                rows["keys"].append(meta["key"])
-                rows["participant_ids"].append(meta["participant_id"])
-                rows["devices"].append(meta["device"])
-                rows["splits"].append(meta["split"])
-    if not features:
+                for field_name, key in (("keys", "key"), ("participant_ids", "participant_id"),
+                                        ("devices", "device"), ("splits", "split"),
+                                        ("sop_instance_uids", "sop_instance_uid")):
+                    rows[field_name].append(meta[key])
+    if not rows["keys"]:
         raise ValueError(f"{root}: the shard set holds no volumes to embed (index splits: {sorted(index['splits'])})")
-    return Embeddings(**rows, features=np.concatenate(features),
-                      tokens=np.concatenate(tokens) if keep_tokens else None)
+    return {name: Embeddings(**rows, features=np.concatenate(features[name]),
+                             tokens=np.concatenate(tokens[name]) if keep_tokens and name in tokens else None)
+            for name in names}
+
+
+def embed_shard_set(encoder: torch.nn.Module, root: str, *, batch_size: int = 4,
+                    device: torch.device | str = "cpu") -> Embeddings:
+    """Encode every volume of every split of a shard set once (centre crop to the encoder's input shape)."""
+    return embed_many({"encoder": encoder}, root, batch_size=batch_size, device=device)["encoder"]
 
 
 def write_embeddings(emb: Embeddings, out: str) -> list[str]:
-    """``out`` (.npz: key, participant_id, device, split, embedding) and a sibling .tsv with the same rows; local
-    paths or gs://."""
+    """``out`` (.npz: key, participant_id, device, split, sop_instance_uid, embedding) and a sibling .tsv with the
+    same rows; local paths or gs://."""
 
     from shards import storage
 
     stem = out.removesuffix(".npz")
     buf = io.BytesIO()
     np.savez(buf, key=np.array(emb.keys), participant_id=np.array(emb.participant_ids),
-             device=np.array(emb.devices), split=np.array(emb.splits), embedding=emb.features)
+             device=np.array(emb.devices), split=np.array(emb.splits),
+             sop_instance_uid=np.array(emb.sop_instance_uids), embedding=emb.features)
     storage.write_bytes(stem + ".npz", buf.getvalue())
     text = io.StringIO()
     writer = csv.writer(text, delimiter="\t", lineterminator="\n")
-    writer.writerow(["key", "participant_id", "device", "split"] + [f"e{i}" for i in range(emb.features.shape[1])])
+    writer.writerow(["key", "participant_id", "device", "split", "sop_instance_uid"]
+                    + [f"e{i}" for i in range(emb.features.shape[1])])
     for i, key in enumerate(emb.keys):
-        writer.writerow([key, emb.participant_ids[i], emb.devices[i], emb.splits[i]]
+        writer.writerow([key, emb.participant_ids[i], emb.devices[i], emb.splits[i], emb.sop_instance_uids[i]]
                         + [f"{v:.6g}" for v in emb.features[i]])
     storage.write_bytes(stem + ".tsv", text.getvalue().encode("utf-8"))
     return [stem + ".npz", stem + ".tsv"]

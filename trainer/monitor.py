@@ -99,7 +99,10 @@ class Monitor:
             return
         values = {k: float(v) for k, v in tensors.items()}
         self._write({"step": step, "split": "val", **values, "time": time.time()})
-        print(f"step {step}/{self.total_steps} | val loss {values.get('loss', float('nan')):.4f}", flush=True)
+        nan = float("nan")
+        print(f"step {step}/{self.total_steps} | val loss {values.get('loss', nan):.4f} | fixed set: loss "
+              f"{values.get('loss_fixed', nan):.4f}, lookup {values.get('lookup_loss', nan):.4f}, effective rank "
+              f"target {values.get('rank_target', nan):.1f} pred {values.get('rank_pred', nan):.1f}", flush=True)
 
     def log_mask_image(self, step: int, volume: np.ndarray, masks: Sequence[tuple[torch.Tensor, torch.Tensor]],
                        grid: tuple[int, int, int], patch_size: tuple[int, int, int]) -> str | None:
@@ -134,25 +137,56 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _series(records: list[dict], split: str, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric; a resumed run's repeated steps keep their last value."""
+    by_step = {r["step"]: r[key] for r in records if r.get("split") == split and key in r}
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+# (split, metric, label, style) of the loss panel, and of the effective-rank panel
+LOSS_LINES = (("train", "loss", "train", "-"), ("val", "loss", "val (every volume)", ".-"),
+              ("val", "loss_fixed", "val, fixed set", ":"),
+              ("val", "lookup_loss", "per-position lookup, fixed set", "--"))
+RANK_LINES = (("val", "rank_target", "target features", ".-"), ("val", "rank_pred", "predictor outputs", ".--"))
+
+
+def plot_training(axes: Sequence[Any], records: list[dict], *, rank_floor: tuple[float, str] | None = None) -> None:
+    """The loss panel (train, val, and the lookup baseline) and the effective-rank panel on two matplotlib axes;
+    ``rank_floor`` (value, label) draws a horizontal line (e.g. a quarter of the encoder width)."""
+    loss_ax, rank_ax = axes
+    for split, key, label, style in LOSS_LINES:
+        steps, values = _series(records, split, key)
+        if steps:
+            loss_ax.plot(steps, values, style, label=label)
+    loss_ax.set_xlabel("optimiser step")
+    loss_ax.set_ylabel("loss (L1 to target features)")
+    loss_ax.set_yscale("log")
+    loss_ax.legend(loc="upper right", fontsize=8)
+    loss_ax.grid(True, alpha=0.3)
+    for split, key, label, style in RANK_LINES:
+        steps, values = _series(records, split, key)
+        if steps:
+            rank_ax.plot(steps, values, style, label=label)
+    if rank_floor is not None:
+        rank_ax.axhline(rank_floor[0], color="grey", linestyle=":", label=rank_floor[1])
+    rank_ax.set_xlabel("optimiser step")
+    rank_ax.set_ylabel("effective rank (RankMe), val fixed set")
+    rank_ax.set_ylim(bottom=0)
+    rank_ax.legend(loc="lower left", fontsize=8)
+    rank_ax.grid(True, alpha=0.3)
+
+
 def write_loss_curve(metrics_path: str, out_path: str) -> str:
-    """Train (and val) loss against step; a resumed run's repeated steps keep their last value."""
+    """Train and val loss with the lookup baseline against step, and the effective ranks beside them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for split in ("train", "val"):
-        by_step = {r["step"]: r["loss"] for r in records if r.get("split") == split and "loss" in r}
-        if by_step:
-            steps = sorted(by_step)
-            ax.plot(steps, [by_step[s] for s in steps], marker="." if split == "val" else None, label=split)
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("loss (L1 to target features)")
-    ax.set_yscale("log")
-    ax.legend(loc="upper right")
-    ax.grid(True, alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    plot_training(axes, records)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)

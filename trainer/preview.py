@@ -11,7 +11,8 @@ window the preprocessing kept shaded and, when a crop shape is known (``--crop-s
 trainer's centre crop dashed. Captions give the fill fraction and the voxel spacing.
 ``--masks`` also writes ``preview_masks.png`` (beside ``--out``): one volume, cropped to the encoder's input shape,
 with the context (blue) and target (red) tokens of one draw of each mask configuration over its central B-scan,
-and the (h, w) token plane of that draw (targets span every B-scan, so the plane is the whole mask).
+and the (h, w) token plane of that draw (whole columns span every B-scan, so the plane is the whole mask; the
+trimmed tokens, in neither set, stay white).
 """
 from __future__ import annotations
 
@@ -152,6 +153,7 @@ def render_masks(volume: np.ndarray, meta: dict[str, Any], encoder_cfg: Any, mas
                  *, seed: int = 0) -> list[str]:
     """One volume's context/target tokens for one draw of each mask configuration; returns the row titles."""
     import torch
+    from matplotlib.colors import ListedColormap
 
     from model import MultiBlockMasks, to_volume_mask
 
@@ -167,8 +169,9 @@ def render_masks(volume: np.ndarray, meta: dict[str, Any], encoder_cfg: Any, mas
     for row, ((ctx, tgt), block) in enumerate(zip(masks, mask_cfg.blocks)):
         target = to_volume_mask(tgt[0], grid).numpy()  # (d, h, w) bool
         context = to_volume_mask(ctx[0], grid).numpy()
+        dropped = int(np.prod(grid)) - ctx.shape[1] - tgt.shape[1]  # trimmed blocks and context: in neither set
         title = (f"{block.num_blocks} blocks x {block.spatial_scale:g}: context {ctx.shape[1]}, "
-                 f"target {tgt.shape[1]} tokens")
+                 f"target {tgt.shape[1]} tokens, neither {dropped}")
         titles.append(title)
         plane_t = target[(d_in // 2) // pd]  # (h, w) tokens of the central B-scan's tubelet
         plane_c = context[(d_in // 2) // pd]
@@ -177,9 +180,11 @@ def render_masks(volume: np.ndarray, meta: dict[str, Any], encoder_cfg: Any, mas
         overlay[np.kron(plane_t, np.ones((ph, pw), bool))] = (1.0, 0.1, 0.1, 0.45)
         _grey(axes[row, 0], bscan, f"{title}\n{meta['device']} central B-scan", aspect=1.0)
         axes[row, 0].imshow(overlay, aspect=1.0, interpolation="nearest")
-        axes[row, 1].imshow(target.any(axis=0), cmap="Reds", vmin=0, vmax=1, interpolation="nearest")
-        axes[row, 1].set_title(f"target columns on the (h, w) token plane\n(grid {grid}, all {grid[0]} depths)",
-                               fontsize=7)
+        plane = context.any(axis=0) * 1 + target.any(axis=0) * 2  # (h, w): 0 neither, 1 context, 2 target
+        axes[row, 1].imshow(plane, cmap=ListedColormap(["white", (0.55, 0.65, 1.0), (1.0, 0.2, 0.2)]), vmin=0,
+                            vmax=2, interpolation="nearest")
+        axes[row, 1].set_title(f"(h, w) token plane: target red, context blue, neither white\n(grid {grid}, all "
+                               f"{grid[0]} depths)", fontsize=7)
         axes[row, 1].set_xticks([])
         axes[row, 1].set_yticks([])
     fig.tight_layout(pad=0.4)

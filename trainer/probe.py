@@ -1,15 +1,21 @@
-"""Frozen-encoder evaluation: a linear (or attentive) probe on participant labels, against a random-init encoder.
+"""Frozen-encoder evaluation: probes with known answers, repeated grouped cross-validation, pretrained vs baselines.
 
     octjepa probe --checkpoint runs/smoke/encoder.pt --shards data/shards --labels data/participants.tsv \\
-        [--label-column study_group] [--split-column recommended_split] [--out probe_report] [--pooling attentive]
+        [--targets study_group,age] [--folds 5] [--repeats 10] [--out probe_report] [--pooling attentive]
+    octjepa probe --checkpoint W/run/checkpoints --encoders target,online --shards W/shards \\
+        --labels W/data/synth_anatomy.tsv --targets study_group,inner_thinning,retina_thickness_mm   # the demo's
 
-Every volume of the shard set is embedded once by the frozen target encoder (``trainer.embed``). Labels join on
-participant id; a volume whose participant has no label is counted and skipped. A logistic probe (standardised
-features) is fitted on the train split, its C chosen on val by balanced accuracy, and reported on test (on val where
-the set has no test split, which is then optimistic and flagged). The same probe on a randomly initialised encoder
-of the same architecture runs side by side, so the report shows what pretraining bought.
-``--pooling attentive`` swaps mean pooling for V-JEPA 2's attentive probe (one learned query cross-attending to the
-tokens); it keeps every token in memory (N x E float16 per volume), so it is meant for small sets.
+Every volume of the shard set is embedded once per encoder (``trainer.embed``): the checkpoint's encoder (or, from
+a checkpoint, each of ``--encoders``), a randomly initialised encoder of the same architecture, and a raw-voxel
+baseline (the mean depth profile and a 4 x 8 x 8 average of the volume: what a probe finds without any encoder).
+Labels join per volume on ``sop_instance_uid`` when the table has that column (``synth``'s anatomy table), else
+per participant on ``--id-column``; a volume without a value is counted and left out of that target.
+
+Each target is a class target (logistic regression; balanced accuracy and macro AUROC) unless its values are all
+numbers with more than two distinct values (ridge regression; R^2). Scores come from repeated grouped k-fold CV
+by participant with the regularisation chosen by an inner grouped CV (``trainer.probe_stats``); every encoder
+is scored on the same folds, so ``probes.<target>.paired_difference`` (the first encoder minus random init, fold
+by fold) has an honest 95% interval. ``report.json`` holds it all, ``probe.png`` draws it.
 """
 from __future__ import annotations
 
@@ -18,360 +24,265 @@ import csv
 import json
 import os
 import sys
-import warnings
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from shards import SPLITS
-from trainer.embed import common_args, embed_shard_set, pick_device, random_init_encoder
+from trainer.embed import common_args, embed_many, pick_device, random_init_encoder
+from trainer.probe_stats import (
+    METRICS, CVPlan, cross_validate, interval_above_zero, outer_splits, paired, summary,
+)
 
-LINEAR_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
-ATTENTIVE_WD_GRID = (1e-3, 1e-2, 1e-1)
-METRICS = ("accuracy", "balanced_accuracy", "auroc_macro_ovr")
+VOLUME_ID = "sop_instance_uid"  # a labels table with this column labels volumes, not participants
+RANDOM, RAW = "random_init", "raw_voxels"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Labels and the join
 # ---------------------------------------------------------------------------------------------------------------
-def read_labels(path: str, *, label_column: str, split_column: str | None,
-                id_column: str = "participant_id") -> dict[str, tuple[str, str | None]]:
-    """participants.tsv -> {participant_id: (label, split or None)}; rows with an empty label are left out."""
+@dataclass
+class LabelTable:
+    """A labels table keyed by volume (``sop_instance_uid``) or participant: {key: {column: value}}."""
+    path: str
+    key_column: str
+    columns: list[str]
+    rows: dict[str, dict[str, str]]
+
+
+def read_labels(path: str, *, id_column: str = "participant_id", targets: Sequence[str] = ()) -> LabelTable:
+    """A TSV of labels; keyed by ``sop_instance_uid`` when it has that column, else by ``id_column``. A key that
+    appears twice with different values of a target is an error naming both."""
     from shards import storage
 
     with storage.open_url(path, "rb") as f:
         text = f.read().decode("utf-8")
     reader = csv.DictReader(text.splitlines(), delimiter="\t")
-    columns = reader.fieldnames or []
-    for name in (id_column, label_column):
+    columns = list(reader.fieldnames or [])
+    key_column = VOLUME_ID if VOLUME_ID in columns else id_column
+    for name in (key_column, *targets):
         if name not in columns:
             raise ValueError(f"{path}: no column {name!r} (columns: {columns})")
-    use_split = bool(split_column) and split_column in columns
-    labels: dict[str, tuple[str, str | None]] = {}
+    rows: dict[str, dict[str, str]] = {}
     for line, row in enumerate(reader, start=2):
-        pid, label = (row.get(id_column) or "").strip(), (row.get(label_column) or "").strip()
-        if not pid or not label:
+        key = (row.get(key_column) or "").strip()
+        if not key:
             continue
-        split = (row.get(split_column) or "").strip() if use_split else ""
-        split = split if split in SPLITS else None  # anything else falls back to the shard set's split
-        if pid in labels and labels[pid][0] != label:
-            raise ValueError(f"{path}:{line}: participant {pid!r} has two labels, {labels[pid][0]!r} and {label!r}")
-        labels[pid] = (label, split)
-    if not labels:
-        raise ValueError(f"{path}: no row has both {id_column!r} and {label_column!r}")
-    return labels
+        values = {c: (row.get(c) or "").strip() for c in columns}
+        for c in targets:
+            old = rows.get(key, {}).get(c, "")
+            if old and values[c] and old != values[c]:
+                raise ValueError(f"{path}:{line}: {key_column} {key!r} has two {c!r} values, {old!r} and {values[c]!r}")
+        rows.setdefault(key, {}).update({c: v for c, v in values.items() if v})
+    if not rows:
+        raise ValueError(f"{path}: no row has a {key_column!r}")
+    return LabelTable(path, key_column, columns, rows)
 
 
 @dataclass
-class Joined:
-    rows: np.ndarray  # (M,) indices into the Embeddings rows that have a label
-    labels: list[str]  # (M,)
-    splits: list[str]  # (M,)
+class Target:
+    """One probe target joined to the embeddings: the rows that have a value, their values and participants."""
+    name: str
+    task: str
+    rows: np.ndarray  # (M,) indices into the Embeddings rows
+    y: np.ndarray  # (M,) float for regression, str for classes
+    groups: np.ndarray  # (M,) participant ids: the unit the folds split
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def join_labels(participant_ids: Sequence[str], sample_splits: Sequence[str],
-                labels: dict[str, tuple[str, str | None]]) -> Joined:
-    """Volumes x labels on participant id. The labels file's split wins; the shard set's split is the fallback."""
-    rows, ys, splits = [], [], []
-    from_labels = 0
-    for i, (pid, sample_split) in enumerate(zip(participant_ids, sample_splits)):
-        if pid not in labels:
-            continue
-        label, split = labels[pid]
-        rows.append(i)
-        ys.append(label)
-        splits.append(split or sample_split)
-        from_labels += split is not None
-    with_volumes = set(participant_ids)
-    counts = {
-        "volumes": len(participant_ids),
-        "labelled_volumes": len(rows),
-        "skipped_volumes_without_label": len(participant_ids) - len(rows),
-        "participants_without_label": len(with_volumes - set(labels)),
-        "labelled_participants_without_volumes": len(set(labels) - with_volumes),
-        "split_from_labels": from_labels,
-        "split_from_shards": len(rows) - from_labels,
+def task_of(values: Sequence[str]) -> str:
+    """Numbers with more than two distinct values are regressed; anything else is a class label."""
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        return "classification"
+    return "regression" if len(set(numbers)) > 2 else "classification"
+
+
+def join_target(name: str, table: LabelTable, participant_ids: Sequence[str], volume_ids: Sequence[str]) -> Target:
+    keys = volume_ids if table.key_column == VOLUME_ID else participant_ids
+    rows = [i for i, k in enumerate(keys) if name in table.rows.get(k, {})]
+    values = [table.rows[keys[i]][name] for i in rows]
+    task = task_of(values)
+    y = np.asarray(values, dtype=np.float64 if task == "regression" else object)
+    groups = np.asarray([participant_ids[i] for i in rows])
+    counts = {"volumes": len(keys), "labelled_volumes": len(rows), "volumes_without_value": len(keys) - len(rows),
+              "participants": len(set(groups.tolist())),
+              "table_keys_without_volumes": len(set(table.rows) - set(keys))}
+    return Target(name, task, np.asarray(rows, dtype=np.int64), y, groups, counts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Probes and the report
+# ---------------------------------------------------------------------------------------------------------------
+def unprobeable(target: Target, plan: CVPlan) -> str | None:
+    """Why a target cannot be probed on this set (a small set may hold one value, or too few participants)."""
+    if len(target.y) == 0:
+        return "no volume of the shard set has a value"
+    if len(np.unique(target.y)) < 2:
+        return f"a single value ({target.y[0]!r}) over all {len(target.y)} volumes"
+    people = len(np.unique(target.groups))
+    if people < plan.folds:
+        return f"{people} participant(s) with a value, fewer than the {plan.folds} folds"
+    return None
+
+
+def probe_target(target: Target, features: dict[str, np.ndarray], plan: CVPlan, *,
+                 reference: str | None = None) -> dict[str, Any]:
+    """Every feature set on the same folds; paired differences of each encoder against each baseline.
+    ``reference`` (default: the first feature set) is the one ``paired_difference`` reports against random init.
+    A target that ``unprobeable`` refuses is reported as {"skipped": reason, "counts": ...}."""
+    reason = unprobeable(target, plan)
+    if reason is not None:
+        return {"task": target.task, "skipped": reason, "counts": target.counts}
+    splits = outer_splits(target.y, target.groups, target.task, plan)
+    scores = {name: cross_validate(x[target.rows], target.y, target.groups, task=target.task, plan=plan,
+                                   splits=splits) for name, x in features.items()}
+    metrics = METRICS[target.task]
+    primary = metrics[0]
+    out: dict[str, Any] = {
+        "task": target.task, "metric": primary, "counts": target.counts,
+        "scores": {name: {m: summary(s[m], plan) for m in metrics} for name, s in scores.items()},
+        "paired_differences": {},
     }
-    return Joined(np.asarray(rows, dtype=np.int64), ys, splits, counts)
+    if target.task == "classification":
+        out["classes"] = sorted(set(target.y.tolist()))
+    encoders = [n for n in features if n not in (RANDOM, RAW)]
+    for enc in encoders:
+        for base in (RANDOM, RAW):
+            if base in scores:
+                out["paired_differences"][f"{enc} - {base}"] = {
+                    m: summary(paired(scores[enc][m], scores[base][m]), plan) for m in metrics}
+    reference = reference or (encoders[0] if encoders else None)
+    if reference is not None and RANDOM in scores:
+        diff = out["paired_differences"][f"{reference} - {RANDOM}"][primary]
+        out["paired_difference"] = {"encoder": reference, "baseline": RANDOM, "metric": primary, **diff,
+                                    "interval_above_zero": interval_above_zero(diff)}
+    return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Probes
-# ---------------------------------------------------------------------------------------------------------------
-def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    from sklearn.metrics import balanced_accuracy_score
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true" is expected on small splits
-        return float(balanced_accuracy_score(y_true, y_pred))
+def _fmt(s: dict[str, Any]) -> str:
+    if s["mean"] is None:
+        return "n/a"
+    if s["ci95"] is None:
+        return f"{s['mean']:.3f}"
+    return f"{s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
 
 
-def x_is_empty(x: np.ndarray | None) -> bool:
-    return x is None or len(x) == 0
-
-
-def fit_linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None, y_val: np.ndarray | None,
-                     *, c_grid: Iterable[float] = LINEAR_C_GRID, seed: int = 0) -> tuple[Any, dict[str, Any]]:
-    """Standardised logistic regression; C by balanced accuracy on val (ties go to the stronger regularisation).
-    Without a val split, C is chosen by 3-fold cross-validation on train."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    def make(c: float) -> Any:
-        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000, random_state=seed))
-
-    if len(np.unique(y_train)) < 2:
-        raise ValueError(f"the train split holds one class only ({np.unique(y_train)}); a probe needs two or more")
-    grid = sorted(c_grid)
-    if x_is_empty(x_val):
-        search = GridSearchCV(make(1.0), {"logisticregression__C": grid}, scoring="balanced_accuracy", cv=3)
-        search.fit(x_train, y_train)
-        return search.best_estimator_, {"C": search.best_params_["logisticregression__C"], "selected_on": "train_cv",
-                                        "selection_balanced_accuracy": float(search.best_score_)}
-    best, best_score, best_c = None, -1.0, grid[0]
-    for c in grid:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # convergence warnings at large C on separable data
-            model = make(c).fit(x_train, y_train)
-        score = _balanced_accuracy(y_val, model.predict(x_val))
-        if score > best_score:
-            best, best_score, best_c = model, score, c
-    return best, {"C": best_c, "selected_on": "val", "selection_balanced_accuracy": best_score}
-
-
-class AttentiveProbe:
-    """V-JEPA 2's attentive probe, minimal: one learned query cross-attends to the frozen tokens, then a linear
-    classifier. sklearn-style ``fit`` / ``predict_proba`` / ``predict`` / ``classes_`` on (V, N, E) tokens."""
-
-    def __init__(self, *, weight_decay: float, epochs: int = 100, lr: float = 1e-2, num_heads: int = 4,
-                 seed: int = 0) -> None:
-        self.weight_decay, self.epochs, self.lr, self.num_heads, self.seed = weight_decay, epochs, lr, num_heads, seed
-
-    def fit(self, tokens: np.ndarray, y: np.ndarray) -> AttentiveProbe:
-        self.classes_ = np.unique(y)
-        target = torch.as_tensor(np.searchsorted(self.classes_, y))
-        x = torch.as_tensor(tokens, dtype=torch.float32)  # (V, N, E)
-        embed_dim = x.shape[-1]
-        heads = self.num_heads if embed_dim % self.num_heads == 0 else 1
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            self.query = torch.nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
-            self.attn = torch.nn.MultiheadAttention(embed_dim, heads, batch_first=True)
-            self.head = torch.nn.Sequential(torch.nn.LayerNorm(embed_dim), torch.nn.Linear(embed_dim, len(self.classes_)))
-            params = [self.query, *self.attn.parameters(), *self.head.parameters()]
-            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-            for _ in range(self.epochs):  # full batch: probe sets are small (the tokens are all in memory)
-                opt.zero_grad()
-                F.cross_entropy(self._logits(x), target).backward()
-                opt.step()
-        return self
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        pooled, _ = self.attn(self.query.expand(x.shape[0], -1, -1), x, x)  # (V, 1, E)
-        return self.head(pooled[:, 0])
-
-    @torch.no_grad()
-    def predict_proba(self, tokens: np.ndarray) -> np.ndarray:
-        return self._logits(torch.as_tensor(tokens, dtype=torch.float32)).softmax(-1).numpy()
-
-    def predict(self, tokens: np.ndarray) -> np.ndarray:
-        return self.classes_[self.predict_proba(tokens).argmax(1)]
-
-
-def fit_attentive_probe(t_train: np.ndarray, y_train: np.ndarray, t_val: np.ndarray | None, y_val: np.ndarray | None,
-                        *, seed: int = 0) -> tuple[AttentiveProbe, dict[str, Any]]:
-    """Weight decay by balanced accuracy on val (the first grid value without a val split)."""
-    if x_is_empty(t_val):
-        return AttentiveProbe(weight_decay=ATTENTIVE_WD_GRID[0], seed=seed).fit(t_train, y_train), {
-            "weight_decay": ATTENTIVE_WD_GRID[0], "selected_on": "none"}
-    best, best_score, best_wd = None, -1.0, None
-    for wd in ATTENTIVE_WD_GRID:
-        model = AttentiveProbe(weight_decay=wd, seed=seed).fit(t_train, y_train)
-        score = _balanced_accuracy(y_val, model.predict(t_val))
-        if score > best_score:
-            best, best_score, best_wd = model, score, wd
-    return best, {"weight_decay": best_wd, "selected_on": "val", "selection_balanced_accuracy": best_score}
-
-
-def macro_auroc(y_true: np.ndarray, proba: np.ndarray, model_classes: np.ndarray) -> tuple[float | None, list[str]]:
-    """Macro one-vs-rest AUROC over the classes that can be scored: present in the eval split with both positives
-    and negatives, and known to the probe (seen in train). Returns (value or None, classes left out)."""
-    from sklearn.metrics import roc_auc_score
-
-    scored, left_out = [], []
-    for j, cls in enumerate(model_classes):
-        positives = y_true == cls
-        if positives.all() or not positives.any():
-            left_out.append(str(cls))
+def format_table(probes: dict[str, dict[str, Any]]) -> str:
+    """One block per target: each feature set's primary score, then the paired differences (mean [95% CI])."""
+    lines = []
+    for name, p in probes.items():
+        if "skipped" in p:
+            lines.append(f"{name}: not probed: {p['skipped']}")
             continue
-        scored.append(roc_auc_score(positives, proba[:, j]))
-    left_out += [str(c) for c in np.unique(y_true) if c not in set(model_classes)]
-    return (float(np.mean(scored)) if scored else None), sorted(left_out)
-
-
-def probe_metrics(y_true: np.ndarray, y_pred: np.ndarray, proba: np.ndarray, model_classes: np.ndarray,
-                  devices: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro OvR AUROC, per-class recall/precision/support, per-device breakdown."""
-    from sklearn.metrics import confusion_matrix
-
-    auroc, auroc_left_out = macro_auroc(y_true, proba, model_classes)
-    per_class = {}
-    for cls in classes:
-        support = int((y_true == cls).sum())
-        predicted = int((y_pred == cls).sum())
-        hits = int(((y_true == cls) & (y_pred == cls)).sum())
-        per_class[str(cls)] = {"support": support, "recall": hits / support if support else None,
-                               "precision": hits / predicted if predicted else None}
-    per_device = {}
-    for dev in sorted(set(devices.tolist())):
-        sel = devices == dev
-        per_device[str(dev)] = {"n": int(sel.sum()), "accuracy": float((y_true[sel] == y_pred[sel]).mean()),
-                                "balanced_accuracy": _balanced_accuracy(y_true[sel], y_pred[sel])}
-    return {
-        "n": len(y_true),
-        "accuracy": float((y_true == y_pred).mean()),
-        "balanced_accuracy": _balanced_accuracy(y_true, y_pred),
-        "auroc_macro_ovr": auroc,
-        "auroc_classes_left_out": auroc_left_out,
-        "per_class": per_class,
-        "per_device": per_device,
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=list(classes)).tolist(),
-    }
-
-
-def run_probe(x: np.ndarray, labels: Sequence[str], splits: Sequence[str], devices: Sequence[str], *,
-              attentive: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Fit on train, select on val, report on test (val when there is no test). ``x`` is (M, E) pooled features,
-    or (M, N, E) tokens with ``attentive``."""
-    y, split, dev = np.asarray(labels), np.asarray(splits), np.asarray(devices)
-    classes = sorted(set(y.tolist()))
-    if not (split == "train").any():
-        raise ValueError(f"no labelled volume is in the train split (splits present: {sorted(set(split.tolist()))})")
-    has_val, has_test = (split == "val").any(), (split == "test").any()
-    eval_split = "test" if has_test else "val" if has_val else None
-    if eval_split is None:
-        raise ValueError("no labelled volume is in a val or test split; nothing to report the probe on")
-    tr, va, ev = split == "train", split == "val", split == eval_split
-    fit = fit_attentive_probe if attentive else fit_linear_probe
-    model, selection = fit(x[tr], y[tr], x[va] if has_val else None, y[va] if has_val else None, seed=seed)
-    proba = model.predict_proba(x[ev])
-    y_pred = model.classes_[proba.argmax(1)]
-    metrics = probe_metrics(y[ev], y_pred, proba, model.classes_, dev[ev], classes)
-    return {"eval_split": eval_split, "selection": selection,
-            "n_by_split": {s: int((split == s).sum()) for s in SPLITS}, **metrics}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------------------------------
-def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """The probe table: one row per metric, one column per encoder (and pretrained - random when both exist)."""
-    names = list(results)
-    header = f"{'metric':<22}" + "".join(f"{n:>14}" for n in names)
-    both = {"pretrained", "random_init"} <= set(names)
-    header += f"{'delta':>10}" if both else ""
-    lines = [header]
-
-    def fmt(v: Any) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
-
-    for metric in METRICS:
-        vals = [results[n][metric] for n in names]
-        line = f"{metric:<22}" + "".join(f"{fmt(v):>14}" for v in vals)
-        if both:
-            a, b = results["pretrained"][metric], results["random_init"][metric]
-            line += f"{(fmt(a - b) if a is not None and b is not None else 'n/a'):>10}"
-        lines.append(line)
-    first = results[names[0]]
-    lines.append(f"(on the {first['eval_split']} split, n={first['n']})")
+        metric = p["metric"]
+        lines.append(f"{name} ({p['task']}, {metric}, {p['counts']['labelled_volumes']} volumes of "
+                     f"{p['counts']['participants']} participants)")
+        for enc, s in p["scores"].items():
+            lines.append(f"  {enc:<26}{_fmt(s[metric])}")
+        for pair, s in p["paired_differences"].items():
+            lines.append(f"  {pair:<26}{_fmt(s[metric])}")
     return "\n".join(lines)
 
 
-def plot_confusion(results: dict[str, dict[str, Any]], classes: Sequence[str], path: str) -> None:
+def plot_probes(probes: dict[str, dict[str, Any]], path: str) -> None:
+    """Per target: each feature set's score and each paired difference, mean with its 95% interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # Long class names (AI-READI's study groups) are cut so the matrices keep their size; report.json has them whole.
-    ticks = [c if len(c) <= 18 else c[:17] + "~" for c in classes]
-    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.6), squeeze=False)
-    for ax, (name, res) in zip(axes[0], results.items()):
-        cm = np.asarray(res["confusion_matrix"])
-        ax.imshow(cm, cmap="Blues")
-        for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-        ax.set_xticks(range(len(classes)), ticks, rotation=30, ha="right", fontsize=8)
-        ax.set_yticks(range(len(classes)), ticks, fontsize=8)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(f"{name}: bal. acc {res['balanced_accuracy']:.2f} (n={res['n']}, {res['eval_split']})",
-                     fontsize=10)
+    probes = {name: p for name, p in probes.items() if "skipped" not in p} or {"(no target probed)": {
+        "metric": "", "scores": {}, "paired_differences": {}}}
+    fig, axes = plt.subplots(len(probes), 2, figsize=(11, 1.0 + 1.3 * len(probes)), squeeze=False)
+    for (name, p), (left, right) in zip(probes.items(), axes):
+        metric = p["metric"]
+        for ax, entries, title in ((left, p["scores"], f"{name}: {metric}"),
+                                   (right, p["paired_differences"], "paired difference")):
+            labels = list(entries)
+            for i, label in enumerate(labels):
+                s = entries[label][metric]
+                if s["mean"] is None:
+                    continue
+                lo, hi = s["ci95"] or (s["mean"], s["mean"])
+                above = ax is right and lo > 0
+                ax.errorbar(s["mean"], i, xerr=[[s["mean"] - lo], [hi - s["mean"]]], fmt="o", capsize=3,
+                            color="tab:green" if above else "tab:blue")
+            ax.set_yticks(range(len(labels)), labels, fontsize=7)
+            ax.set_ylim(-0.6, len(labels) - 0.4)
+            ax.set_title(title, fontsize=9)
+            ax.tick_params(axis="x", labelsize=7)
+            ax.grid(True, axis="x", alpha=0.3)
+        right.axvline(0.0, color="grey", linewidth=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Entry points
+# Entry point
 # ---------------------------------------------------------------------------------------------------------------
+def load_encoders(checkpoint: str, kinds: Sequence[str]) -> tuple[dict[str, Any], Any]:
+    """{name: encoder} from an export or checkpoint (named "pretrained", or by kind when ``kinds`` are given)."""
+    from trainer.checkpoint import load_encoder
+
+    if not kinds:
+        encoder, cfg = load_encoder(checkpoint)
+        return {"pretrained": encoder}, cfg
+    loaded = {kind: load_encoder(checkpoint, kind) for kind in kinds}
+    return {kind: enc for kind, (enc, _) in loaded.items()}, next(iter(loaded.values()))[1]
+
+
 def main_probe(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="octjepa probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(parser)
-    parser.add_argument("--labels", required=True, help="participants.tsv (joined on --id-column)")
-    parser.add_argument("--label-column", default="study_group")
-    parser.add_argument("--split-column", default="recommended_split",
-                        help="train/val/test per participant; the shard set's split where missing")
+    parser.add_argument("--labels", required=True, help="TSV of targets: per volume (sop_instance_uid) or per "
+                                                        "participant (--id-column)")
+    parser.add_argument("--targets", "--label-column", dest="targets", default="study_group",
+                        help="comma-separated columns of --labels to probe")
     parser.add_argument("--id-column", default="participant_id")
-    parser.add_argument("--pooling", choices=("mean", "attentive"), default="mean")
+    parser.add_argument("--encoders", default="", help="from a checkpoint: comma-separated 'target', 'online' "
+                                                       "(the first is the paired difference's); default: the export")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--pooling", choices=("mean", "attentive"), default="mean",
+                        help="attentive: V-JEPA 2's attentive probe on the tokens (class targets, small sets)")
     parser.add_argument("--no-random-baseline", action="store_true")
-    parser.add_argument("--out", default="probe_report", help="directory for report.json and confusion.png")
+    parser.add_argument("--no-raw-baseline", action="store_true")
+    parser.add_argument("--out", default="probe_report", help="directory for report.json and probe.png")
     args = parser.parse_args(argv)
-    from trainer.checkpoint import load_encoder
 
-    labels = read_labels(args.labels, label_column=args.label_column, split_column=args.split_column,
-                         id_column=args.id_column)
-    pretrained, cfg = load_encoder(args.checkpoint)
-    encoders = {"pretrained": pretrained}
+    targets = [t for t in args.targets.split(",") if t]
+    table = read_labels(args.labels, id_column=args.id_column, targets=targets)
+    encoders, cfg = load_encoders(args.checkpoint, [k for k in args.encoders.split(",") if k])
     if not args.no_random_baseline:
-        encoders["random_init"] = random_init_encoder(cfg, args.seed)
+        encoders[RANDOM] = random_init_encoder(cfg, args.seed)
     attentive = args.pooling == "attentive"
-    device = pick_device(args.device)
-    results, joined = {}, None
-    for name, encoder in encoders.items():
-        emb = embed_shard_set(encoder, args.shards, batch_size=args.batch_size, keep_tokens=attentive, device=device)
-        joined = join_labels(emb.participant_ids, emb.splits, labels)
-        if len(joined.rows) == 0:
-            raise ValueError(f"{args.labels}: no participant of the shard set {args.shards} has a "
-                             f"{args.label_column!r} label ({joined.counts})")
-        x = (emb.tokens if attentive else emb.features)[joined.rows]
-        devices = [emb.devices[i] for i in joined.rows]
-        results[name] = run_probe(x, joined.labels, joined.splits, devices, attentive=attentive, seed=args.seed)
-    classes = sorted(set(joined.labels))
+    emb = embed_many(encoders, args.shards, batch_size=args.batch_size, device=pick_device(args.device),
+                     raw_voxels=None if args.no_raw_baseline or attentive else RAW, keep_tokens=attentive)
+    first = next(iter(emb.values()))
+    features = {name: e.tokens if attentive else e.features for name, e in emb.items()}
+    plan = CVPlan(folds=args.folds, repeats=args.repeats, seed=args.seed)
+    probes = {}
+    for name in targets:
+        target = join_target(name, table, first.participant_ids, first.sop_instance_uids)
+        probes[name] = probe_target(target, features, plan)
+        print(format_table({name: probes[name]}), flush=True)
     os.makedirs(args.out, exist_ok=True)
     report = {
-        "checkpoint": args.checkpoint, "shards": args.shards, "labels": args.labels,
-        "label_column": args.label_column, "split_column": args.split_column, "pooling": args.pooling,
-        "seed": args.seed, "classes": classes, "join": joined.counts, "encoders": results,
+        "checkpoint": args.checkpoint, "shards": args.shards, "labels": args.labels, "key": table.key_column,
+        "pooling": args.pooling, "feature_sets": list(features),
+        "cv": {"folds": plan.folds, "repeats": plan.repeats, "inner_folds": plan.inner_folds, "seed": plan.seed,
+               "unit": "participant", "interval": "corrected resampled t (Nadeau & Bengio), 95%"},
+        "probes": probes,
     }
-    if results[next(iter(results))]["eval_split"] == "val":
-        report["note"] = "no test split: reported on val, which also chose the regularisation (optimistic)"
-    report_path, png_path = os.path.join(args.out, "report.json"), os.path.join(args.out, "confusion.png")
+    report_path, png_path = os.path.join(args.out, "report.json"), os.path.join(args.out, "probe.png")
     with open(report_path, "w") as f:
         json.dump(report, f, indent=1)
-    plot_confusion(results, classes, png_path)
-    print(f"labels: {joined.counts['labelled_volumes']} of {joined.counts['volumes']} volumes labelled "
-          f"({joined.counts['skipped_volumes_without_label']} skipped without a {args.label_column!r} label)")
-    print(format_table(results))
-    print(f"report: {report_path}\nconfusion matrix: {png_path}")
+    plot_probes(probes, png_path)
+    print(f"report: {report_path}\nplot: {png_path}")
     return 0
 
 

@@ -6,9 +6,10 @@
     torchrun --standalone --nproc_per_node 8 -m octjepa_cli train --config ... [sharding=fsdp]   # one GPU node
 
 Writes <run_dir>/config.yaml (the resolved config), metrics.jsonl, checkpoints/ (or checkpoint.dir, may be gs://),
-encoder.pt (the target encoder alone, see `trainer.checkpoint.load_encoder`), loss_curve.png and a mask image;
-with several processes (torchrun ranks, TPU hosts) only the first writes them, and every one writes its part of
-each checkpoint. SIGTERM stops the run after the step it is in, with a complete checkpoint, and exit status 0.
+encoder.pt (the encoder `checkpoint.export_encoder` names, see `trainer.checkpoint.load_encoder`), loss_curve.png
+and a mask image; with several processes (torchrun ranks, TPU hosts) only the first writes them, and every one writes
+its part of each checkpoint. SIGTERM stops the run after the step it is in, with a complete checkpoint, and exit
+status 0.
 
 The step is XLA-clean: static shapes (mask sizes come from the config), hyperparameters computed on the host from
 the step number, metrics read only in step closures on logging steps.
@@ -31,8 +32,9 @@ from shards import storage
 from shards.typed_config import ConfigError, to_dict
 from trainer.checkpoint import CheckpointStore, export_encoder
 from trainer.config import TrainConfig, load_train_config
-from trainer.data import build_train_loader, build_val_loader, steps_per_epoch, to_model_input
+from trainer.data import build_train_loader, iter_full_val, steps_per_epoch, to_model_input
 from trainer.device import Device, batch_masks, build_device
+from trainer.diagnostics import evaluate
 from trainer.monitor import Monitor
 from trainer.optim import Schedules, build_optimizer, clip_gradients, set_hparams
 from trainer.preflight import check_resume_data_order, check_shard_files, check_splits, read_run_index
@@ -130,22 +132,19 @@ def train_step(model: VJEPA, optimizer: torch.optim.Optimizer, batches: Iterator
 
 
 @torch.no_grad()
-def validate(step_model: nn.Module, cfg: TrainConfig, device: Device, index: dict, masks: MultiBlockMasks,
-             plan: Plan) -> dict[str, torch.Tensor]:
-    """Mean loss over the fixed validation batches (fixed crops and masks), as a device tensor; the same value
-    whatever the number of torchrun ranks (see `Device.val_share`)."""
+def validate(model: VJEPA, step_model: nn.Module, cfg: TrainConfig, device: Device, index: dict,
+             masks: MultiBlockMasks, plan: Plan) -> dict[str, torch.Tensor]:
+    """Loss over every val volume and the collapse diagnostics (`trainer.diagnostics`), as device tensors; the same
+    values whatever the number of torchrun ranks (each rank computes its rows of the batches a single process would,
+    see `Device.val_share`, and the sums are added over ranks)."""
     host_index, host_count, batch_size, rows = device.val_share(plan.host_batch, plan.host_index, plan.host_count)
-    loader = build_val_loader(cfg.data, index=index, batch_size=batch_size, masks=masks, seed=cfg.seed,
-                              host_index=host_index, host_count=host_count)
-    step_model.eval()
-    total = torch.zeros((), device=device.torch_device)
-    for batch in device.wrap_loader(_rng_isolated(loader), len(cfg.model.masks.blocks), rows=rows):
-        x = to_model_input(batch["volume"], batch["scale"], batch["shift"])
-        with device.autocast():
-            total = total + step_model(x, batch_masks(batch))["loss"].float()
-        device.mark_step()
-    step_model.train()
-    return {"loss": device.mean_over_hosts(total / cfg.data.val_batches)}
+
+    def batches(limit: int | None) -> Iterator[dict]:
+        loader = iter_full_val(cfg.data, index=index, batch_size=batch_size, masks=masks, seed=cfg.seed,
+                               host_index=host_index, host_count=host_count, limit=limit)
+        return device.wrap_loader(_rng_isolated(loader), len(cfg.model.masks.blocks), rows=rows)
+
+    return evaluate(model, batches, device=device, fixed_batches=cfg.data.val_batches, forward=step_model)
 
 
 def write_config(cfg: TrainConfig, path: str) -> None:
@@ -253,7 +252,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 device.mark_step()
                 if cfg.val_every and run.step % cfg.val_every == 0:
                     device.add_step_closure(monitor.log_val,
-                                            (run.step, validate(step_model, cfg, device, index, masks, plan)))
+                                            (run.step, validate(model, step_model, cfg, device, index, masks, plan)))
                     device.mark_step()
                 if cfg.checkpoint.every_steps and run.step % cfg.checkpoint.every_steps == 0:
                     _save(store, model, optimizer, device, run, sched, cfg)
@@ -269,7 +268,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         stop.close()
         trace.stop()
 
-    # -- the end: final checkpoint, encoder export, loss curve
+    # -- the end: the last step's diagnostics (whatever val_every), final checkpoint, encoder export, loss curve
+    if cfg.val_every and run.step % cfg.val_every:
+        device.add_step_closure(monitor.log_val, (run.step, validate(model, step_model, cfg, device, index, masks, plan)))
+        device.mark_step()
     if run.step != last_saved:
         _save(store, model, optimizer, device, run, sched, cfg)
     curve = monitor.finish()

@@ -133,8 +133,8 @@ class XlaDevice(Device):
     def reduce_metrics(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return stats  # global tensors already: the loss is over the pod's batch
 
-    def mean_over_hosts(self, value: torch.Tensor) -> torch.Tensor:
-        return value
+    def sum_over_hosts(self, value: torch.Tensor) -> torch.Tensor:
+        return value  # SPMD: a sum over the pod's batch is already global
 
     def val_share(self, host_batch: int, host_index: int, host_count: int) -> tuple[int, int, int, slice | None]:
         return host_index, host_count, host_batch, None

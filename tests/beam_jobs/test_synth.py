@@ -12,10 +12,13 @@ import pytest
 from beam_jobs.bad_inputs import write_bad_inputs
 from beam_jobs.config import load_preprocess_config
 from beam_jobs.dicom import DicomReadError, read_header, read_oct_dicom
+from beam_jobs import synth_volumes
+from beam_jobs.resample import resample_to_grid
 from beam_jobs.synth import (
-    CIRRUS_200, DEVICES, MANIFEST_COLUMNS, PARTICIPANT_COLUMNS, generate_dataset, main, scaled_geometry,
+    ANATOMY_TABLE, ANATOMY_TABLE_COLUMNS, CIRRUS_200, DEVICES, MANIFEST_COLUMNS, PARTICIPANT_COLUMNS, generate_dataset,
+    main, scaled_geometry,
 )
-from beam_jobs.synth_volumes import STUDY_GROUPS, oct_volume
+from beam_jobs.synth_volumes import ANATOMY_COLUMNS, STUDY_GROUPS, Pathology, draw_anatomy, oct_volume, render_volume
 from beam_jobs.volume_to_sample import dicom_to_sample
 from shards import decode_sample
 
@@ -132,6 +135,75 @@ def test_study_group_leaves_a_visible_trace():
     assert _retina_thickness_rows(insulin) < _retina_thickness_rows(healthy) - 3  # thinner inner retina
     again = oct_volume(shape, spacing, style=style, study_group="healthy", rng=np.random.default_rng(0))
     np.testing.assert_array_equal(again, healthy)
+
+
+def test_anatomy_table_holds_every_volumes_known_values(dataset):
+    root, summary = dataset
+    assert summary["anatomy_tsv"].endswith(ANATOMY_TABLE)
+    rows = _tsv(os.path.join(root, ANATOMY_TABLE))
+    assert tuple(rows[0]) == ANATOMY_TABLE_COLUMNS
+    table = [dict(zip(rows[0], r)) for r in rows[1:]]
+    manifest = _tsv(os.path.join(root, "retinal_oct", "manifest.tsv"))
+    uids = [dict(zip(manifest[0], r))["sop_instance_uid"] for r in manifest[1:]]
+    assert [r["sop_instance_uid"] for r in table] == uids  # one row per OCT volume, in manifest order
+    participants = _tsv(os.path.join(root, "participants.tsv"))
+    people = {r[0]: dict(zip(participants[0], r)) for r in participants[1:]}
+    by_participant = {}
+    for r in table:
+        assert r["study_group"] == people[r["participant_id"]]["study_group"]
+        values = {c: float(r[c]) for c in ANATOMY_COLUMNS}
+        assert 0 < values["inner_thickness_mm"] < values["retina_thickness_mm"] < 0.5
+        assert values["foci_count"] >= 0 and values["cyst_volume_mm3"] >= 0
+        # The participant's own parameters are shared by all their scans; depth, foci and cysts vary per scan.
+        shared = tuple(values[c] for c in ("retina_thickness_mm", "inner_thinning", "curvature_per_mm", "pit_depth"))
+        assert by_participant.setdefault(r["participant_id"], shared) == shared
+
+
+def test_study_group_means_move_thinning_foci_and_cysts():
+    rng = np.random.default_rng(0)
+    draws = {g: [draw_anatomy(g, rng) for _ in range(200)] for g in (STUDY_GROUPS[0], STUDY_GROUPS[3])}
+    healthy, insulin = draws[STUDY_GROUPS[0]], draws[STUDY_GROUPS[3]]
+    mean = lambda group, name: float(np.mean([getattr(a, name) for a in group]))  # noqa: E731
+    assert mean(insulin, "inner_thinning") - mean(healthy, "inner_thinning") > 0.35
+    assert mean(insulin, "foci_rate") > 10 * mean(healthy, "foci_rate")
+    assert mean(healthy, "cyst_rate") == 0 < mean(insulin, "cyst_rate")
+    # Anatomy that is not the group's varies as much in either group (a target the group does not give away).
+    assert abs(mean(insulin, "retina_scale") - mean(healthy, "retina_scale")) < 0.03
+
+
+DEMO_SPACING, DEMO_SHAPE = (0.4, 0.04, 0.1), (16, 64, 64)  # the demo's preprocessing grid
+
+
+def _at_demo_grid(anatomy, path, monkeypatch):
+    """One Spectralis macula volume at the demo's synthetic scale with a given pathology, resampled as the demo
+    preprocesses it."""
+    monkeypatch.setattr(synth_volumes, "make_pathology", lambda anatomy, extent, rng: path)
+    shape, spacing = scaled_geometry((61, 496, 768), (0.1208, 0.003872, 0.01136), 0.15)
+    volume, _ = render_volume(shape, spacing, style=DEVICES["heidelberg_spectralis"].style, anatomy=anatomy,
+                              rng=np.random.default_rng(7))
+    return resample_to_grid(volume, spacing, DEMO_SPACING, DEMO_SHAPE).volume.astype(np.float64)
+
+
+def test_study_group_signal_is_visible_at_the_demo_grid(monkeypatch):
+    from dataclasses import replace
+
+    anatomy = replace(draw_anatomy("healthy", np.random.default_rng(1)), inner_thinning=0.0, retina_scale=1.0)
+    none = Pathology(thinning=0.0, foci=np.zeros((0, 3)), cysts=np.zeros((0, 4)))
+    healthy = _at_demo_grid(anatomy, none, monkeypatch)
+    # The insulin-dependent group's mean inner-retina thinning: at least one axial voxel of the demo grid thinner.
+    thin = _at_demo_grid(replace(anatomy, inner_thinning=0.45), replace(none, thinning=0.45), monkeypatch)
+    assert _retina_thickness_rows(thin) <= _retina_thickness_rows(healthy) - 1
+    # Foci and cysts away from the fovea: each changes the demo-grid voxels where it lies.
+    spots = np.array([[zc, xc, 0.6] for zc in (-2.4, -0.8, 0.8, 2.4) for xc in (-2.0, 2.0)])
+    foci = _at_demo_grid(anatomy, replace(none, foci=spots), monkeypatch)
+    cysts = _at_demo_grid(anatomy, replace(none, cysts=np.array([[1.6, -1.6, 0.2, 0.5], [-1.6, 1.6, 0.2, 0.5]])),
+                          monkeypatch)
+    for changed, where in ((foci, spots[:, :2]), (cysts, np.array([[1.6, -1.6], [-1.6, 1.6]]))):
+        for zc, xc in where:
+            d = int(round(zc / DEMO_SPACING[0] + (DEMO_SHAPE[0] - 1) / 2))
+            w = int(round(xc / DEMO_SPACING[2] + (DEMO_SHAPE[2] - 1) / 2))
+            patch = np.abs(changed - healthy)[max(d - 1, 0):d + 2, :, max(w - 1, 0):w + 2]
+            assert patch.max() > 40, (zc, xc)  # of 255: a visible spot, not a rounding difference
 
 
 def test_bad_inputs_fail_each_with_its_reason(tmp_path):

@@ -25,9 +25,10 @@ def setup(tiny_model_cfg):
 def test_forward_returns_scalars_and_target_is_a_frozen_copy(setup):
     model, x, masks = setup
     out = model(x, masks)
-    assert set(out) == {"loss", "pred_std", "target_std"}
-    assert all(v.shape == () for v in out.values())
+    assert set(out) == {"loss", "sample_loss", "pred_std", "target_std"}
+    assert all(out[k].shape == () for k in ("loss", "pred_std", "target_std")) and out["sample_loss"].shape == (2,)
     assert not out["pred_std"].requires_grad and not out["target_std"].requires_grad
+    assert not out["sample_loss"].requires_grad
     assert all(not p.requires_grad for p in model.target_encoder.parameters())
     for a, b in zip(model.encoder.state_dict().values(), model.target_encoder.state_dict().values()):
         assert torch.equal(a, b)
@@ -44,8 +45,14 @@ def test_loss_is_l1_to_layer_normed_target_features_averaged_over_configurations
             pred = model.predictor(model.encoder(x, ctx), ctx, tgt, mask_index=i)
             target = torch.stack([h[b, tgt[b]] for b in range(x.shape[0])])
             expected.append((pred - target).abs().mean())
-        out = model(x, masks)
+        out = model(x, masks, features=True)
     assert torch.allclose(out["loss"], torch.stack(expected).mean(), atol=1e-6)
+    assert torch.allclose(out["sample_loss"].mean(), out["loss"], atol=1e-6)
+    # Each sample's loss is its own L1: the first sample alone gives the first entry.
+    alone = model(x[:1], [(c[:1], t[:1]) for c, t in masks])["loss"]
+    assert torch.allclose(out["sample_loss"][0], alone, atol=1e-6)
+    assert torch.allclose(out["target"], h, atol=1e-6)
+    assert [p.shape for p in out["preds"]] == [(2, t.shape[1], h.shape[-1]) for _, t in masks]
     assert torch.allclose(model.encode(x), h, atol=1e-6)
     assert torch.allclose(out["target_std"], h.flatten(0, 1).std(0).mean(), atol=1e-6)
 

@@ -26,7 +26,9 @@ def test_pretrain_presets_hold_the_seed_settings(name: str, epochs: int, weights
     assert enc.patch_size == (4, 16, 16) and enc.input_shape == (64, 384, 384) == cfg.data.crop_shape
     assert cfg.global_batch_size == 128 and cfg.epochs == epochs and cfg.max_steps == 0
     assert cfg.optim.lr == 1.5e-3 and cfg.optim.weight_decay == 0.05 == cfg.optim.final_weight_decay
-    assert (cfg.optim.ema_schedule, cfg.optim.ema_start, cfg.optim.ema_end) == ("cosine", 0.996, 1.0)
+    # The EMA follows the run's length (issue 14): its horizon 1% -> 10% of the steps, the target exported.
+    assert (cfg.optim.ema_schedule, cfg.optim.ema_horizon_start, cfg.optim.ema_horizon_end) == ("horizon", 0.01, 0.1)
+    assert cfg.checkpoint.export_encoder == "target"
     if weights is None:  # one domain: the topcon_triton set, nothing to balance
         assert "topcon_triton" in cfg.data.shards and cfg.data.domain_weights == {}
     else:

@@ -31,10 +31,23 @@ def test_demo_runs_end_to_end_on_the_reduced_setting(tmp_path, capsys):
     per_domain = sum(json.loads((out["shards_by_device"] / d / "index.json").read_text())["counts"]["by_device"][d]
                      for d in index["counts"]["by_device"])
     assert per_domain == sum(index["counts"]["by_split"].values())
-    report = json.loads(out["probe_report"].read_text())
-    assert set(report["encoders"]) == {"pretrained", "random_init"}
-    assert report["join"]["volumes"] == sum(index["counts"]["by_split"].values())
-    assert "balanced_accuracy" in printed and "random_init" in printed
+    # The probes: every known answer of synth's anatomy table, the exported encoder first, both baselines.
+    probe_report = json.loads(out["probe_report"].read_text())
+    assert probe_report["feature_sets"] == ["target", "online", "random_init", "raw_voxels"]
+    assert set(probe_report["probes"]) == set(demo.probe_targets())
+    volumes = sum(index["counts"]["by_split"].values())
+    assert all(p["counts"]["volumes"] == volumes for p in probe_report["probes"].values())
+    probed = {t: p for t, p in probe_report["probes"].items() if "skipped" not in p}
+    assert "inner_thinning" in probed  # 8 participants: some targets (one class, no cysts) may be skipped
+    for p in probed.values():
+        assert p["paired_difference"]["encoder"] == "target" and len(p["paired_difference"]["folds"]) == 5
+    # The demo's report: the probes, the training diagnostics and the two goals, judged on their numbers.
+    report = json.loads(out["report"].read_text())
+    assert report["probes"] == probe_report["probes"]
+    last = report["training"]["last_val"]
+    assert {"loss", "lookup_loss", "rank_target", "rank_pred"} <= set(last)
+    assert report["goals"]["rank_floor"] == 48 and report["goals"]["final_rank_target"] == last["rank_target"]
+    assert "goal 1 (" in printed and "goal 2 (" in printed and "target - random_init" in printed
 
 
 def test_a_failing_stage_is_named_with_its_exit_code_command_and_log(tmp_path):

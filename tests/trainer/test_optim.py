@@ -9,6 +9,7 @@ import torch
 
 import model.config
 from model import VJEPA, EncoderConfig, ModelConfig, MultiBlockMasks, PredictorConfig
+from shards.typed_config import ConfigError
 from trainer.config import OptimConfig, TrainConfig
 from trainer.data import DataConfig
 from trainer.device import Device, flatten_batch
@@ -40,7 +41,7 @@ def test_warmup_constant_cooldown_shape() -> None:
 
 def test_schedules_from_config() -> None:
     cfg = OptimConfig(lr=1e-3, start_lr=1e-4, final_lr=1e-6, warmup_fraction=0.1, weight_decay=0.04,
-                      final_weight_decay=0.4, ema_start=0.996, ema_end=1.0)
+                      final_weight_decay=0.4, ema_schedule="cosine", ema_start=0.996, ema_end=1.0)
     s = Schedules(cfg, total_steps=200)
     assert s.warmup_steps == 20
     assert s.lr(0) == pytest.approx(1e-4) and s.lr(20) == pytest.approx(1e-3) and s.lr(200) == pytest.approx(1e-6)
@@ -49,6 +50,45 @@ def test_schedules_from_config() -> None:
     assert s.momentum(0) == pytest.approx(0.996) and s.momentum(200) == pytest.approx(1.0)
     wcc = Schedules(OptimConfig(lr_schedule="wcc", warmup_fraction=0.1, cooldown_fraction=0.2), 100)
     assert wcc.lr(50) == wcc.lr(79) == pytest.approx(wcc.cfg.lr)
+
+
+def _init_share(momentum, total: int) -> float:
+    """The share of the target's initial weights left after ``total`` EMA updates: prod(momentum(step))."""
+    return math.prod(momentum(step) for step in range(total))
+
+
+def test_default_ema_horizon_spans_the_run_whatever_its_length() -> None:
+    cfg = OptimConfig()
+    assert cfg.ema_schedule == "horizon"
+    for total in (400, 100_000):
+        m = Schedules(cfg, total).momentum
+        # The EMA's time constant 1 / (1 - m) is 1% of the run at the start and 10% at the end, rising smoothly.
+        assert 1 / (1 - m(0)) == pytest.approx(0.01 * total) and 1 / (1 - m(total)) == pytest.approx(0.1 * total)
+        values = [m(s) for s in range(0, total + 1, max(1, total // 400))]
+        assert all(a <= b for a, b in zip(values, values[1:])) and values[-1] < 1.0
+        # The target forgets its random init in a run of any length ...
+        assert _init_share(m, total) < 1e-6
+    # ... as the old fixed cosine 0.996 -> 1.0 did not in the demo's 400 steps (about 45% of it was left).
+    old = Schedules(OptimConfig(ema_schedule="cosine", ema_start=0.996, ema_end=1.0), 400).momentum
+    assert 0.4 < _init_share(old, 400) < 0.5
+    # Too short a run for the horizon: the floor is two steps (momentum 0.5; XLA would bake an exact 0 into a graph).
+    assert Schedules(cfg, 10).momentum(0) == 0.5
+    with pytest.raises(ConfigError, match="ema_horizon_end"):
+        OptimConfig(ema_horizon_end=0.0)
+
+
+def test_ema_horizon_schedule_moves_the_target_to_the_online_weights_over_a_run(monkeypatch) -> None:
+    net = _tiny_model(monkeypatch)
+    total = 400
+    start = [p.clone() for p in net.target_encoder.parameters()]
+    with torch.no_grad():
+        for p in net.encoder.parameters():
+            p.add_(1.0)  # the online encoder moved away from the init, and stays there
+    sched = Schedules(OptimConfig(), total)
+    for step in range(total):
+        net.update_target(torch.tensor(sched.momentum(step)))
+    for p0, pt, po in zip(start, net.target_encoder.parameters(), net.encoder.parameters()):
+        assert torch.allclose(pt, po, atol=1e-4) and not torch.allclose(pt, p0)
 
 
 def _tiny_model(monkeypatch: pytest.MonkeyPatch, drop_path: float = 0.0) -> VJEPA:

@@ -1,0 +1,58 @@
+"""encoder.pt carries the encoder the config names (checkpoint.export_encoder: the EMA target or the online
+encoder), and a checkpoint yields either of its two encoders on request."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import VJEPA
+from shards.typed_config import ConfigError, to_dict
+from trainer.checkpoint import CheckpointNotFound, CheckpointStore, export_encoder, load_encoder
+from trainer.config import load_train_config
+
+TINY = ["model.encoder.size=tiny", "model.encoder.input_shape=[8,32,32]", "model.encoder.patch_size=[4,16,16]",
+        "data.crop_shape=[8,32,32]", "model.predictor.depth=1", "model.predictor.embed_dim=32",
+        "model.predictor.num_heads=2"]
+
+
+def trained_apart(overrides=()):
+    """A tiny V-JEPA whose online encoder has moved away from its EMA target."""
+    cfg = load_train_config(None, TINY + list(overrides))
+    torch.manual_seed(0)
+    net = VJEPA(cfg.model)
+    with torch.no_grad():
+        for p in net.encoder.parameters():
+            p.add_(0.5)
+    return cfg, net
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("which", ["target", "online"])
+def test_the_export_holds_the_encoder_the_config_names(tmp_path, which):
+    cfg, net = trained_apart([f"checkpoint.export_encoder={which}"])
+    path = str(tmp_path / "encoder.pt")
+    export_encoder(path, net, cfg)
+    encoder, enc_cfg = load_encoder(path)
+    expected, other = (net.encoder, net.target_encoder) if which == "online" else (net.target_encoder, net.encoder)
+    assert same_weights(encoder, expected) and not same_weights(encoder, other)
+    assert load_encoder(path, which)[0] is not None
+    with pytest.raises(CheckpointNotFound, match=f"holds the {which} encoder"):
+        load_encoder(path, "online" if which == "target" else "target")
+
+
+def test_a_checkpoint_gives_either_encoder_and_defaults_to_the_exported_one(tmp_path):
+    cfg, net = trained_apart(["checkpoint.export_encoder=online"])
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    store.save(3, {"step": 3, "encoder": net.encoder.state_dict(), "target_encoder": net.target_encoder.state_dict(),
+                   "config": to_dict(cfg)}, to_dict(cfg))
+    root = str(tmp_path / "ckpt")
+    assert same_weights(load_encoder(root, "target")[0], net.target_encoder)
+    assert same_weights(load_encoder(root, "online")[0], net.encoder)
+    assert same_weights(load_encoder(root)[0], net.encoder)  # the run exports the online encoder
+    with pytest.raises(ValueError, match="encoder kind"):
+        load_encoder(root, "predictor")
+    with pytest.raises(ConfigError):
+        load_train_config(None, TINY + ["checkpoint.export_encoder=ema"])
