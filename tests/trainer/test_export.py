@@ -9,6 +9,9 @@ from model import VJEPA
 from shards.typed_config import ConfigError, to_dict
 from trainer.checkpoint import CheckpointNotFound, CheckpointStore, export_encoder, load_encoder
 from trainer.config import load_train_config
+from trainer.device import build_device
+from trainer.optim import Schedules, build_optimizer
+from trainer.train_state import RunState, save_checkpoint
 
 TINY = ["model.encoder.size=tiny", "model.encoder.input_shape=[8,32,32]", "model.encoder.patch_size=[4,16,16]",
         "data.crop_shape=[8,32,32]", "model.predictor.depth=1", "model.predictor.embed_dim=32",
@@ -46,8 +49,8 @@ def test_the_export_holds_the_encoder_the_config_names(tmp_path, which):
 def test_a_checkpoint_gives_either_encoder_and_defaults_to_the_exported_one(tmp_path):
     cfg, net = trained_apart(["checkpoint.export_encoder=online"])
     store = CheckpointStore(str(tmp_path / "ckpt"))
-    store.save(3, {"step": 3, "encoder": net.encoder.state_dict(), "target_encoder": net.target_encoder.state_dict(),
-                   "config": to_dict(cfg)}, to_dict(cfg))
+    save_checkpoint(store, build_device("cpu"), net, build_optimizer(net, cfg.optim), RunState(step=3),
+                    Schedules(cfg.optim, 10), cfg)  # as a run saves it (torch.distributed.checkpoint)
     root = str(tmp_path / "ckpt")
     assert same_weights(load_encoder(root, "target")[0], net.target_encoder)
     assert same_weights(load_encoder(root, "online")[0], net.encoder)

@@ -79,7 +79,8 @@ def test_two_ranks_average_the_gradient_a_single_process_gets(shard_set: str, tm
                                        msg=f"{sharding} {name}")
         assert ranks["logged"] == {"loss": 0.5, "skipped": 3.0}  # ranks' losses 0 and 1, skipped 1 and 2
         # Validation and the exported encoder state are what one process computes, whatever the sharding.
-        assert ranks["val"] == pytest.approx(single["val"], rel=1e-6)
+        assert set(ranks["val"]) >= {"loss", "rank_target", "rank_pred", "lookup_loss"}
+        assert ranks["val"] == pytest.approx(single["val"], rel=1e-5)
         for name, value in single["encoder"].items():
             assert type(ranks["encoder"][name]) is torch.Tensor and torch.equal(ranks["encoder"][name], value), name
 

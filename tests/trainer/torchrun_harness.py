@@ -1,6 +1,6 @@
 """What the torchrun tests run in each rank (`python -m torch.distributed.run ... tests/trainer/torchrun_harness.py`).
 
-    harness.py grads OUT [overrides...]     the first step's averaged gradients, the validation loss and the exported
+    harness.py grads OUT [overrides...]     the first step's averaged gradients, the validation metrics and the exported
                                             encoder state of a fresh model, for sharding=replicated and fsdp, saved
                                             by rank 0 to OUT/<sharding>-world<N>.pt (also runs without torchrun)
     harness.py train [train args...]        the real `trainer.train.main`, with the test's instruments below
@@ -163,7 +163,7 @@ def first_step(out_dir: str, overrides: list[str]) -> None:
             return _clip(ps, max_norm)
 
         T.clip_gradients = capture
-        val = T.validate(step_model, cfg, device, index, masks, plan)["loss"]
+        val = {k: float(v) for k, v in T.validate(model, step_model, cfg, device, index, masks, plan).items()}
         encoder = encoder_state(model)
         # The same samples by construction: the single-process micro-batches, this rank's rows of each.
         micro = plan.host_batch * plan.host_count
@@ -178,7 +178,7 @@ def first_step(out_dir: str, overrides: list[str]) -> None:
         mine = {"loss": torch.tensor(float(rank)), "skipped": torch.tensor([rank + 1, 0], dtype=torch.int32)}
         logged = {k: float(v.sum()) for k, v in device.reduce_metrics(mine).items()}
         if rank == 0:
-            torch.save({"grads": grads, "val": float(val), "encoder": encoder, "logged": logged},
+            torch.save({"grads": grads, "val": val, "encoder": encoder, "logged": logged},
                        os.path.join(out_dir, f"{sharding}-world{world}.pt"))
 
 
