@@ -41,6 +41,7 @@ if sys.path and os.path.abspath(sys.path[0]) == _HERE:
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
+import torch  # noqa: E402
 
 import shards  # noqa: E402
 from model.config import EncoderConfig, MaskConfig  # noqa: E402
@@ -263,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
           f"({made} in {time.perf_counter() - t0:.1f} s)")
 
     raw_read(urls)  # warm the page cache: both paths then read from memory
+    if args.workers == 0:
+        # In this process the loader runs as a DataLoader worker does, on one intra-op thread (torch gives each
+        # worker one): with more, torch's thread pool spins between the loader's small tensor ops (masks) and the
+        # process's CPU time would count the spinning as loader cost.
+        torch.set_num_threads(1)
     loader = make_loader(root, index, args, shape)
     raw_costs, loader_costs = [], []
     for _ in range(args.repeats):  # interleaved, best of each: other processes on the machine add noise

@@ -60,7 +60,9 @@ def block_union(plane: tuple[int, int], cfg: MaskBlockConfig, n: int, generator:
     c = torch.arange(w, device=_CPU)
     in_rows = (r >= top[..., None]) & (r < (top + rows[:, None])[..., None])  # (n, blocks, h)
     in_cols = (c >= left[..., None]) & (c < (left + cols[:, None])[..., None])  # (n, blocks, w)
-    return (in_rows[..., :, None] & in_cols[..., None, :]).any(dim=1)  # (n, h, w)
+    # Blocks covering each cell, as one small batched matmul (n, h, blocks) @ (n, blocks, w): no (n, blocks, h, w)
+    # intermediate, which is large enough to wake the intra-op thread pool of the process the loader runs in.
+    return torch.bmm(in_rows.transpose(1, 2).float(), in_cols.float()) > 0  # (n, h, w)
 
 
 def fixed_counts(plane: tuple[int, int], cfg: MaskBlockConfig) -> tuple[int, int, float]:

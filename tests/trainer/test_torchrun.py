@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -42,6 +43,16 @@ def _torchrun(args: list[str], nproc: int = 2, **env: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", HARNESS, *args]
     return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **ENV, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_node(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every rank it started, as a node that dies takes them all (torchrun starts each rank
+    in a process group of its own, so killing its group would leave the ranks running)."""
+    victims = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for victim in victims:
+        victim.kill()
+    psutil.wait_procs(victims, timeout=60)
+    proc.wait()
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
@@ -157,8 +168,7 @@ def test_a_killed_run_resumed_under_torchrun_matches_an_uninterrupted_one(shard_
     run_dir, ckpt, marker = tmp_path / "run", tmp_path / "ckpt", tmp_path / "at-step-5"
     proc = _torchrun(_train_args(shard_set, str(run_dir), ckpt), HARNESS_STALL=f"4:0:600:{marker}")
     _wait_for(marker, proc)  # step 4 is done and saved; rank 0 is stalled before step 5
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_node(proc)
     assert CheckpointStore(str(ckpt)).steps() == [2, 4]
 
     out = _finish(_torchrun(_train_args(shard_set, str(run_dir), ckpt, "--resume", "auto")))
