@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,18 +52,22 @@ def block_shapes(
 
 def block_union(plane: tuple[int, int], cfg: MaskBlockConfig, n: int, generator: torch.Generator) -> Tensor:
     """n target regions (n, h, w) bool: the union of cfg.num_blocks blocks of one shape at uniform positions."""
+    return torch.from_numpy(_block_union(plane, cfg, n, generator))
+
+
+def _block_union(plane: tuple[int, int], cfg: MaskBlockConfig, n: int, generator: torch.Generator) -> np.ndarray:
+    # The draws are torch's (the generator's stream is the contract); the arithmetic on these few small arrays is
+    # numpy's, whose per-operation cost is a fraction of torch's: masks are made for every batch, in the loader.
     h, w = plane
-    rows, cols = block_shapes(plane, cfg, n, generator)
-    u = torch.rand(2, n, cfg.num_blocks, generator=generator, dtype=torch.float64, device=_CPU)
-    top = (u[0] * (h - rows + 1)[:, None]).long()  # (n, blocks), uniform in [0, h - rows]
-    left = (u[1] * (w - cols + 1)[:, None]).long()
-    r = torch.arange(h, device=_CPU)
-    c = torch.arange(w, device=_CPU)
+    rows, cols = (t.numpy() for t in block_shapes(plane, cfg, n, generator))
+    u = torch.rand(2, n, cfg.num_blocks, generator=generator, dtype=torch.float64, device=_CPU).numpy()
+    top = (u[0] * (h - rows + 1)[:, None]).astype(np.int64)  # (n, blocks), uniform in [0, h - rows]
+    left = (u[1] * (w - cols + 1)[:, None]).astype(np.int64)
+    r, c = np.arange(h), np.arange(w)
     in_rows = (r >= top[..., None]) & (r < (top + rows[:, None])[..., None])  # (n, blocks, h)
     in_cols = (c >= left[..., None]) & (c < (left + cols[:, None])[..., None])  # (n, blocks, w)
-    # Blocks covering each cell, as one small batched matmul (n, h, blocks) @ (n, blocks, w): no (n, blocks, h, w)
-    # intermediate, which is large enough to wake the intra-op thread pool of the process the loader runs in.
-    return torch.bmm(in_rows.transpose(1, 2).float(), in_cols.float()) > 0  # (n, h, w)
+    # Blocks covering each cell: (n, h, blocks) @ (n, blocks, w), no (n, blocks, h, w) intermediate.
+    return np.matmul(in_rows.transpose(0, 2, 1).astype(np.float32), in_cols.astype(np.float32)) > 0
 
 
 def fixed_counts(plane: tuple[int, int], cfg: MaskBlockConfig) -> tuple[int, int, float]:
@@ -85,11 +90,16 @@ def fixed_counts(plane: tuple[int, int], cfg: MaskBlockConfig) -> tuple[int, int
     return targets, context, accepted
 
 
-def _expand_columns(cells: Tensor, grid: tuple[int, int, int]) -> Tensor:
+def _expand_columns(cells: np.ndarray, grid: tuple[int, int, int]) -> Tensor:
     """(B, T) sorted (h, w) cell indices -> (B, d * T) sorted flat token indices of those columns."""
     d, h, w = grid
-    depth = torch.arange(d, dtype=torch.long, device=_CPU)[None, :, None] * (h * w)  # (1, d, 1)
-    return (depth + cells[:, None, :]).flatten(1)
+    depth = np.arange(d, dtype=np.int64)[None, :, None] * (h * w)  # (1, d, 1)
+    return torch.from_numpy((depth + cells[:, None, :]).reshape(len(cells), -1))
+
+
+def _top(values: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the indices of the k largest values, ascending (the values are distinct: random keys)."""
+    return np.sort(np.argpartition(-values, k - 1, axis=1)[:, :k], axis=1)
 
 
 class MultiBlockMasks:
@@ -110,7 +120,7 @@ class MultiBlockMasks:
         self.num_target = tuple(grid[0] * t for t, _ in self._columns)
         self.num_context = tuple(grid[0] * c for _, c in self._columns)
 
-    def _unions(self, index: int, n: int, generator: torch.Generator) -> Tensor:
+    def _unions(self, index: int, n: int, generator: torch.Generator) -> np.ndarray:
         """n unions (n, h*w) of configuration `index` that hold its T targets and leave its C context columns."""
         block_cfg, (targets, context) = self.cfg.blocks[index], self._columns[index]
         cells = self.plane[0] * self.plane[1]
@@ -118,13 +128,13 @@ class MultiBlockMasks:
         need = n
         for _ in range(_MAX_REDRAW_ROUNDS):
             draws = math.ceil(need / self._acceptance[index] * 1.25) + 4
-            union = block_union(self.plane, block_cfg, draws, generator).flatten(1)  # (draws, h*w)
-            size = union.sum(dim=1)
+            union = _block_union(self.plane, block_cfg, draws, generator).reshape(draws, cells)
+            size = union.sum(axis=1)
             union = union[(size >= targets) & (cells - size >= context)][:need]
             kept.append(union)
             need -= union.shape[0]
             if need == 0:
-                return torch.cat(kept)
+                return np.concatenate(kept)
         raise RuntimeError(f"mask configuration {index}: {need} of {n} unions still unfit after "
                            f"{_MAX_REDRAW_ROUNDS} rounds of draws (acceptance {self._acceptance[index]:.1%})")
 
@@ -136,11 +146,9 @@ class MultiBlockMasks:
             union = self._unions(i, batch_size, generator)  # (B, h*w) bool
             # Random keys pick a uniform subset without positional bias: union columns rank above the rest for
             # the targets, complement columns for the context.
-            key = torch.rand(union.shape, generator=generator, dtype=torch.float64, device=_CPU)
-            target_cells = torch.argsort(union.double() + key, dim=1, descending=True)[:, :targets]
-            context_cells = torch.argsort((~union).double() + key, dim=1, descending=True)[:, :context]
-            out.append((_expand_columns(context_cells.sort(dim=1).values, self.grid),
-                        _expand_columns(target_cells.sort(dim=1).values, self.grid)))
+            key = torch.rand(union.shape, generator=generator, dtype=torch.float64, device=_CPU).numpy()
+            out.append((_expand_columns(_top(~union + key, context), self.grid),
+                        _expand_columns(_top(union + key, targets), self.grid)))
         return out
 
 
