@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards import ContractError, read_index, shard_urls
 from trainer import stages
+from trainer.batch import View
 from trainer.host_split import (
     Shard,
     derive_seed,
@@ -156,7 +157,7 @@ class DamageBudget:
 # ---- the per-worker dataset and the host-level loader ------------------------------------------------------------
 
 @dataclass(frozen=True)
-class _Plan:
+class _StreamSpec:
     """Everything a worker needs to build its stream; picklable, so spawn-started workers work too."""
     cfg: DataConfig
     host_list: tuple[Shard, ...]
@@ -190,13 +191,13 @@ def _keep_freed_memory() -> None:
 
 
 class _WorkerStream(IterableDataset):
-    def __init__(self, plan: _Plan, masks: Any) -> None:
+    def __init__(self, spec: _StreamSpec, masks: Any) -> None:
         super().__init__()
-        self.plan, self.masks = plan, masks
+        self.spec, self.masks = spec, masks
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        p, cfg = self.plan, self.plan.cfg
+        p, cfg = self.spec, self.spec.cfg
         position, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None or p.train:
             _keep_freed_memory()
@@ -215,7 +216,7 @@ class _WorkerStream(IterableDataset):
         pipeline: list[Any] = [
             partial(stages.shard_source, shards, seed=p.seed, stream=stream, shuffle=p.train, counters=counters),
             partial(stages.read_shards, counters=counters, defer_volumes=True),
-            partial(stages.open_samples, counters=counters),
+            partial(stages.check_samples, counters=counters),
         ]
         if balanced:
             patience = sum(s.num_samples for s in shards) + cfg.shuffle_buffer
@@ -225,13 +226,16 @@ class _WorkerStream(IterableDataset):
                                  rng=random.Random(derive_seed("balance", p.seed, *stream)))]
         # The shuffle buffer: shuffle_buffer samples' worth of open batches, filled at random slots (see stages).
         shuffled = p.train and not balanced and cfg.shuffle_buffer > 1
-        pipeline.append(partial(
-            stages.assemble, crop=cfg.crop_shape, batch_size=p.batch_size,
-            open_batches=max(1, math.ceil(cfg.shuffle_buffer / p.batch_size)) if shuffled else 1,
-            view_rng=np.random.default_rng(derive_seed("augment", p.seed, *stream)) if p.train else None,
-            slot_rng=random.Random(derive_seed("shuffle", p.seed, *stream)) if shuffled else None,
-            flip=cfg.flip_lateral, jitter=cfg.intensity_jitter, masks=self.masks, mask_seed=(p.seed, *stream),
-            counters=counters, skip_batches=done, pack_passes=not balanced))
+        pipeline += [
+            partial(stages.draw_views, crop=cfg.crop_shape, flip=cfg.flip_lateral, jitter=cfg.intensity_jitter,
+                    rng=np.random.default_rng(derive_seed("augment", p.seed, *stream)) if p.train else None),
+            partial(stages.fill_batches, crop=cfg.crop_shape, batch_size=p.batch_size,
+                    open_batches=max(1, math.ceil(cfg.shuffle_buffer / p.batch_size)) if shuffled else 1,
+                    slot_rng=random.Random(derive_seed("shuffle", p.seed, *stream)) if shuffled else None,
+                    counters=counters, skip_batches=done, pack_passes=not balanced),
+            partial(stages.add_masks, masks=self.masks, seed=(p.seed, *stream), first=done),
+            partial(stages.add_drops, counters=counters),
+        ]
         return islice(iter(wds.DataPipeline(*pipeline)), quota - done)
 
 
@@ -256,15 +260,15 @@ class Batches:
     def __init__(self, dataset: _WorkerStream, num_batches: int, num_workers: int) -> None:
         # The workers' share of the epoch depends on their count: a resumed epoch keeps it.
         self.num_workers = min(num_workers, num_batches)
-        self.dataset, self.num_batches = dataset, num_batches - dataset.plan.start
+        self.dataset, self.num_batches = dataset, num_batches - dataset.spec.start
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict]:
-        plan = self.dataset.plan
-        budget = DamageBudget(plan.cfg.max_skipped_fraction, plan.num_batches * plan.batch_size,
-                              what=f"{'training epoch' if plan.train else 'validation'} {plan.stream}")
+        spec = self.dataset.spec
+        budget = DamageBudget(spec.cfg.max_skipped_fraction, spec.num_batches * spec.batch_size,
+                              what=f"{'training epoch' if spec.train else 'validation'} {spec.stream}")
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=2 if self.num_workers else None,
                             worker_init_fn=_sigterm_from_parent_only if self.num_workers else None)
@@ -332,9 +336,9 @@ def build_train_loader(cfg: DataConfig, *, index: dict, batch_size: int, masks: 
                        min_samples=num_batches * batch_size, seed=seed, epoch=epoch)
     if not 0 <= start <= num_batches:
         raise ValueError(f"start={start} is outside the epoch's [0, {num_batches}] batches")
-    plan = _Plan(cfg, tuple(mine), num_batches, batch_size, train=True, seed=seed, stream=(epoch, host_index),
-                 start=start)
-    return Batches(_WorkerStream(plan, masks), num_batches, cfg.num_workers)
+    spec = _StreamSpec(cfg, tuple(mine), num_batches, batch_size, train=True, seed=seed, stream=(epoch, host_index),
+                       start=start)
+    return Batches(_WorkerStream(spec, masks), num_batches, cfg.num_workers)
 
 
 def build_val_loader(cfg: DataConfig, *, index: dict, batch_size: int, masks: Any, seed: int, host_index: int,
@@ -345,10 +349,11 @@ def build_val_loader(cfg: DataConfig, *, index: dict, batch_size: int, masks: An
     shards = split_shards(cfg.shards, index, cfg.val_split)
     mine = host_shards(shards, host_index=host_index, host_count=host_count,
                        min_samples=cfg.val_batches * batch_size, seed=seed, epoch=-1)
-    plan = _Plan(cfg, tuple(mine), cfg.val_batches, batch_size, train=False, seed=seed, stream=("val", host_index))
+    spec = _StreamSpec(cfg, tuple(mine), cfg.val_batches, batch_size, train=False, seed=seed,
+                       stream=("val", host_index))
     # In-process: the few val batches then do not depend on how many workers a run uses, and no processes are
     # forked at every evaluation.
-    return Batches(_WorkerStream(plan, masks), cfg.val_batches, num_workers=0)
+    return Batches(_WorkerStream(spec, masks), cfg.val_batches, num_workers=0)
 
 
 def iter_eval_batches(root: str, split: str, crop_shape: Sequence[int], batch_size: int, *,
@@ -363,7 +368,7 @@ def iter_eval_batches(root: str, split: str, crop_shape: Sequence[int], batch_si
     counters = stages.Counters()
     budget = DamageBudget(max_skipped_fraction, _split_entry(index, split)["num_samples"], f"{root} split {split!r}")
     sources = ({"shard": s} for s in split_shards(root, index, split))
-    opened = stages.open_samples(stages.read_shards(sources, counters=counters), counters=counters)  # in memory
+    opened = stages.check_samples(stages.read_shards(sources, counters=counters), counters=counters)  # in memory
     samples = stages.augment_all(opened, crop=tuple(crop_shape), rng=None, flip=False, jitter=0.0)
     while group := list(islice(samples, batch_size)):
         budget.charge(counters.take()[1])
@@ -402,15 +407,15 @@ def iter_full_val(cfg: DataConfig, *, index: dict, batch_size: int, masks: Any, 
     counters = stages.Counters()
     budget = DamageBudget(cfg.max_skipped_fraction, sum(s.num_samples for s in mine) or 1,
                           f"{cfg.shards} split {cfg.val_split!r}")
-    opened = stages.open_samples(stages.read_shards(({"shard": s} for s in mine), counters=counters),
-                                 counters=counters)
+    opened = stages.check_samples(stages.read_shards(({"shard": s} for s in mine), counters=counters),
+                                  counters=counters)
     samples = stages.augment_all(opened, crop=cfg.crop_shape, rng=None, flip=False, jitter=0.0)
     dtype = np.dtype(np.uint8)
     for number in range(total if limit is None else min(limit, total)):
         group = list(islice(samples, batch_size))
         if group:
             dtype = np.result_type(dtype, *(g["volume"] for g in group))
-        pad = [{"key": "", "volume": np.zeros(cfg.crop_shape, dtype), "flip": False, "scale": 0.0, "shift": 0.0}
+        pad = [{"volume": np.zeros(cfg.crop_shape, dtype), "view": View("", False, 0.0, 0.0)}
                for _ in range(batch_size - len(group))]
         batch = stages.collate(group + pad)
         generator = torch.Generator().manual_seed(derive_seed("masks", seed, "full-val", host_index, number))

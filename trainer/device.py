@@ -6,9 +6,7 @@ the XLA code paths, so the trainer runs where torch_xla is not installed. On CPU
 drives one device (cuda:LOCAL_RANK), the model is wrapped by DDP (`sharding: replicated`) or FSDP2 (`fsdp`), and
 ranks agree through `trainer.distributed`. On XLA: one process per host, SPMD over every device of the pod.
 
-A batch crosses to the device as a flat dict of tensors whose first axis is the batch (the form MpDeviceLoader's
-per-key sharding takes): volume, scale, shift, flip, context_<i>/target_<i> per mask configuration, and `skipped`
-spread over a (B,) vector (the count in slot 0) so it can be sharded like everything else and summed over hosts.
+A batch crosses to the device in the flat form `trainer.batch.flatten_batch` gives it.
 """
 from __future__ import annotations
 
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 
 from trainer import distributed
+from trainer.batch import flatten_batch
 
 KINDS = ("cpu", "cuda", "xla")
 
@@ -37,33 +36,6 @@ def resolve_kind(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: 'cuda' was asked for but torch.cuda.is_available() is False")
     return name
-
-
-def flatten_batch(batch: dict) -> dict[str, torch.Tensor]:
-    """The loader's batch -> the flat dict of (B, ...) tensors that goes to the device (keys stay on the host)."""
-    volume = batch["volume"]
-    flat = {"volume": volume, "scale": batch["scale"], "shift": batch["shift"], "flip": batch["flip"]}
-    for i, (context, target) in enumerate(batch["masks"]):
-        flat[f"context_{i}"] = context
-        flat[f"target_{i}"] = target
-    skipped = torch.zeros(volume.shape[0], dtype=torch.int32)
-    skipped[0] = int(batch.get("skipped", 0))
-    flat["skipped"] = skipped
-    return flat
-
-
-def batch_masks(flat: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (context_idx, target_idx) pairs of a flat batch, in mask-configuration order."""
-    count = sum(1 for k in flat if k.startswith("context_"))
-    return [(flat[f"context_{i}"], flat[f"target_{i}"]) for i in range(count)]
-
-
-def batch_ndims(num_masks: int) -> dict[str, int]:
-    """Rank of every tensor of a flat batch; fixes each one's sharding spec before the first batch exists."""
-    ndims = {"volume": 5, "scale": 1, "shift": 1, "flip": 1, "skipped": 1}
-    for i in range(num_masks):
-        ndims[f"context_{i}"] = ndims[f"target_{i}"] = 2
-    return ndims
 
 
 class Device:

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from model import VJEPA, gather_tokens
 from trainer.data import real_samples, to_model_input
-from trainer.device import Device, batch_masks
+from trainer.batch import batch_masks
+from trainer.device import Device
 
 RANK_EPS = 1e-7  # RankMe's epsilon on the normalised singular values
 

@@ -1,9 +1,10 @@
 """The loader's pipeline stages: generators that one loader worker chains with ``wds.DataPipeline``.
 
-    train, val:  shard_source -> read_shards -> open_samples -> [materialize -> balance] -> assemble
-    eval:        read_shards -> open_samples -> augment_all -> collate       (``trainer.data.iter_eval_batches``)
+    train, val:  shard_source -> read_shards -> check_samples -> [materialize -> balance] -> draw_views
+                 -> fill_batches -> add_masks -> add_drops                     (one ``trainer.batch.Batch`` each)
+    eval:        read_shards -> check_samples -> augment_all -> collate       (``trainer.data.iter_eval_batches``)
 
-``assemble`` is the shuffle buffer and the batcher in one: it keeps ``open_batches`` batches open and puts each
+``fill_batches`` is the shuffle buffer and the batcher in one: it keeps ``open_batches`` batches open and puts each
 incoming sample into a uniformly random free slot among them, reading the sample's voxels from the shard file
 straight into that slot. A batch leaves as soon as its last slot is filled. So a batch mixes samples from a window
 of about ``open_batches x batch_size`` reads, as a shuffle buffer of that size would, and for a volume stored at the
@@ -12,7 +13,7 @@ loader's only copy of its voxels. A smaller or larger stored volume is read whol
 slot. Batches hold one dtype each (a set mixing uint8 and uint16 volumes gives batches of each; voxel values are
 never rescaled); memory is the open batches plus the batches in flight.
 
-An epoch is a pass: when a worker's stream starts its next pass over its shards, ``assemble`` first packs the samples
+An epoch is a pass: when a worker's stream starts its next pass over its shards, ``fill_batches`` first packs the samples
 still waiting in partly filled batches into as few batches as they fill (a copy of those few volumes, once a pass),
 so every sample of a pass leaves in a batch before more than one batch's worth of the next pass does. Without it,
 samples waiting in open batches at the end of an epoch would be left out of it while samples of the next pass fill
@@ -44,6 +45,7 @@ from shards import (
 )
 from shards.errors import OctjepaError
 from trainer.augment import augment, crop_or_pad, draw_view
+from trainer.batch import Batch, View, from_views
 from trainer.host_split import Shard, cycle_rounds, derive_seed
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ def shard_source(shards: list[Shard], *, seed: int, stream: tuple, shuffle: bool
     for round_no, shard in cycle_rounds(shards, seed=seed, stream=stream, shuffle=shuffle):
         if round_no != current:
             # Every sample of the previous pass has been read by now (stages pull one sample at a time, and
-            # assemble reads a sample's voxels before it pulls the next).
+            # fill_batches reads a sample's voxels before it pulls the next).
             if counters.good == 0:
                 raise DataDamageError(f"no decodable sample in a full pass over shards {urls}; see the warnings "
                                       f"above")
@@ -140,7 +142,7 @@ def read_shards(source: Iterable[dict], *, counters: Counters, defer_volumes: bo
                           f"the shard ends after {seen} of the {shard.num_samples} samples its index lists{failure}")
 
 
-def open_samples(samples: Iterable[dict], *, counters: Counters) -> Iterator[dict]:
+def check_samples(samples: Iterable[dict], *, counters: Counters) -> Iterator[dict]:
     """Validate each sample from its checksummed metadata and its ``.npy`` header; a deferred volume stays unread
     (``member`` and ``offset`` of its voxels, ``check`` for them once read), an in-memory one is decoded and
     checked (``volume``). A sample that fails is dropped, logged with its shard and key."""
@@ -234,29 +236,34 @@ def batch_tensor(shape: Sequence[int], dtype: np.dtype) -> torch.Tensor:
     return proto.new(shared).view(tuple(shape))
 
 
+def draw_views(items: Iterable[dict], *, crop: Sequence[int], rng: np.random.Generator | None, flip: bool,
+               jitter: float) -> Iterator[dict]:
+    """Draw each sample's training view (``rng=None``: centre crop, no flip or jitter): ``starts`` of its crop and
+    its ``view`` (key, flip, scale, shift; applied on the device). The voxels are not touched here."""
+    crop = tuple(crop)
+    for item in items:
+        meta = item["meta"]
+        starts, flipped, scale, shift = draw_view(meta["shape"], meta, crop, rng=rng, flip=flip, jitter=jitter)
+        yield {**item, "starts": starts, "view": View(meta["key"], flipped, scale, shift)}
+
+
 @dataclass(eq=False)  # removed from the open list by identity
 class _OpenBatch:
     volume: torch.Tensor  # (B, 1, D, H, W)
     free: list[int]
-    fields: list[tuple | None] = field(default_factory=list)
-    unread: dict[int, tuple[dict, tuple[int, ...]]] = field(default_factory=dict)  # slot -> (item, crop starts)
+    views: list[View | None] = field(default_factory=list)
+    unread: dict[int, dict] = field(default_factory=dict)  # slot -> item placed there while skipping
 
     @classmethod
     def new(cls, batch_size: int, crop: Sequence[int], dtype: np.dtype) -> _OpenBatch:
         return cls(batch_tensor((batch_size, 1, *crop), dtype), list(range(batch_size)), [None] * batch_size)
 
-    def finish(self) -> dict:
-        keys, flips, scales, shifts = zip(*self.fields)
-        return {
-            "volume": self.volume,
-            "scale": torch.tensor(scales, dtype=torch.float32),
-            "shift": torch.tensor(shifts, dtype=torch.float32),
-            "flip": torch.tensor(flips, dtype=torch.bool),
-            "keys": list(keys),
-        }
+    def free_slot(self, slot: int) -> None:
+        self.free.append(slot)
+        self.views[slot] = None
 
 
-def _fill(item: dict, dest: np.ndarray, starts: tuple[int, ...], fileobj: Any = None) -> None:
+def _fill(item: dict, dest: np.ndarray, fileobj: Any = None) -> None:
     """Write one sample's training view into its batch slot ``dest`` (D, H, W); ContractError if the voxels read
     fail their checksum (the slot is then free to be filled again)."""
     meta = item["meta"]
@@ -264,64 +271,94 @@ def _fill(item: dict, dest: np.ndarray, starts: tuple[int, ...], fileobj: Any = 
         _read_checked(item, dest, fileobj)  # the only copy of the voxels, checked in the slot before it counts
         return
     volume = item["volume"] if "volume" in item else _read_volume(item, fileobj)
-    np.copyto(dest, crop_or_pad(volume, dest.shape, starts))
+    np.copyto(dest, crop_or_pad(volume, dest.shape, item["starts"]))
 
 
 def _read_unread(open_batches: Iterable[_OpenBatch], counters: Counters) -> None:
     """Read the voxels of slots filled while skipping, their shards opened again (the stream has moved on); a
     slot whose read fails is freed again, as it would have been when first filled."""
-    todo = sorted(((item["__url__"], item["offset"], slot, batch, starts)
-                   for batch in open_batches for slot, (item, starts) in batch.unread.items()),
+    todo = sorted(((item["__url__"], item["offset"], slot, batch)
+                   for batch in open_batches for slot, item in batch.unread.items()),
                   key=lambda t: (t[0], t[1]))
     for url, group in itertools.groupby(todo, key=lambda t: t[0]):
         group = list(group)
         try:
             with storage.open_url(url, "rb") as f:
-                for _, _, slot, batch, starts in group:
-                    item = batch.unread.pop(slot)[0]
+                for _, _, slot, batch in group:
+                    item = batch.unread.pop(slot)
                     try:
-                        _fill(item, batch.volume.numpy()[slot, 0], starts, fileobj=f)
+                        _fill(item, batch.volume.numpy()[slot, 0], fileobj=f)
                     except ContractError as exc:
                         counters.drop(url, item["meta"]["key"], str(exc))
-                        batch.free.append(slot)
-                        batch.fields[slot] = None
+                        batch.free_slot(slot)
         except OSError as exc:  # the shard cannot be opened again: every slot still unread from it is freed
-            for _, _, slot, batch, _ in group:
+            for _, _, slot, batch in group:
                 if slot in batch.unread:
-                    item = batch.unread.pop(slot)[0]
+                    item = batch.unread.pop(slot)
                     counters.drop(url, item["meta"]["key"], f"the shard cannot be opened again: {exc}")
-                    batch.free.append(slot)
-                    batch.fields[slot] = None
+                    batch.free_slot(slot)
 
 
 def _pack(batches: list[_OpenBatch]) -> None:
     """Move the samples of the least filled open batches into the free slots of the most filled ones until at most
     one is partly filled. No random draw: a resumed stream packs exactly as the uninterrupted one did. A slot not
     read yet (a resumed stream's skipped batches) moves as its reference, a read one as a copy of its voxels."""
-    while len(partial := [b for b in batches if 0 < len(b.free) < len(b.fields)]) > 1:
+    while len(partial := [b for b in batches if 0 < len(b.free) < len(b.views)]) > 1:
         partial.sort(key=lambda b: len(b.free))  # most filled first; the sort is stable, so list order breaks ties
         dest, src = partial[0], partial[-1]
-        for slot in [i for i, f in enumerate(src.fields) if f is not None][:len(dest.free)]:
+        for slot in [i for i, v in enumerate(src.views) if v is not None][:len(dest.free)]:
             to = dest.free.pop(0)
             if slot in src.unread:
                 dest.unread[to] = src.unread.pop(slot)
             else:
                 dest.volume[to].copy_(src.volume[slot])
-            dest.fields[to], src.fields[slot] = src.fields[slot], None
+            dest.views[to], src.views[slot] = src.views[slot], None
             bisect.insort(src.free, slot)
 
 
-def assemble(items: Iterable[dict], *, crop: Sequence[int], batch_size: int, open_batches: int,
-             view_rng: np.random.Generator | None, slot_rng: random.Random | None, flip: bool, jitter: float,
-             masks: Any, mask_seed: tuple, counters: Counters, skip_batches: int = 0,
-             pack_passes: bool = False) -> Iterator[dict]:
-    """Static batches of ``batch_size``: each sample's voxels read into a random free slot of ``open_batches`` open
-    batches (``slot_rng=None``: slots in arrival order, one batch at a time), its view drawn by ``view_rng``.
+class _OpenBatches:
+    """The open batches of one dtype each (a set mixing uint8 and uint16 volumes gives batches of each)."""
 
-    Yields ``volume`` (B, 1, *crop) uint8/uint16, ``scale``, ``shift``, ``flip``, ``keys``, ``masks`` (one
-    [(context, target)] list per batch, seeded by ``mask_seed`` and the batch number), ``skipped`` (samples
-    dropped as damaged since the previous batch) and ``dropped`` (``Drop`` records of those, host-side). Never a
-    partial batch.
+    def __init__(self, crop: tuple[int, ...], batch_size: int, count: int, slot_rng: random.Random | None) -> None:
+        self.crop, self.batch_size, self.count, self.slot_rng = crop, batch_size, count, slot_rng
+        self.by_dtype: dict[str, list[_OpenBatch]] = {}
+
+    def all(self) -> Iterator[_OpenBatch]:
+        return (b for group in self.by_dtype.values() for b in group)
+
+    def slot_for(self, dtype: np.dtype) -> tuple[_OpenBatch, int]:
+        """A uniformly random free slot among the open batches of ``dtype`` (``slot_rng=None``: the first free
+        slot of the first batch, i.e. arrival order)."""
+        batches = self.by_dtype.setdefault(dtype.str, [])
+        while len(batches) < self.count:
+            batches.append(_OpenBatch.new(self.batch_size, self.crop, dtype))
+        if self.slot_rng is None:
+            return batches[0], batches[0].free[0]
+        pick = self.slot_rng.randrange(sum(len(b.free) for b in batches))
+        for batch in batches:
+            if pick < len(batch.free):
+                break
+            pick -= len(batch.free)
+        return batch, batch.free[pick]
+
+    def take_full(self, pack: bool = False) -> Iterator[_OpenBatch]:
+        """Remove and yield the full batches, after packing the partly filled ones of each dtype (``pack``)."""
+        for group in self.by_dtype.values():
+            if pack:
+                _pack(group)
+            for full in [b for b in group if not b.free]:
+                group.remove(full)
+                yield full
+
+
+def fill_batches(items: Iterable[dict], *, crop: Sequence[int], batch_size: int, open_batches: int,
+                 slot_rng: random.Random | None, counters: Counters, skip_batches: int = 0,
+                 pack_passes: bool = False) -> Iterator[Batch]:
+    """The shuffle buffer and the batcher in one: each sample's voxels are read into a random free slot of
+    ``open_batches`` open batches (``slot_rng=None``: slots in arrival order, one batch at a time), and a batch
+    leaves as soon as its last slot is filled. Yields ``volume`` (B, 1, *crop) uint8/uint16, ``scale``, ``shift``,
+    ``flip`` and ``keys`` (``trainer.batch``); never a partial batch. Items carry ``view`` and ``starts``
+    (``draw_views``).
 
     ``pack_passes``: when the items' pass (``__round__``) changes, the open batches are packed first (``_pack``) and
     those it fills leave, so a pass's samples are not left waiting behind the next pass's.
@@ -332,85 +369,68 @@ def assemble(items: Iterable[dict], *, crop: Sequence[int], batch_size: int, ope
     failed their checksum while skipping is not noticed, so only a set with damaged volumes can make the two
     streams differ; damaged metadata is caught while skipping too.)
     """
-    crop = tuple(crop)
-    pending: dict[str, list[_OpenBatch]] = {}  # dtype -> open batches of that dtype
-    number, current_pass = 0, None
+    open_ = _OpenBatches(tuple(crop), batch_size, open_batches, slot_rng)
+    composed, current_pass = 0, None
 
-    def complete(batch: _OpenBatch, batches: list[_OpenBatch]) -> Iterator[dict]:
-        nonlocal number
-        batches.remove(batch)
-        if number < skip_batches:
-            number += 1
-            if number == skip_batches:
-                _read_unread((b for group in pending.values() for b in group), counters)
-            return
-        generator = torch.Generator().manual_seed(derive_seed("masks", *mask_seed, number))
-        skipped, dropped = counters.take()
-        yield {
-            **batch.finish(),
-            "masks": masks(batch_size, generator) if masks is not None else [],
-            "skipped": torch.tensor(skipped, dtype=torch.int64),
-            "dropped": dropped,
-        }
-        number += 1
+    def leave(batches: Iterable[_OpenBatch]) -> Iterator[Batch]:
+        nonlocal composed
+        for batch in batches:
+            composed += 1
+            if composed > skip_batches:
+                yield from_views(batch.volume, batch.views)
+            elif composed == skip_batches:
+                _read_unread(open_.all(), counters)
 
     for item in items:
         if pack_passes and item.get("__round__", 0) != current_pass:
-            for group in pending.values() if current_pass is not None else ():
-                _pack(group)
-                for full in [b for b in group if not b.free]:
-                    yield from complete(full, group)
+            if current_pass is not None:
+                yield from leave(open_.take_full(pack=True))
             current_pass = item.get("__round__", 0)
-        meta = item["meta"]
-        dtype = np.dtype(meta["dtype"])
-        batches = pending.setdefault(dtype.str, [])
-        while len(batches) < open_batches:
-            batches.append(_OpenBatch.new(batch_size, crop, dtype))
-        starts, flipped, scale, shift = draw_view(meta["shape"], meta, crop, rng=view_rng, flip=flip, jitter=jitter)
-        if slot_rng is None:
-            batch = batches[0]
-            slot = batch.free[0]
-        else:
-            pick = slot_rng.randrange(sum(len(b.free) for b in batches))
-            for batch in batches:
-                if pick < len(batch.free):
-                    break
-                pick -= len(batch.free)
-            slot = batch.free[pick]
-        if number < skip_batches and "member" in item:
-            batch.unread[slot] = (item, starts)
+        batch, slot = open_.slot_for(np.dtype(item["meta"]["dtype"]))
+        if composed < skip_batches and "member" in item:
+            batch.unread[slot] = item
         else:
             try:
-                _fill(item, batch.volume.numpy()[slot, 0], starts)
+                _fill(item, batch.volume.numpy()[slot, 0])
             except ContractError as exc:
-                counters.drop(item.get("__url__"), meta["key"], str(exc))
+                counters.drop(item.get("__url__"), item["meta"]["key"], str(exc))
                 continue
         if "member" in item:
             counters.good += 1
         batch.free.remove(slot)
-        batch.fields[slot] = (meta["key"], flipped, scale, shift)
+        batch.views[slot] = item["view"]
         if not batch.free:
-            yield from complete(batch, batches)
+            yield from leave(open_.take_full())
+
+
+def add_masks(batches: Iterable[Batch], *, masks: Any, seed: tuple, first: int = 0) -> Iterator[Batch]:
+    """Each batch's ``masks``, one [(context, target)] list per batch (``masks=None``: none), seeded by ``seed`` and
+    the batch's number in the stream (``first``: the number of the first one, after a resume's skipped batches)."""
+    for number, batch in enumerate(batches, start=first):
+        generator = torch.Generator().manual_seed(derive_seed("masks", *seed, number))
+        yield {**batch, "masks": masks(len(batch["keys"]), generator) if masks is not None else []}
+
+
+def add_drops(batches: Iterable[Batch], *, counters: Counters) -> Iterator[Batch]:
+    """Each batch's ``skipped`` (samples dropped as damaged since the previous batch) and ``dropped`` (their
+    ``Drop`` records, host-side)."""
+    for batch in batches:
+        skipped, dropped = counters.take()
+        yield {**batch, "skipped": torch.tensor(skipped, dtype=torch.int64), "dropped": dropped}
 
 
 def augment_all(samples: Iterable[dict], *, crop: Sequence[int], rng: np.random.Generator | None, flip: bool,
                 jitter: float) -> Iterator[dict]:
+    """Each in-memory sample's view applied on the host (evaluation): ``volume`` cropped, ``view``, ``meta``."""
     for s in samples:
         volume, flipped, scale, shift = augment(s["volume"], s["meta"], crop, rng=rng, flip=flip, jitter=jitter)
-        yield {"key": s["meta"]["key"], "volume": volume, "flip": flipped, "scale": scale, "shift": shift,
-               "meta": s["meta"]}
+        yield {"volume": volume, "view": View(s["meta"]["key"], flipped, scale, shift), "meta": s["meta"]}
 
 
-def collate(group: list[dict]) -> dict:
+def collate(group: list[dict]) -> Batch:
     """Stack augmented samples (eval: the last batch may be partial). A set mixing uint8 and uint16 volumes gives
     uint16 batches here; values are never rescaled."""
     volumes = [g["volume"] for g in group]  # crops are views: this stack is their one copy
     out = batch_tensor((len(volumes), 1, *volumes[0].shape), np.result_type(*volumes))
     np.stack(volumes, out=out.numpy()[:, 0])
-    return {
-        "volume": out,
-        "scale": torch.tensor([g["scale"] for g in group], dtype=torch.float32),
-        "shift": torch.tensor([g["shift"] for g in group], dtype=torch.float32),
-        "flip": torch.tensor([g["flip"] for g in group], dtype=torch.bool),
-        "keys": [g["key"] for g in group],
-    }
+    return from_views(out, [g["view"] for g in group])

@@ -5,7 +5,8 @@
     octjepa train --config configs/pretrain_vjepa_multi_domain.yaml --resume auto    # continue the latest checkpoint
     torchrun --standalone --nproc_per_node 8 -m octjepa_cli train --config ... [sharding=fsdp]   # one GPU node
 
-Writes <run_dir>/config.yaml (the resolved config), metrics.jsonl, checkpoints/ (or checkpoint.dir, may be gs://),
+Writes <run_dir>/config.yaml (the config as given, overrides applied), resolved.yaml (what the platform chose: the
+attention kernel, precision, hosts, per-host batch), metrics.jsonl, checkpoints/ (or checkpoint.dir, may be gs://),
 encoder.pt (the encoder `checkpoint.export_encoder` names, see `trainer.checkpoint.load_encoder`), loss_curve.png
 and a mask image; with several processes (torchrun ranks, TPU hosts) only the first writes them, and every one writes
 its part of each checkpoint. SIGTERM stops the run after the step it is in, with a complete checkpoint, and exit
@@ -19,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain, islice
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -33,7 +34,8 @@ from shards.typed_config import ConfigError, to_dict
 from trainer.checkpoint import CheckpointStore, export_encoder
 from trainer.config import TrainConfig, load_train_config
 from trainer.data import build_train_loader, iter_full_val, steps_per_epoch, to_model_input
-from trainer.device import Device, batch_masks, build_device
+from trainer.batch import batch_masks
+from trainer.device import Device, build_device
 from trainer.diagnostics import evaluate
 from trainer.monitor import Monitor
 from trainer.optim import Schedules, build_optimizer, clip_gradients, set_hparams
@@ -42,6 +44,7 @@ from trainer.train_state import Resume, RunState, save_checkpoint
 
 ENCODER_NAME = "encoder.pt"
 CONFIG_NAME = "config.yaml"
+RESOLVED_NAME = "resolved.yaml"
 PROFILE_DIR = "profile"
 XLA_CACHE_DIR = "xla_cache"
 
@@ -55,7 +58,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 @dataclass
-class Plan:
+class RunSizes:
     """Sizes derived once from the config, the index and the host count (identical on every host)."""
     host_batch: int
     host_index: int
@@ -66,7 +69,7 @@ class Plan:
 
 # ---- building blocks ----------------------------------------------------------------------------------------------
 
-def build_plan(cfg: TrainConfig, index: dict, device: Device) -> Plan:
+def run_sizes(cfg: TrainConfig, index: dict, device: Device) -> RunSizes:
     host_index, host_count = device.host_index_count()
     host_batch = cfg.host_batch_size(host_count, device.local_devices())
     micro = steps_per_epoch(index, cfg.data, host_batch * host_count)
@@ -75,7 +78,17 @@ def build_plan(cfg: TrainConfig, index: dict, device: Device) -> Plan:
         raise ConfigError(f"split {cfg.data.train_split!r} gives {micro} micro-batches of {host_batch * host_count} "
                           f"per epoch, fewer than grad_accum={cfg.grad_accum}: lower global_batch_size")
     total = cfg.max_steps or cfg.epochs * per_epoch
-    return Plan(host_batch, host_index, host_count, per_epoch, total)
+    return RunSizes(host_batch, host_index, host_count, per_epoch, total)
+
+
+def resolved_choices(cfg: TrainConfig, device: Device, sizes: RunSizes) -> dict[str, Any]:
+    """What the platform decided where the config leaves it open, saved beside the config the user gave (never
+    written into it): the attention kernel ("sdpa" is the Pallas flash kernel on a TPU), precision, the process
+    layout and per-host batch."""
+    return {"device": device.kind, "attn_impl": device.attn_impl(cfg.model.encoder.attn_impl),
+            "autocast_dtype": str(device.dtype).removeprefix("torch.") if device.dtype else "float32",
+            "sharding": cfg.sharding, "hosts": sizes.host_count, "host_batch": sizes.host_batch,
+            "steps_per_epoch": sizes.steps_per_epoch, "total_steps": sizes.total_steps}
 
 
 def _rng_isolated(batches: Iterable[dict]) -> Iterator[dict]:
@@ -90,14 +103,14 @@ def _rng_isolated(batches: Iterable[dict]) -> Iterator[dict]:
         yield batch
 
 
-def check_resume(url: str, state: dict, cfg: TrainConfig, plan: Plan) -> None:
+def check_resume(url: str, state: dict, cfg: TrainConfig, sizes: RunSizes) -> None:
     """Before any model is built: the checkpoint can continue this run's data order (else ConfigError)."""
     saved = state["config"]
     check_resume_data_order(saved, state.get("host_count"), cfg, step_in_epoch=state["step_in_epoch"],
-                            host_count=plan.host_count, batches_per_epoch=plan.steps_per_epoch * cfg.grad_accum,
+                            host_count=sizes.host_count, batches_per_epoch=sizes.steps_per_epoch * cfg.grad_accum,
                             url=url)
     for key in ("seed", "global_batch_size", "grad_accum"):
-        if saved.get(key) != getattr(cfg, key) and plan.host_index == 0:
+        if saved.get(key) != getattr(cfg, key) and sizes.host_index == 0:
             # The data order of the rest of the epoch follows these: the run continues, but not as it would have.
             print(f"train: warning: resuming with {key}={getattr(cfg, key)}, the checkpoint used {saved.get(key)}",
                   file=sys.stderr, flush=True)
@@ -133,11 +146,11 @@ def train_step(model: VJEPA, optimizer: torch.optim.Optimizer, batches: Iterator
 
 @torch.no_grad()
 def validate(model: VJEPA, step_model: nn.Module, cfg: TrainConfig, device: Device, index: dict,
-             masks: MultiBlockMasks, plan: Plan) -> dict[str, torch.Tensor]:
+             masks: MultiBlockMasks, sizes: RunSizes) -> dict[str, torch.Tensor]:
     """Loss over every val volume and the collapse diagnostics (`trainer.diagnostics`), as device tensors; the same
     values whatever the number of torchrun ranks (each rank computes its rows of the batches a single process would,
     see `Device.val_share`, and the sums are added over ranks)."""
-    host_index, host_count, batch_size, rows = device.val_share(plan.host_batch, plan.host_index, plan.host_count)
+    host_index, host_count, batch_size, rows = device.val_share(sizes.host_batch, sizes.host_index, sizes.host_count)
 
     def batches(limit: int | None) -> Iterator[dict]:
         loader = iter_full_val(cfg.data, index=index, batch_size=batch_size, masks=masks, seed=cfg.seed,
@@ -181,25 +194,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # -- device, data plan, checkpoint to resume from: every check before any model is built
     device = build_device(cfg.device, cfg.precision, cfg.sharding, cache_dir=os.path.join(cfg.run_dir, XLA_CACHE_DIR))
     say = print if device.is_main else (lambda *a, **k: None)
-    cfg.model.encoder.attn_impl = device.attn_impl(cfg.model.encoder.attn_impl)
     index = read_run_index(cfg)
     check_splits(cfg, index, host_count=device.host_index_count()[1])
     check_shard_files(cfg, index)
-    plan = build_plan(cfg, index, device)
+    sizes = run_sizes(cfg, index, device)
+    choices = resolved_choices(cfg, device, sizes)
     num_masks = len(cfg.model.masks.blocks)
     store = CheckpointStore(cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep_last)
     device.check_checkpoint_dir(store.root)
-    resume = Resume(cfg, store, device, check=lambda url, state: check_resume(url, state, cfg, plan))
+    resume = Resume(cfg, store, device, check=lambda url, state: check_resume(url, state, cfg, sizes))
 
     # -- model (placed, then wrapped or sharded), optimiser, schedules, the resumed state
     device.seed(cfg.seed)
-    model = VJEPA(cfg.model)
+    model = VJEPA(replace(cfg.model, encoder=replace(cfg.model.encoder, attn_impl=choices["attn_impl"])))
     masks = MultiBlockMasks(model.grid, cfg.model.masks)
     model.to(device.torch_device).train()
     step_model = device.wrap_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg.optim, capturable=device.kind == "xla")
-    sched = Schedules(cfg.optim, plan.total_steps)
+    sched = Schedules(cfg.optim, sizes.total_steps)
     run = resume.load(model, optimizer)
     resume_url = resume.url
 
@@ -207,28 +220,30 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if device.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)
         write_config(cfg, os.path.join(cfg.run_dir, CONFIG_NAME))
+        resolved = yaml.safe_dump(choices, sort_keys=False).encode()
+        storage.write_bytes(os.path.join(cfg.run_dir, RESOLVED_NAME), resolved)
     log = cfg.logging
-    monitor = Monitor(run_dir=cfg.run_dir, total_steps=plan.total_steps, start_step=run.step,
+    monitor = Monitor(run_dir=cfg.run_dir, total_steps=sizes.total_steps, start_step=run.step,
                       global_batch_size=cfg.global_batch_size, enabled=device.is_main, wandb_mode=log.wandb,
                       wandb_project=log.wandb_project, wandb_entity=log.wandb_entity, run_name=log.run_name,
                       config=to_dict(cfg),
                       extra=(lambda: {"xla_compiles": device.compile_count()}) if device.kind == "xla" else None)
-    say(f"train: {cfg.run_dir} on {device.kind} ({plan.host_count} host(s)/rank(s), {plan.host_batch} samples/host/"
-        f"micro-batch, sharding {cfg.sharding}), {plan.steps_per_epoch} steps/epoch, steps {run.step} -> "
-        f"{plan.total_steps}" + (f", resumed from {resume_url}" if resume_url else ""), flush=True)
+    say(f"train: {cfg.run_dir} on {device.kind} ({sizes.host_count} host(s)/rank(s), {sizes.host_batch} samples/host/"
+        f"micro-batch, sharding {cfg.sharding}), {sizes.steps_per_epoch} steps/epoch, steps {run.step} -> "
+        f"{sizes.total_steps}" + (f", resumed from {resume_url}" if resume_url else ""), flush=True)
 
     # -- loop: one pass of this while per epoch (or the rest of a resumed epoch)
     mask_image_due = log.mask_images and device.is_main
     last_saved = run.step if resume_url else -1
     stop, stopped, trace = device.stop_signal(), False, Trace(cfg, device)
     try:
-        while run.step < plan.total_steps and not stopped:
+        while run.step < sizes.total_steps and not stopped:
             # Deterministic per (seed, epoch, host): starting after the consumed micro-batches (composed again, not
             # read) resumes mid-epoch exactly.
-            loader = build_train_loader(cfg.data, index=index, batch_size=plan.host_batch, masks=masks,
-                                        seed=cfg.seed, epoch=run.epoch, host_index=plan.host_index,
-                                        host_count=plan.host_count, start=run.step_in_epoch * cfg.grad_accum)
-            steps = min(plan.steps_per_epoch - run.step_in_epoch, plan.total_steps - run.step)
+            loader = build_train_loader(cfg.data, index=index, batch_size=sizes.host_batch, masks=masks,
+                                        seed=cfg.seed, epoch=run.epoch, host_index=sizes.host_index,
+                                        host_count=sizes.host_count, start=run.step_in_epoch * cfg.grad_accum)
+            steps = min(sizes.steps_per_epoch - run.step_in_epoch, sizes.total_steps - run.step)
             cpu_batches: Iterator[dict] = _rng_isolated(islice(loader, steps * cfg.grad_accum))
             if mask_image_due:
                 head = next(cpu_batches)
@@ -245,14 +260,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                            "momentum": sched.momentum(run.step)}
                 run.step += 1
                 run.step_in_epoch += 1
-                if run.step_in_epoch == plan.steps_per_epoch:
+                if run.step_in_epoch == sizes.steps_per_epoch:
                     run.epoch, run.step_in_epoch = run.epoch + 1, 0
-                if run.step % log.log_every == 0 or run.step == plan.total_steps:
+                if run.step % log.log_every == 0 or run.step == sizes.total_steps:
                     device.add_step_closure(monitor.log_train, (run.step, epoch, device.reduce_metrics(stats), scalars))
                 device.mark_step()
                 if cfg.val_every and run.step % cfg.val_every == 0:
                     device.add_step_closure(monitor.log_val,
-                                            (run.step, validate(model, step_model, cfg, device, index, masks, plan)))
+                                            (run.step, validate(model, step_model, cfg, device, index, masks, sizes)))
                     device.mark_step()
                 if cfg.checkpoint.every_steps and run.step % cfg.checkpoint.every_steps == 0:
                     _save(store, model, optimizer, device, run, sched, cfg)
@@ -270,14 +285,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # -- the end: the last step's diagnostics (whatever val_every), final checkpoint, encoder export, loss curve
     if cfg.val_every and run.step % cfg.val_every:
-        device.add_step_closure(monitor.log_val, (run.step, validate(model, step_model, cfg, device, index, masks, plan)))
+        device.add_step_closure(monitor.log_val, (run.step, validate(model, step_model, cfg, device, index, masks, sizes)))
         device.mark_step()
     if run.step != last_saved:
         _save(store, model, optimizer, device, run, sched, cfg)
     curve = monitor.finish()
     encoder_path = os.path.join(cfg.run_dir, ENCODER_NAME)
     if stopped:
-        say(f"train: stopped by SIGTERM after step {run.step} of {plan.total_steps}; continue with --resume auto",
+        say(f"train: stopped by SIGTERM after step {run.step} of {sizes.total_steps}; continue with --resume auto",
             flush=True)
         return {"step": run.step, "run_dir": cfg.run_dir, "encoder": None, "loss_curve": curve, "stopped": True,
                 "checkpoint": store.latest() if device.is_main else None}

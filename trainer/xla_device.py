@@ -27,7 +27,8 @@ from torch import nn
 from shards import storage
 from shards.typed_config import ConfigError
 from trainer import distributed
-from trainer.device import Device, batch_ndims, flatten_batch
+from trainer.batch import batch_ndims, flatten_batch
+from trainer.device import Device
 
 
 def flash_kernel_missing() -> str | None:

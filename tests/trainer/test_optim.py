@@ -12,7 +12,8 @@ from model import VJEPA, EncoderConfig, ModelConfig, MultiBlockMasks, PredictorC
 from shards.typed_config import ConfigError
 from trainer.config import OptimConfig, TrainConfig
 from trainer.data import DataConfig
-from trainer.device import Device, flatten_batch
+from trainer.batch import flatten_batch
+from trainer.device import Device
 from trainer.optim import (
     Schedules, build_optimizer, clip_gradients, set_hparams, warmup_constant_cooldown, warmup_cosine,
 )

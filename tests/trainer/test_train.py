@@ -57,6 +57,8 @@ def test_smoke_run_writes_every_output(shard_set: str, tmp_path: Path, gcs: str,
     # The resolved config: loadable as a TrainConfig, with the overrides in it.
     saved = from_dict(TrainConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
     assert saved.max_steps == 6 and saved.model.encoder.input_shape == (8, 32, 32) and saved.checkpoint.dir == ckpt_dir
+    resolved = yaml.safe_load((run_dir / "resolved.yaml").read_text())
+    assert (resolved["device"], resolved["attn_impl"], resolved["hosts"], resolved["total_steps"]) == ("cpu", "sdpa", 1, 6)
 
     records = _records(run_dir)
     train = [r for r in records if r["split"] == "train"]

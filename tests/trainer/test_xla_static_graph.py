@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.trainer.shardset_fixture import make_shard_set
 
@@ -26,13 +27,13 @@ SCRIPT = r"""
 import hashlib, sys
 import model.config
 model.config.SIZES["tiny"] = (48, 2, 2)
-import trainer.device
-_flatten = trainer.device.flatten_batch
+import trainer.batch
+_flatten = trainer.batch.flatten_batch
 def recording_flatten(batch):
     digest = hashlib.sha1(b"".join(c.numpy().tobytes() + t.numpy().tobytes() for c, t in batch["masks"]))
     print("MASKS", digest.hexdigest(), flush=True)
     return _flatten(batch)
-trainer.device.flatten_batch = recording_flatten
+trainer.batch.flatten_batch = recording_flatten
 from trainer.train import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -56,6 +57,9 @@ def test_compilations_stop_growing_over_20_steps_with_changing_masks(tmp_path: P
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
+    # The config as the user gave it; the kernel the platform chose for "sdpa" (flash attention on XLA) beside it.
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["encoder"]["attn_impl"] == "sdpa"
+    assert yaml.safe_load((run_dir / "resolved.yaml").read_text())["attn_impl"] == "xla_flash"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = {r["step"]: r for r in records if r["split"] == "train"}
     assert sorted(train) == list(range(1, 21))

@@ -145,7 +145,7 @@ def first_step(out_dir: str, overrides: list[str]) -> None:
         device = build_device("cpu", "fp32", sharding)
         rank, world = device.host_index_count()
         index = read_run_index(cfg)
-        plan = T.build_plan(cfg, index, device)
+        sizes = T.run_sizes(cfg, index, device)
         device.seed(cfg.seed)
         model = VJEPA(cfg.model)
         masks = MultiBlockMasks(model.grid, cfg.model.masks)
@@ -163,15 +163,15 @@ def first_step(out_dir: str, overrides: list[str]) -> None:
             return _clip(ps, max_norm)
 
         T.clip_gradients = capture
-        val = {k: float(v) for k, v in T.validate(model, step_model, cfg, device, index, masks, plan).items()}
+        val = {k: float(v) for k, v in T.validate(model, step_model, cfg, device, index, masks, sizes).items()}
         encoder = encoder_state(model)
         # The same samples by construction: the single-process micro-batches, this rank's rows of each.
-        micro = plan.host_batch * plan.host_count
+        micro = sizes.host_batch * sizes.host_count
         loader = build_train_loader(cfg.data, index=index, batch_size=micro, masks=masks, seed=cfg.seed, epoch=0,
                                     host_index=0, host_count=1)
-        rows = slice(rank * plan.host_batch, (rank + 1) * plan.host_batch) if world > 1 else None
+        rows = slice(rank * sizes.host_batch, (rank + 1) * sizes.host_batch) if world > 1 else None
         batches = device.wrap_loader(loader, len(cfg.model.masks.blocks), rows=rows)
-        T.train_step(model, optimizer, batches, device=device, cfg=cfg, sched=Schedules(cfg.optim, plan.total_steps),
+        T.train_step(model, optimizer, batches, device=device, cfg=cfg, sched=Schedules(cfg.optim, sizes.total_steps),
                      step=0, params=params, step_model=step_model)
         T.clip_gradients = capture.__defaults__[0]
         # What each rank logs: the loss averaged, the skipped samples (a (B,) vector, count in slot 0) summed.
