@@ -21,7 +21,7 @@ from shards.errors import OctjepaError
 
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "synth": ("beam_jobs.synth", "main", "write a synthetic AI-READI-like OCT dataset"),
+    "synth": ("synth.dataset", "main", "write a synthetic AI-READI-like OCT dataset"),
     "inspect": ("beam_jobs.inspect", "main", "print what the reader makes of DICOM files (JSON lines)"),
     "preprocess": ("beam_jobs.preprocess", "main", "Beam job: DICOMs -> WebDataset shards + index"),
     "reshard": ("beam_jobs.reshard", "main", "Beam job: re-shard a shard set per device domain / field"),

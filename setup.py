@@ -52,7 +52,7 @@ setup(
     # 3.10: the stock TPU VM images (tpu-ubuntu2204-base, the v5/v6 runtimes); torch_xla 2.9 ships 3.10-3.12 wheels.
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["shards", "shards.*", "beam_jobs", "beam_jobs.*", "model", "model.*",
-                                    "trainer", "trainer.*"]),
+                                    "trainer", "trainer.*", "synth", "synth.*"]),
     py_modules=["octjepa_cli"],
     install_requires=BASE,
     extras_require={"beam": BEAM, "train": TRAIN, "tpu": TPU, "test": TEST},

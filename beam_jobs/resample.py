@@ -23,7 +23,7 @@ the output and a few B-scans; the result is rounded back to the source dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from scipy import sparse
@@ -122,13 +122,32 @@ def _apply(matrix: sparse.csr_matrix, a: np.ndarray, axis: int) -> np.ndarray:
     return matrix @ a if axis == 0 else (matrix @ a.T).T
 
 
-def _plane_filter(in_plane: Sequence[tuple[int, sparse.csr_matrix]]) -> Callable[[np.ndarray], np.ndarray]:
-    def filtered(p: np.ndarray) -> np.ndarray:
-        p = p.astype(np.float32)
-        for axis, matrix in in_plane:
-            p = _apply(matrix, p, axis)
-        return p
-    return filtered
+# An in-plane filter step: (axis of the B-scan, sparse weights along it).
+_PlaneStep = tuple[int, sparse.csr_matrix]
+
+
+def _filter_plane(plane: np.ndarray, steps: Sequence[_PlaneStep]) -> np.ndarray:
+    """``plane`` (H, W) as float32 with ``steps`` applied in order."""
+    plane = plane.astype(np.float32, copy=False)
+    for axis, matrix in steps:
+        plane = _apply(matrix, plane, axis)
+    return plane
+
+
+def _blend_first(d_matrix: sparse.csr_matrix) -> bool:
+    """Whether the output B-scans are fewer than the source B-scans they blend (the B-scan axis shrinks): then the
+    second in-plane filter costs less applied once per output B-scan, after the blend, than once per source."""
+    return len(np.unique(d_matrix.indices)) > d_matrix.shape[0]
+
+
+def _plane_steps(d_matrix: sparse.csr_matrix, h_matrix: sparse.csr_matrix,
+                 w_matrix: sparse.csr_matrix) -> tuple[tuple[_PlaneStep, ...], tuple[_PlaneStep, ...]]:
+    """The in-plane filters applied to each source B-scan before the blend, and those applied to each blended
+    output B-scan after it. The axis that shrinks most goes first (every later step has less to do)."""
+    first, second = (0, h_matrix), (1, w_matrix)
+    if w_matrix.shape[0] / w_matrix.shape[1] < h_matrix.shape[0] / h_matrix.shape[1]:
+        first, second = second, first
+    return ((first,), (second,)) if _blend_first(d_matrix) else ((first, second), ())
 
 
 def resample_to_grid(
@@ -158,12 +177,8 @@ def resample_to_grid(
         for a in range(3)]
 
     # B-scan by B-scan, so memory is the input, the output and a few B-scans. Each output B-scan is a weighted sum
-    # of source B-scans, each filtered in-plane once (the axis that shrinks most first) and cached while needed.
-    # When the B-scan axis shrinks, output B-scans are fewer than the source B-scans they need, so the second
-    # in-plane axis is applied after the sum instead.
-    in_plane = sorted(((0, h_matrix), (1, w_matrix)), key=lambda item: item[1].shape[0] / item[1].shape[1])
-    blend_first = len(np.unique(d_matrix.indices)) > d_matrix.shape[0]
-    source_filter = _plane_filter(in_plane[:1] if blend_first else in_plane)
+    # of source B-scans, each filtered in-plane once and cached while needed, then filtered by what is left.
+    before_blend, after_blend = _plane_steps(d_matrix, h_matrix, w_matrix)
     planes: dict[int, np.ndarray] = {}
 
     out = np.zeros(tuple(target_shape), dtype=volume.dtype)
@@ -177,11 +192,10 @@ def resample_to_grid(
         blended = None
         for i, weight in zip(sources.tolist(), weights.tolist()):
             if i not in planes:
-                planes[i] = source_filter(volume[i])
+                planes[i] = _filter_plane(volume[i], before_blend)
             term = planes[i] * np.float32(weight)
             blended = term if blended is None else np.add(blended, term, out=blended)
-        if blend_first:
-            blended = _apply(in_plane[1][1], blended, in_plane[1][0])
+        blended = _filter_plane(blended, after_blend)
         np.rint(blended, out=blended)
         np.clip(blended, 0, peak, out=blended)
         out[d_box.start + j, h_box, w_box] = blended

@@ -40,7 +40,7 @@ IDLE_IMPORTS = ("import apache_beam.runners.worker.sdk_worker_main, beam_jobs.pr
 
 def build_dataset(work: Path, volumes: int, scale: float, seed: int) -> dict[str, Any]:
     """A dataset with at least ``volumes`` raster JPEG 2000 scans; its manifest trimmed to the first ``volumes``."""
-    from beam_jobs.synth import generate_dataset
+    from synth.dataset import generate_dataset
 
     root = work / f"aireadi-scale{scale}-seed{seed}"
     summary_path = root / "summary.json"

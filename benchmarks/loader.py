@@ -14,7 +14,7 @@ machine it also counts waiting for a core):
                device). --workers N adds the worker processes and shared-memory batches.
   cost ratio   loader / raw read, per sample                                                   (target <= 3)
   per-sample   the path the shards replace, every time a sample is used: decode one realistic JPEG 2000
-               DICOM (beam_jobs.synth's Maestro2, 128x885x512) with beam_jobs.dicom.read_oct_dicom and
+               DICOM (synth's Maestro2, 128x885x512) with beam_jobs.dicom.read_oct_dicom and
                resample it with beam_jobs.resample.resample_to_grid
   speed-up     per-sample path / loader, per sample                                          (target >= 100)
   peak memory  PSS growth of this process and its loader workers during one epoch, next to the shuffle buffer
@@ -70,10 +70,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def realistic_volume(shape: tuple[int, int, int], spacing_mm: tuple[float, float, float],
                      rng: np.random.Generator) -> np.ndarray:
-    """An OCT-like uint8 Maestro2 volume from beam_jobs' synthetic image model (content does not change the loader's cost,
+    """An OCT-like uint8 Maestro2 volume from synth's image model (content does not change the loader's cost,
     volumes are stored uncompressed; it does change JPEG 2000's)."""
-    from beam_jobs.synth import DEVICES
-    from beam_jobs.synth_volumes import oct_volume
+    from synth.devices import DEVICES
+    from synth.volumes import oct_volume
 
     return oct_volume(shape, spacing_mm, style=DEVICES[DEVICE].style, study_group="healthy", rng=rng)
 
@@ -223,8 +223,9 @@ def peak_memory_growth(root: str, index: dict, args: argparse.Namespace, shape: 
 
 
 def make_jpeg2000_dicom(path: str, rng: np.random.Generator) -> None:
-    """One realistic JPEG 2000 lossless Maestro2 OCT DICOM at the device's real size, via beam_jobs.synth."""
-    from beam_jobs.synth import DEVICES, dataset_bytes, new_uid, oct_dataset
+    """One realistic JPEG 2000 lossless Maestro2 OCT DICOM at the device's real size, via synth.dicom."""
+    from synth.devices import DEVICES
+    from synth.dicom import dataset_bytes, new_uid, oct_dataset
 
     device = DEVICES[DEVICE]
     volume = realistic_volume(device.shape, device.spacing_mm, rng)
@@ -300,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if not os.path.exists(dcm):  # encoding takes about a minute; a --workdir keeps it
         make_jpeg2000_dicom(dcm, np.random.default_rng(1))
-    from beam_jobs.synth import DEVICES
+    from synth.devices import DEVICES
 
-    print(f"per-sample:   one JPEG 2000 lossless {DEVICE} DICOM {DEVICES[DEVICE].shape} uint8 (beam_jobs.synth), "
+    print(f"per-sample:   one JPEG 2000 lossless {DEVICE} DICOM {DEVICES[DEVICE].shape} uint8 (synth), "
           f"{os.path.getsize(dcm) / 2**20:.1f} MiB (made in {time.perf_counter() - t0:.1f} s)")
     costs = []
     for _ in range(args.dicom_repeats):

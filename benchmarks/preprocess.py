@@ -46,8 +46,9 @@ def write_volume(device_name: str, scale: float, folder: str, name: str = "") ->
     import numpy as np
     from pydicom.uid import JPEG2000Lossless
 
-    from beam_jobs.synth import DEVICES, dataset_bytes, oct_dataset, scaled_geometry
-    from beam_jobs.synth_volumes import oct_volume
+    from synth.devices import DEVICES, scaled_geometry
+    from synth.dicom import dataset_bytes, oct_dataset
+    from synth.volumes import oct_volume
 
     device = DEVICES[device_name]
     shape, spacing = scaled_geometry(device.shape, device.spacing_mm, scale)
@@ -126,7 +127,7 @@ def measure(path: str, device: str, config_path: str | None, repeats: int) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    from beam_jobs.synth import ALL_DEVICES
+    from synth.devices import ALL_DEVICES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", default=",".join(ALL_DEVICES))

@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PRODUCTION = ("beam_jobs", "shards", "model", "trainer")
+PRODUCTION = ("beam_jobs", "shards", "model", "trainer", "synth")
 # Modules that are a subcommand's command line only: the dispatcher runs them; no other module builds on them.
 CLI_ONLY = ("shards.verify",)
 
@@ -24,6 +24,42 @@ def imported_modules(path: Path) -> set[str]:
 
 def modules_of(*folders: str) -> list[Path]:
     return sorted(p for folder in folders for p in (REPO / folder).glob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    package = path.parent.relative_to(REPO).as_posix().replace("/", ".")
+    return package if path.stem == "__init__" else f"{package}.{path.stem}"
+
+
+def import_graph(*folders: str) -> dict[str, set[str]]:
+    """Module -> the modules of ``folders`` it imports, wherever the import line is (a function body, an
+    ``if TYPE_CHECKING:`` block): a package's ``__init__`` is the package's own name."""
+    modules = {module_name(p): p for p in modules_of(*folders)}
+    return {name: (imported_modules(path) & set(modules)) - {name} for name, path in modules.items()}
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen: set[str] = set()
+    todo = list(graph[start])
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(graph[name])
+    return seen
+
+
+def test_beam_jobs_imports_nothing_from_synth():
+    """The synthetic data is built on the jobs' definitions (the DICOM SOP class), never the other way round: the
+    workers ship without it."""
+    offenders = {p.relative_to(REPO).as_posix(): sorted(m for m in imported_modules(p) if m.split(".")[0] == "synth")
+                 for p in modules_of("beam_jobs")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_no_module_of_synth_or_beam_jobs_imports_a_module_that_imports_it_back():
+    graph = import_graph("beam_jobs", "synth")
+    assert sorted(name for name in graph if name in reachable(graph, name)) == []
 
 
 def test_nothing_outside_tests_imports_tests():
@@ -54,7 +90,7 @@ def unused_from_imports(path: Path) -> list[str]:
 def test_job_modules_re_export_nothing():
     """Tests import a name from the module it lives in, not through a job module that happens to import it."""
     offenders = {p.relative_to(REPO).as_posix(): unused_from_imports(p)
-                 for p in modules_of("beam_jobs", "shards", "benchmarks") if p.name != "__init__.py"}
+                 for p in modules_of("beam_jobs", "shards", "synth", "benchmarks") if p.name != "__init__.py"}
     assert {k: v for k, v in offenders.items() if v} == {}
 
 

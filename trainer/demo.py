@@ -97,7 +97,7 @@ def demo_grid(input_shape: tuple[int, int, int]) -> list[str]:
 
 def probe_targets() -> tuple[str, ...]:
     """study_group, then every column of synth's anatomy table (the demo runs synth, so it knows its table)."""
-    from beam_jobs.synth_volumes import ANATOMY_COLUMNS
+    from synth.volumes import ANATOMY_COLUMNS
 
     return ("study_group",) + ANATOMY_COLUMNS
 

@@ -22,8 +22,9 @@ from pydicom.uid import (
 )
 
 from beam_jobs.dicom import OPT_SOP_CLASS, REASONS, DicomReadError, read_header, read_oct_dicom
-from beam_jobs.synth import DEVICES, dataset_bytes, oct_dataset, radial_frame_locations, scaled_geometry
-from beam_jobs.synth_volumes import oct_volume
+from synth.devices import DEVICES, scaled_geometry
+from synth.dicom import dataset_bytes, oct_dataset, radial_frame_locations
+from synth.volumes import oct_volume
 
 SMALL = (6, 40, 32)
 SMALL_SPACING = (0.1, 0.01, 0.05)

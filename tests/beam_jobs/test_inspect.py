@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from beam_jobs import inspect
-from beam_jobs.bad_inputs import write_bad_inputs
-from beam_jobs.synth import DEVICES, dataset_bytes, generate_dataset, oct_dataset
 from shards import storage
+from synth.bad_inputs import write_bad_inputs
+from synth.dataset import generate_dataset
+from synth.devices import DEVICES
+from synth.dicom import dataset_bytes, oct_dataset
 
 
 @pytest.fixture(scope="module")

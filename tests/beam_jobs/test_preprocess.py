@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from beam_jobs import preprocess
-from beam_jobs.synth import generate_dataset
 from shards import ContractError, decode_sample, iter_shard, read_index, sha256_of, storage
 from shards.typed_config import ConfigError
+from synth.dataset import generate_dataset
 from tests.beam_jobs.worker_evidence import counting_workers
 
 TINY = ["--set", "target_shape=[8,24,24]", "--set", "target_spacing_mm=[0.2,0.05,0.1]"]

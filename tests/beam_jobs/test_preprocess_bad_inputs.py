@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from beam_jobs import preprocess
-from beam_jobs.synth import generate_dataset
+from synth.dataset import generate_dataset
 from tests.beam_jobs.test_preprocess import check_nothing_lost, job_args, manifest_uids, read_errors
 
 # The list of bad inputs -> the reason each must be reported with.

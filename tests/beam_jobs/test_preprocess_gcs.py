@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from beam_jobs import preprocess
-from beam_jobs.synth import generate_dataset
 from shards import lease, read_index, storage
+from synth.dataset import generate_dataset
 from tests.beam_jobs.test_preprocess import check_nothing_lost, job_args, manifest_uids
 from tests.beam_jobs.worker_evidence import counting_workers
 

@@ -17,8 +17,8 @@ import octjepa_cli
 from beam_jobs import preprocess, runner
 from beam_jobs.job import FAILED_RUN_ERRORS
 from beam_jobs.preprocess_output import AllRowsFailed
-from beam_jobs.synth import generate_dataset
 from shards import lease, read_index
+from synth.dataset import generate_dataset
 from tests.beam_jobs.test_preprocess import TINY, files_under
 
 IN_PROCESS = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]

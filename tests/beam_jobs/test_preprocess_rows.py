@@ -2,7 +2,7 @@
 reason, one file gives one sample, a file that contradicts its row is reported, and messages are deterministic.
 
 One run (in-process runner, so that a decoder failure can be injected by monkeypatching) over a small synthetic
-dataset plus rows built here; the bad-input corpus of ``beam_jobs.bad_inputs`` is exercised elsewhere.
+dataset plus rows built here; the bad-input corpus of ``synth.bad_inputs`` is exercised elsewhere.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from gcsfs.retry import HttpError
 from beam_jobs import dead_letters as dl
 from beam_jobs import manifest as mf
 from beam_jobs import preprocess, volume_to_sample
-from beam_jobs.synth import generate_dataset
+from synth.dataset import generate_dataset
 from tests.beam_jobs.test_preprocess import TINY, check_nothing_lost, manifest_uids, read_errors, read_samples
 
 IN_PROCESS = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]

@@ -9,18 +9,17 @@ import os
 import numpy as np
 import pytest
 
-from beam_jobs.bad_inputs import write_bad_inputs
 from beam_jobs.config import load_preprocess_config
 from beam_jobs.dicom import DicomReadError, read_header, read_oct_dicom
-from beam_jobs import synth_volumes
 from beam_jobs.resample import resample_to_grid
-from beam_jobs.synth import (
-    ANATOMY_TABLE, ANATOMY_TABLE_COLUMNS, CIRRUS_200, DEVICES, MANIFEST_COLUMNS, PARTICIPANT_COLUMNS, generate_dataset,
-    main, scaled_geometry,
-)
-from beam_jobs.synth_volumes import ANATOMY_COLUMNS, STUDY_GROUPS, Pathology, draw_anatomy, oct_volume, render_volume
 from beam_jobs.volume_to_sample import dicom_to_sample
 from shards import decode_sample
+from synth import volumes as synth_volumes
+from synth.bad_inputs import write_bad_inputs
+from synth.dataset import ANATOMY_TABLE, ANATOMY_TABLE_COLUMNS, generate_dataset, main
+from synth.devices import CIRRUS_200, DEVICES, scaled_geometry
+from synth.layout import MANIFEST_COLUMNS, PARTICIPANT_COLUMNS
+from synth.volumes import ANATOMY_COLUMNS, STUDY_GROUPS, Pathology, draw_anatomy, oct_volume, render_volume
 
 SCALE = 0.06
 

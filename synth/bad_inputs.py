@@ -1,7 +1,7 @@
 """A corpus of bad inputs, one per failure the pipeline must route instead of crash on.
 
     octjepa synth --out /tmp/aireadi --participants 4 --scale 0.1 --broken
-    python -c "from beam_jobs import bad_inputs as b; print(b.write_bad_inputs('/tmp/d', '/tmp/d/retinal_oct/manifest.tsv'))"
+    python -c "from synth import bad_inputs as b; print(b.write_bad_inputs('/tmp/d', '/tmp/d/retinal_oct/manifest.tsv'))"
 
 ``write_bad_inputs`` appends one manifest row per kind (same columns and heading as the manifest) and writes the
 files; it returns ``{sop_instance_uid or "row:<n>": expected reason}`` (``n`` = 1-based data row, heading = row 0).
@@ -16,8 +16,10 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
-from beam_jobs.synth import DEVICES, MANIFEST_COLUMNS, dataset_bytes, new_uid, oct_dataset, radial_frame_locations
 from shards import storage
+from synth.devices import DEVICES
+from synth.dicom import dataset_bytes, new_uid, oct_dataset, radial_frame_locations
+from synth.layout import MANIFEST_COLUMNS, oct_path
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 _SHAPE, _SPACING = (8, 64, 48), (0.1, 0.01, 0.05)  # small, with plausible spacing
@@ -115,7 +117,7 @@ def write_bad_inputs(root: str, manifest_path: str) -> dict[str, str]:
 
     def write(kind: str, payload: bytes) -> tuple[str, str]:
         uid = new_uid(rng)
-        rel = f"retinal_oct/structural_oct/{device.name}/{pid}/{pid}_bad_{kind}_{uid}.dcm"
+        rel = oct_path(device.name, pid, f"{pid}_bad_{kind}_{uid}.dcm")
         with storage.open_url(storage.join(root, rel), "wb") as f:
             f.write(payload)
         return uid, "/" + rel
@@ -129,7 +131,7 @@ def write_bad_inputs(root: str, manifest_path: str) -> dict[str, str]:
 
     # Files whose defect is in the bytes, not the data set.
     uid = new_uid(rng)
-    add_row("missing_file", uid, f"/retinal_oct/structural_oct/{device.name}/{pid}/{pid}_bad_missing_{uid}.dcm")
+    add_row("missing_file", uid, "/" + oct_path(device.name, pid, f"{pid}_bad_missing_{uid}.dcm"))
     ds, _ = good_dataset(ExplicitVRLittleEndian)
     whole = dataset_bytes(ds)
     add_row("truncated", *write("truncated", whole[: len(whole) * 3 // 5]))
@@ -143,7 +145,7 @@ def write_bad_inputs(root: str, manifest_path: str) -> dict[str, str]:
     # A malformed row: the column count is wrong (a field lost its tab), so no value can be trusted.
     malformed_uid = new_uid(rng)
     lines.append("\t".join([pid, device.manufacturer, device.model, "Macula", "OCT", "R 64", "48", "8",
-                            malformed_uid, f"/retinal_oct/structural_oct/{device.name}/{pid}/{malformed_uid}.dcm"]))
+                            malformed_uid, "/" + oct_path(device.name, pid, f"{malformed_uid}.dcm")]))
     expected[f"row:{len(data_lines) + len(lines)}"] = "malformed_row"
     with storage.open_url(manifest_path, "wb") as f:
         f.write((text + "\n".join(lines) + "\n").encode("utf-8"))

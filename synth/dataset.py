@@ -8,8 +8,8 @@ Writes ``retinal_oct/structural_oct/<device>/<participant_id>/<file>.dcm`` (Opht
 functional-group layout of the real files: PixelMeasures shared, one OphthalmicFrameLocation per frame), the
 reference fundus images they point to, ``retinal_oct/manifest.tsv`` (AI-READI columns, in order; ``filepath`` is
 relative to the root) and ``participants.tsv`` at the root, as in the AI-READI release.
-Per device the real frames x rows x columns and spacings (``DEVICES``); ``--scale`` shrinks the grid while keeping
-the physical extent. JPEG 2000 lossless for most files, uncompressed for some; Zeiss Cirrus files carry the
+Per device the real frames x rows x columns and spacings (``synth.devices``); ``--scale`` shrinks the grid while
+keeping the physical extent. JPEG 2000 lossless for most files, uncompressed for some; Zeiss Cirrus files carry the
 lateral spacing in SliceThickness (their real quirk); some Spectralis optic-disc scans are radial.
 """
 from __future__ import annotations
@@ -23,24 +23,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
-# Some DICOM writers are re-exported: bad_inputs, the inspect/dicom tests and benchmarks import them from here.
-from beam_jobs.synth_dicom import (  # noqa: F401
-    dataset_bytes,
-    new_uid,
-    oct_dataset,
-    radial_frame_locations,
-    raster_frame_locations,
-    reference_image_bytes,
-)
-from beam_jobs.synth_volumes import ANATOMY_COLUMNS, STUDY_GROUPS, Anatomy, Style, draw_anatomy, render_volume
 from shards import storage
-
-MANIFEST_COLUMNS = (
-    "participant_id", "manufacturer", "manufacturers_model_name", "anatomic_region", "imaging", "laterality",
-    "height", "width", "number_of_frames", "pixel_spacing", "slice_thickness", "sop_instance_uid", "filepath",
-    "reference_instance_uid", "reference_filepath",
+from synth.bad_inputs import write_bad_inputs
+from synth.devices import (
+    ALL_DEVICES, CIRRUS_200, DEVICES, ONH_CIRCLES, ONH_RADIAL_FRAMES, ScannerModel, scaled_geometry,
 )
-PARTICIPANT_COLUMNS = ("participant_id", "clinical_site", "study_group", "age", "recommended_split", "retinal_oct")
+from synth.dicom import (
+    dataset_bytes, new_uid, oct_dataset, radial_frame_locations, raster_frame_locations, reference_image_bytes,
+)
+from synth.layout import MANIFEST_COLUMNS, PARTICIPANT_COLUMNS, oct_path
+from synth.volumes import ANATOMY_COLUMNS, STUDY_GROUPS, Anatomy, draw_anatomy, render_volume
+
 ANATOMY_TABLE_COLUMNS = ("participant_id", "sop_instance_uid", "device", "laterality", "anatomic_region",
                          "study_group") + ANATOMY_COLUMNS
 CLINICAL_SITES = ("UAB", "UCSD", "UW")
@@ -48,62 +41,8 @@ ANATOMY_TABLE = "synth_anatomy.tsv"  # at the dataset root, beside participants.
 
 
 @dataclass(frozen=True)
-class Device:
-    name: str  # folder name in the AI-READI layout
-    short: str  # in file names
-    manufacturer: str
-    model: str
-    shape: tuple[int, int, int]  # (frames, rows, columns) of the real volumes
-    spacing_mm: tuple[float, float, float]  # (B-scan pitch, row, column)
-    reference: str  # the fundus image folder the OCT points to
-    style: Style
-    slice_thickness_is_lateral: bool = False  # the Cirrus quirk
-
-
-DEVICES: dict[str, Device] = {
-    "heidelberg_spectralis": Device(
-        "heidelberg_spectralis", "spectralis", "Heidelberg Engineering", "Spectralis", (61, 496, 768),
-        (0.1208, 0.003872, 0.01136), "ir", Style(gain=0.95, floor=0.03, speckle_k=6.0, retina_top=0.25)),
-    "topcon_maestro2": Device(
-        "topcon_maestro2", "maestro2", "Topcon", "Maestro2", (128, 885, 512),
-        (0.04724, 0.0026, 0.01174), "cfp", Style(gain=0.70, floor=0.10, speckle_k=2.0, retina_top=0.35)),
-    "topcon_triton": Device(
-        "topcon_triton", "triton", "Topcon", "Triton", (256, 992, 512),
-        (0.02745, 0.0026, 0.01370), "cfp", Style(gain=0.80, floor=0.07, speckle_k=2.5, retina_top=0.30)),
-    "zeiss_cirrus": Device(
-        "zeiss_cirrus", "cirrus", "Carl Zeiss Meditec", "Cirrus HD-OCT 5000", (128, 1024, 512),
-        (0.04724, 0.001955, 0.01174), "ir", Style(gain=0.60, floor=0.12, speckle_k=1.5, retina_top=0.30),
-        slice_thickness_is_lateral=True),
-}
-ALL_DEVICES = tuple(DEVICES)
-CIRRUS_200 = ((200, 1024, 200), (0.03015, 0.001955, 0.03015))  # the 200x200 cube: lateral = pitch, quirk harmless
-ONH_RADIAL_FRAMES, ONH_CIRCLES = 24, 3  # Spectralis ONH: 24 radial B-scans + 3 circle scans = 27 frames
-_MAX_SCALED_PITCH_MM = 0.4  # scaled-down volumes keep enough B-scans that the pitch stays plausible
-_MIN_FRAME_SIDE = 32  # openjpeg encodes 6 wavelet resolutions, which needs frames of at least 32 x 32
-
-
-def scaled_geometry(
-    shape: Sequence[int], spacing: Sequence[float], scale: float,
-) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """Shrink a grid by ``scale`` per axis, keeping its physical extent (spacing grows to match)."""
-    if scale == 1.0:
-        return tuple(shape), tuple(spacing)
-    out_shape, out_spacing = [], []
-    for axis, (n, s) in enumerate(zip(shape, spacing)):
-        extent = n * s
-        m = max(_MIN_FRAME_SIDE if axis else 2, round(n * scale))
-        if axis == 0:
-            m = max(m, math.ceil(extent / _MAX_SCALED_PITCH_MM))
-        out_shape.append(min(n, m))
-        out_spacing.append(round(extent / min(n, m), 6))
-    return tuple(out_shape), tuple(out_spacing)
-
-
-# --- the dataset ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
 class Scan:
-    device: Device
+    device: ScannerModel
     laterality: str
     region: str  # "Macula" or "Optic Disc"
     protocol: str
@@ -202,8 +141,6 @@ def generate_dataset(
         "volumes": len(manifest), "by_device": counts, "files": [r["filepath"] for r in manifest],
     }
     if broken:
-        from beam_jobs.bad_inputs import write_bad_inputs
-
         summary["bad_inputs"] = write_bad_inputs(root, manifest_url)
     return summary
 
@@ -231,7 +168,7 @@ def _write_scan(root: str, pid: str, anatomy: Anatomy, scan: Scan, scale: float,
                      sop_instance_uid=uid, reference_uid=ref_uid, rng=rng, transfer_syntax=ts,
                      frame_locations=locations, per_frame_spacing=per_frame_spacing)
     name = f"{pid}_{device.short}_{scan.protocol}_oct_{scan.laterality.lower()}_{uid}.dcm"
-    rel = f"retinal_oct/structural_oct/{device.name}/{pid}/{name}"
+    rel = oct_path(device.name, pid, name)
     with storage.open_url(storage.join(root, rel), "wb") as f:
         f.write(dataset_bytes(ds))
     ref_name = f"{pid}_{device.short}_{device.reference}_{scan.laterality.lower()}_{ref_uid}.dcm"

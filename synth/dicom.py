@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import openjpeg
@@ -24,18 +23,16 @@ from pydicom.uid import (
 )
 
 from beam_jobs.dicom import OPT_SOP_CLASS
-
-if TYPE_CHECKING:  # synth imports this module; the annotation alone needs its Device
-    from beam_jobs.synth import Device
+from synth.devices import ScannerModel
 
 OP_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.5.1"  # Ophthalmic Photography 8 Bit Image Storage (the fundus reference)
 UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root for generated UIDs
 # Field of view of the reference fundus image; its pixel size is not in the OCT file (as in the real data).
 _REF_FOV_MM = 8.8
 
+
 def new_uid(rng: np.random.Generator) -> str:
     return UID_ROOT + ".".join(str(int(v)) for v in rng.integers(1, 2**31, size=3))
-
 
 
 def _encode_pixels(ds: Dataset, volume: np.ndarray, transfer_syntax: str) -> None:
@@ -92,7 +89,7 @@ def oct_dataset(
     *,
     volume: np.ndarray,
     spacing_mm: tuple[float, float, float],
-    device: Device,
+    device: ScannerModel,
     participant_id: str,
     laterality: str,
     sop_instance_uid: str,
@@ -162,7 +159,7 @@ def dataset_bytes(ds: Dataset) -> bytes:
 
 
 def reference_image_bytes(size: int, sop_instance_uid: str, participant_id: str, laterality: str,
-                          device: Device, rng: np.random.Generator) -> bytes:
+                          device: ScannerModel, rng: np.random.Generator) -> bytes:
     """A small fundus-like 2D image: what the OCT's frame locations and the manifest's reference_* point to."""
     yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
     image = (90 + 60 * np.exp(-((xx - 0.2) ** 2 + yy**2) / 0.005) - 40 * np.exp(-(xx**2 + yy**2) / 0.01)
