@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from model.rope import rope_axis_dim, sincos_split
+
 # embed_dim, depth, num_heads (V-JEPA 2's ViT table; a table, not subclasses).
 SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 POS_EMBEDS = ("rope", "sincos")
@@ -19,9 +21,23 @@ def _check_triple(name: str, value: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must be three positive ints (D, H, W), got {value!r}")
 
 
+def _check_positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 @dataclass
 class EncoderConfig:
+    """The encoder's shape and options. Width, depth and heads come from the `size` row of SIZES unless given:
+    an explicit `embed_dim`, `depth` or `num_heads` overrides that entry of the row. They are resolved here, so a
+    saved config records the width it was built with, and one saved before these keys existed (only `size`)
+    builds the same model. Since resolved values count as given, `dataclasses.replace(cfg, size=...)` keeps the
+    old width: build a new config to change the size."""
+
     size: str = "base"
+    embed_dim: int | None = None  # None: the size's
+    depth: int | None = None  # None: the size's
+    num_heads: int | None = None  # None: the size's
     patch_size: tuple[int, int, int] = (4, 16, 16)  # (B-scans, rows, columns) per tubelet
     input_shape: tuple[int, int, int] = (64, 384, 384)  # (D, H, W) of the volumes fed to the model
     mlp_ratio: float = 4.0
@@ -46,23 +62,32 @@ class EncoderConfig:
             raise ValueError(f"encoder.mlp_ratio must be > 0, got {self.mlp_ratio}")
         if self.pos_embed not in POS_EMBEDS:
             raise ValueError(f"encoder.pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
+        self._resolve_width()
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"encoder.attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         for name in ("drop_path", "dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"encoder.{name} must be in [0, 1), got {getattr(self, name)}")
 
-    @property
-    def embed_dim(self) -> int:
-        return SIZES[self.size][0]
-
-    @property
-    def depth(self) -> int:
-        return SIZES[self.size][1]
-
-    @property
-    def num_heads(self) -> int:
-        return SIZES[self.size][2]
+    def _resolve_width(self) -> None:
+        """Fill embed_dim, depth and num_heads left None from the size's row, then check what the blocks and
+        the position embedding need of them."""
+        for name, preset in zip(("embed_dim", "depth", "num_heads"), SIZES[self.size]):
+            if getattr(self, name) is None:
+                setattr(self, name, preset)
+            _check_positive_int(f"encoder.{name}", getattr(self, name))
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"encoder.embed_dim {self.embed_dim} must be divisible by encoder.num_heads {self.num_heads}"
+            )
+        try:
+            if self.pos_embed == "rope":
+                rope_axis_dim(self.embed_dim // self.num_heads)
+            else:
+                sincos_split(self.embed_dim)
+        except ValueError as exc:
+            raise ValueError(f"encoder.embed_dim {self.embed_dim} / encoder.num_heads {self.num_heads} "
+                             f"with pos_embed={self.pos_embed!r}: {exc}") from exc
 
     @property
     def grid(self) -> tuple[int, int, int]:

@@ -78,19 +78,34 @@ class Predictor(nn.Module):
             idx = torch.cat([i for _, i in seqs], dim=0)  # (n * B, L)
             rope = RotaryCache(rope_angles(idx, self.grid, self.head_dim))
         sizes = [t.shape[0] for t, _ in seqs]
-        if x.device.type == "xla":
-            # One graph for TPUs as before: every block on every token (the flash kernel is checked for
-            # self-attention), the context rows dropped at the end.
-            x = run_blocks(self.blocks, x, rope, self.checkpointing)
-            outs = [o[:, kc:] for o, kc in zip(x.split(sizes, dim=0), num_context)]
-        else:
-            # Only the targets' outputs of the last block are used: there the context tokens are keys and
-            # values only (no queries, projection or MLP rows). The configurations differ in their number of
-            # targets, so the last block runs once per configuration.
-            x = run_blocks(self.blocks[:-1], x, rope, self.checkpointing)
-            outs, start = [], 0
-            for o, n, kc in zip(x.split(sizes, dim=0), sizes, num_context):
-                r = None if rope is None else rope.rows(start, start + n)
-                outs.append(run_blocks(self.blocks[-1:], o, r, self.checkpointing, outputs_from=kc))
-                start += n
+        run = self._last_block_on_targets if _last_block_on_targets_only(x) else self._every_block_on_every_token
+        outs = run(x, rope, sizes, num_context)  # one (B, Kt, P) per configuration
         return [self.predictor_proj(self.norm(o)) for o in outs]  # (B, Kt, E)
+
+    def _every_block_on_every_token(self, x: Tensor, rope: RotaryCache | None, sizes: list[int],
+                                    num_context: list[int]) -> list[Tensor]:
+        """One call of every block on all n * B sequences, the context rows dropped at the end."""
+        x = run_blocks(self.blocks, x, rope, self.checkpointing)
+        return [o[:, kc:] for o, kc in zip(x.split(sizes, dim=0), num_context)]
+
+    def _last_block_on_targets(self, x: Tensor, rope: RotaryCache | None, sizes: list[int],
+                               num_context: list[int]) -> list[Tensor]:
+        """All blocks but the last on every token; the last on each configuration's target rows alone, where the
+        context tokens are keys and values only (no queries, projection or MLP rows). The configurations differ
+        in their number of targets, so the last block runs once per configuration."""
+        x = run_blocks(self.blocks[:-1], x, rope, self.checkpointing)
+        outs, start = [], 0
+        for o, n, kc in zip(x.split(sizes, dim=0), sizes, num_context):
+            r = None if rope is None else rope.rows(start, start + n)
+            outs.append(run_blocks(self.blocks[-1:], o, r, self.checkpointing, outputs_from=kc))
+            start += n
+        return outs
+
+
+def _last_block_on_targets_only(x: Tensor) -> bool:
+    """Whether the predictor's last block runs on the targets' rows only, once per configuration (CPU, CUDA:
+    fewer rows, the same numbers), rather than every block on every token in one call. XLA keeps the one
+    static graph it has always run: all blocks batched over every configuration, every attention square (as
+    many queries as keys), the case the Pallas flash-attention kernel is checked for; the target-only last
+    block would add one differently shaped attention per configuration."""
+    return x.device.type != "xla"

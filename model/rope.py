@@ -193,16 +193,19 @@ def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
     return torch.cat((out.sin(), out.cos()), dim=1)  # (M, dim)
 
 
-def sincos_table_3d(embed_dim: int, grid: tuple[int, int, int]) -> Tensor:
-    """Fixed 3D sin-cos position table (N, embed_dim) in flat d-major token order.
-
-    Channels are split in even thirds for d, h, w (the remainder goes to w), each half sine, half cosine;
-    V-JEPA 2 gives half of them to time, which has no reason to dominate in a volume.
-    """
+def sincos_split(embed_dim: int) -> tuple[int, int, int]:
+    """Channels of the sin-cos table given to d, h, w: even thirds, the remainder to w, each half sine, half
+    cosine; V-JEPA 2 gives half of them to time, which has no reason to dominate in a volume."""
     third = 2 * (embed_dim // 6)
     dims = (third, third, embed_dim - 2 * third)
     if dims[2] % 2 or third == 0:
         raise ValueError(f"embed_dim {embed_dim} must be even and >= 6 for a 3D sin-cos table")
+    return dims
+
+
+def sincos_table_3d(embed_dim: int, grid: tuple[int, int, int]) -> Tensor:
+    """Fixed 3D sin-cos position table (N, embed_dim) in flat d-major token order, split as `sincos_split`."""
+    dims = sincos_split(embed_dim)
     n = grid[0] * grid[1] * grid[2]
     coords = grid_coords(torch.arange(n), grid).double()  # (N, 3)
     parts = [_sincos_1d(dims[a], coords[:, a]) for a in range(3)]

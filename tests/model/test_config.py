@@ -61,3 +61,35 @@ def test_round_trips_through_typed_config_and_rejects_unknown_keys():
         from_dict(ModelConfig, data)
     with pytest.raises(ValueError, match="divisible"):
         from_dict(ModelConfig, {"encoder": {"input_shape": [64, 100, 128]}})
+
+
+def test_explicit_width_depth_heads_override_the_size_row_and_round_trip():
+    cfg = EncoderConfig(size="tiny", embed_dim=48, depth=2)
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads) == (48, 2, 3)  # heads: still the row's
+    assert from_dict(EncoderConfig, to_dict(cfg)) == cfg
+    assert to_dict(cfg)["embed_dim"] == 48  # a saved config records the width it was built with
+    # Heads of 5 channels are too narrow for 3D RoPE (below), not for the sin-cos table, which needs the width.
+    assert EncoderConfig(embed_dim=20, num_heads=4, pos_embed="sincos").embed_dim == 20
+
+
+def test_a_config_saved_with_only_the_size_builds_the_size_row():
+    """Configs saved before embed_dim, depth and num_heads were keys hold `size` alone."""
+    old = from_dict(EncoderConfig, {"size": "small", "input_shape": [64, 128, 128]})
+    assert (old.embed_dim, old.depth, old.num_heads) == SIZES["small"]
+    assert old == EncoderConfig(size="small", input_shape=(64, 128, 128), embed_dim=384, depth=12, num_heads=6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"embed_dim": 0}, "encoder.embed_dim must be a positive int"),
+        ({"depth": -1}, "encoder.depth must be a positive int"),
+        ({"num_heads": 2.0}, "encoder.num_heads must be a positive int"),
+        ({"embed_dim": 100, "num_heads": 12}, "divisible by encoder.num_heads"),
+        ({"embed_dim": 20, "num_heads": 4}, "head_dim 5 is too small for 3D rotary"),  # RoPE: >= 6 per head
+        ({"embed_dim": 9, "num_heads": 1, "pos_embed": "sincos"}, "even and >= 6 for a 3D sin-cos"),
+    ],
+)
+def test_explicit_width_is_checked_for_the_blocks_and_the_position_embedding(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        EncoderConfig(**kwargs)

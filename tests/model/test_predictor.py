@@ -102,3 +102,29 @@ def test_block_outputs_from_equals_the_tail_of_the_full_output():
     rope = RotaryCache(rope_angles(torch.randperm(32)[:10].expand(2, 10), (2, 4, 4), 12))
     assert torch.allclose(blk(x, rope, 6), blk(x, rope)[:, 6:], atol=1e-6)
     assert torch.allclose(blk(x, None, 3), blk(x, None)[:, 3:], atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_both_paths_forced_on_the_cpu_give_the_same_outputs_and_gradients(predictor, checkpointing, monkeypatch):
+    """XLA's path (every block on every token, one call) and the CPU's (the last block on the targets alone,
+    once per configuration), each forced on the CPU, agree in every output and every gradient."""
+    import model.predictor as predictor_module
+
+    assert predictor_module._last_block_on_targets_only(torch.zeros(1))  # the CPU's own choice
+    predictor.checkpointing = checkpointing
+    ctx_a, ctx_b = torch.randn(2, 6, 192), torch.randn(2, 4, 192)
+    ctx_idx_b = torch.tensor([[0, 1, 2, 3], [10, 11, 12, 13]])
+    tgt_b = torch.tensor([[4, 5, 6, 7, 8], [20, 21, 22, 23, 24]])
+    items = [(ctx_a, CTX, TGT), (ctx_b, ctx_idx_b, tgt_b)]
+    runs = {}
+    for targets_only in (True, False):
+        monkeypatch.setattr(predictor_module, "_last_block_on_targets_only", lambda x, chosen=targets_only: chosen)
+        predictor.zero_grad()
+        outs = predictor.forward_configs(items)
+        sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs).backward()
+        runs[targets_only] = (outs, {n: p.grad.clone() for n, p in predictor.named_parameters()})
+    (fast, fast_g), (xla, xla_g) = runs[True], runs[False]
+    assert [o.shape for o in fast] == [o.shape for o in xla] == [(2, 3, 192), (2, 5, 192)]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast, xla))
+    for name, g in xla_g.items():
+        assert torch.allclose(fast_g[name], g, atol=1e-5), name

@@ -66,18 +66,18 @@ def test_full_val_holds_every_val_volume_once_in_static_padded_batches(tmp_path,
     assert sorted(levels) == [n + 20 + 3 for n in range(11)]  # sample n's level is n + 20, plus noise mean 3.5
 
 
-def _tiny_model(monkeypatch) -> VJEPA:
-    monkeypatch.setitem(model.config.SIZES, "tiny", (32, 2, 2))
+def _tiny_model() -> VJEPA:
     torch.manual_seed(0)
-    return VJEPA(ModelConfig(encoder=EncoderConfig(size="tiny", patch_size=(4, 16, 16), input_shape=(8, 32, 32)),
-                             predictor=PredictorConfig(depth=1, embed_dim=16, num_heads=2)))
+    encoder = EncoderConfig(size="tiny", embed_dim=32, depth=2, num_heads=2, patch_size=(4, 16, 16),
+                            input_shape=(8, 32, 32))
+    return VJEPA(ModelConfig(encoder=encoder, predictor=PredictorConfig(depth=1, embed_dim=16, num_heads=2)))
 
 
-def test_evaluate_weights_out_padding_and_matches_a_brute_force_computation(tmp_path, monkeypatch):
+def test_evaluate_weights_out_padding_and_matches_a_brute_force_computation(tmp_path):
     root = str(tmp_path / "set")
     index = make_shard_set(root, n_train=8, n_val=7, val_samples_per_shard=[4, 3])
     cfg = DataConfig(shards=root, crop_shape=(8, 32, 32))
-    net = _tiny_model(monkeypatch)
+    net = _tiny_model()
     masks = MultiBlockMasks(net.grid, net.cfg.masks)
     device = Device("cpu", "fp32")
 

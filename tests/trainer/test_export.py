@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import VJEPA
+from model import SIZES, VJEPA
 from shards.typed_config import ConfigError, to_dict
-from trainer.checkpoint import CheckpointNotFound, CheckpointStore, export_encoder, load_encoder
+from trainer.checkpoint import (
+    CheckpointNotFound, CheckpointStore, export_encoder, load_encoder, load_torch, torch_bytes,
+)
 from trainer.config import load_train_config
 from trainer.device import build_device
 from trainer.optim import Schedules, build_optimizer
@@ -59,3 +61,21 @@ def test_a_checkpoint_gives_either_encoder_and_defaults_to_the_exported_one(tmp_
         load_encoder(root, "predictor")
     with pytest.raises(ConfigError):
         load_train_config(None, TINY + ["checkpoint.export_encoder=ema"])
+
+
+def test_the_export_carries_the_encoder_width_and_one_saved_with_the_size_alone_still_loads(tmp_path):
+    cfg, net = trained_apart(["model.encoder.embed_dim=48", "model.encoder.depth=2", "model.encoder.num_heads=2"])
+    export_encoder(str(tmp_path / "narrow.pt"), net, cfg)
+    encoder, enc_cfg = load_encoder(str(tmp_path / "narrow.pt"))
+    assert (enc_cfg.embed_dim, len(encoder.blocks)) == (48, 2) and same_weights(encoder, net.target_encoder)
+
+    # Exports written before embed_dim, depth and num_heads were keys: `size` alone gives the width.
+    cfg, net = trained_apart()
+    export_encoder(str(tmp_path / "encoder.pt"), net, cfg)
+    payload = load_torch(str(tmp_path / "encoder.pt"))
+    for key in ("embed_dim", "depth", "num_heads"):
+        del payload["encoder_config"][key]
+    (tmp_path / "old.pt").write_bytes(torch_bytes(payload))
+    encoder, enc_cfg = load_encoder(str(tmp_path / "old.pt"))
+    assert (enc_cfg.embed_dim, enc_cfg.depth, enc_cfg.num_heads) == SIZES["tiny"]
+    assert same_weights(encoder, net.target_encoder)

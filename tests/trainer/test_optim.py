@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-import model.config
 from model import VJEPA, EncoderConfig, ModelConfig, MultiBlockMasks, PredictorConfig
 from shards.typed_config import ConfigError
 from trainer.config import OptimConfig, TrainConfig
@@ -78,8 +77,8 @@ def test_default_ema_horizon_spans_the_run_whatever_its_length() -> None:
         OptimConfig(ema_horizon_end=0.0)
 
 
-def test_ema_horizon_schedule_moves_the_target_to_the_online_weights_over_a_run(monkeypatch) -> None:
-    net = _tiny_model(monkeypatch)
+def test_ema_horizon_schedule_moves_the_target_to_the_online_weights_over_a_run() -> None:
+    net = _tiny_model()
     total = 400
     start = [p.clone() for p in net.target_encoder.parameters()]
     with torch.no_grad():
@@ -92,16 +91,16 @@ def test_ema_horizon_schedule_moves_the_target_to_the_online_weights_over_a_run(
         assert torch.allclose(pt, po, atol=1e-4) and not torch.allclose(pt, p0)
 
 
-def _tiny_model(monkeypatch: pytest.MonkeyPatch, drop_path: float = 0.0) -> VJEPA:
-    monkeypatch.setitem(model.config.SIZES, "tiny", (32, 2, 2))
+def _tiny_model(drop_path: float = 0.0) -> VJEPA:
     torch.manual_seed(0)
     return VJEPA(ModelConfig(
-        encoder=EncoderConfig(size="tiny", patch_size=(4, 16, 16), input_shape=(8, 32, 32), drop_path=drop_path),
+        encoder=EncoderConfig(size="tiny", embed_dim=32, depth=2, num_heads=2, patch_size=(4, 16, 16),
+                              input_shape=(8, 32, 32), drop_path=drop_path),
         predictor=PredictorConfig(depth=1, embed_dim=16, num_heads=2)))
 
 
-def test_weight_decay_skips_biases_norms_and_mask_tokens(monkeypatch) -> None:
-    vjepa = _tiny_model(monkeypatch)
+def test_weight_decay_skips_biases_norms_and_mask_tokens() -> None:
+    vjepa = _tiny_model()
     opt = build_optimizer(vjepa, OptimConfig(weight_decay=0.05))
     decayed, plain = opt.param_groups
     names = {id(p): n for n, p in vjepa.named_parameters()}
@@ -145,14 +144,14 @@ def _batch(vjepa: VJEPA, rows: slice, volume: torch.Tensor, masks: list) -> dict
                           "masks": [(c[rows], t[rows]) for c, t in masks], "skipped": torch.tensor(0)})
 
 
-def test_gradient_accumulation_equals_one_large_batch(monkeypatch) -> None:
-    vjepa = _tiny_model(monkeypatch)
+def test_gradient_accumulation_equals_one_large_batch() -> None:
+    vjepa = _tiny_model()
     volume = torch.randint(0, 255, (4, 1, 8, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     masks = MultiBlockMasks(vjepa.grid, vjepa.cfg.masks)(4, torch.Generator().manual_seed(2))
     results = []
     for accum, batches in ((1, [_batch(vjepa, slice(0, 4), volume, masks)]),
                            (2, [_batch(vjepa, slice(0, 2), volume, masks), _batch(vjepa, slice(2, 4), volume, masks)])):
-        m = _tiny_model(monkeypatch)
+        m = _tiny_model()
         # SGD, lr 1, no decay or clipping: the parameter change is exactly the (accumulated) gradient.
         cfg = TrainConfig(global_batch_size=4, grad_accum=accum, model=m.cfg, data=DataConfig(crop_shape=(8, 32, 32)),
                           optim=OptimConfig(lr=1.0, start_lr=1.0, final_lr=1.0, weight_decay=0.0,

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import model.config
 import octjepa_cli
 import trainer.train
 from tests.trainer.shardset_fixture import make_shard_set
@@ -18,7 +17,8 @@ from trainer.train import main
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = str(REPO / "configs/smoke.yaml")
 SHAPE = "[8,32,32]"
-NARROW_TINY = (48, 2, 2)
+# ViT-Tiny narrowed to 48 wide, 2 blocks, 2 heads, for the tests that train.
+NARROW_TINY = ["model.encoder.embed_dim=48", "model.encoder.depth=2", "model.encoder.num_heads=2"]
 # Tiny everything: these tests are about what happens around the steps, not in them.
 FAST = ["model.predictor.depth=1", "model.predictor.embed_dim=32", "model.predictor.num_heads=2",
         "logging.mask_images=false", "logging.log_every=1"]
@@ -29,11 +29,6 @@ def shard_set(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = str(tmp_path_factory.mktemp("shards") / "set")
     make_shard_set(root, n_train=24, n_val=8, shape=(8, 32, 32))
     return root
-
-
-@pytest.fixture
-def tiny(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(model.config.SIZES, "tiny", NARROW_TINY)
 
 
 @pytest.fixture
@@ -101,10 +96,9 @@ def test_a_missing_unset_or_incomplete_shard_set_is_one_line(shard_set: str, tmp
     assert shard.name in err and "1000 bytes" in err
 
 
-def test_a_cut_latest_checkpoint_falls_back_to_the_previous_one(shard_set: str, tmp_path: Path, tiny,
-                                                                 capsys) -> None:
+def test_a_cut_latest_checkpoint_falls_back_to_the_previous_one(shard_set: str, tmp_path: Path, capsys) -> None:
     run_dir = tmp_path / "run"
-    common = ["val_every=0", "checkpoint.every_steps=2", "checkpoint.keep_last=3"]
+    common = ["val_every=0", "checkpoint.every_steps=2", "checkpoint.keep_last=3", *NARROW_TINY]
     assert main(_args(shard_set, run_dir, "max_steps=4", *common)) == 0
     store = CheckpointStore(str(run_dir / "checkpoints"))
     assert store.steps() == [2, 4]
@@ -120,11 +114,10 @@ def test_a_cut_latest_checkpoint_falls_back_to_the_previous_one(shard_set: str, 
     assert load_checkpoint(store.latest())["step"] == 4  # step 4 written again, complete this time
 
 
-def test_a_mid_epoch_resume_with_another_worker_count_is_refused(shard_set: str, tmp_path: Path, tiny,
-                                                                  capsys) -> None:
+def test_a_mid_epoch_resume_with_another_worker_count_is_refused(shard_set: str, tmp_path: Path, capsys) -> None:
     run_dir = tmp_path / "run"
     # 6 steps per epoch: the checkpoint at step 2 is mid-epoch.
-    common = ["val_every=0", "checkpoint.every_steps=2", "max_steps=2"]
+    common = ["val_every=0", "checkpoint.every_steps=2", "max_steps=2", *NARROW_TINY]
     assert main(_args(shard_set, run_dir, *common, "data.num_workers=1")) == 0
     assert load_checkpoint(str(run_dir / "checkpoints/step-000000002"))["step_in_epoch"] == 2
     err = _one_line(capsys, _args(shard_set, run_dir, *common, "max_steps=3", "data.num_workers=2", "--resume",
@@ -134,10 +127,9 @@ def test_a_mid_epoch_resume_with_another_worker_count_is_refused(shard_set: str,
     assert main(_args(shard_set, run_dir, *common, "max_steps=3", "data.num_workers=0", "--resume", "auto")) == 0
 
 
-def test_a_cut_tensor_file_of_the_latest_checkpoint_falls_back_too(shard_set: str, tmp_path: Path, tiny,
-                                                                    capsys) -> None:
+def test_a_cut_tensor_file_of_the_latest_checkpoint_falls_back_too(shard_set: str, tmp_path: Path, capsys) -> None:
     run_dir = tmp_path / "run"
-    common = ["val_every=0", "checkpoint.every_steps=2", "checkpoint.keep_last=3", "max_steps=4"]
+    common = ["val_every=0", "checkpoint.every_steps=2", "checkpoint.keep_last=3", "max_steps=4", *NARROW_TINY]
     assert main(_args(shard_set, run_dir, *common)) == 0
     (tensors,) = (run_dir / "checkpoints/step-000000004/dcp").glob("*.distcp")
     tensors.write_bytes(tensors.read_bytes()[:4096])

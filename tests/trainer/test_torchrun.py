@@ -15,7 +15,6 @@ import psutil
 import pytest
 import torch
 
-import model.config
 from tests.trainer.shardset_fixture import make_shard_set
 from tests.trainer.test_train import assert_same_tensors, checkpoint_tensors
 from tests.trainer.torchrun_harness import NARROW_TINY
@@ -28,7 +27,8 @@ SHAPE = "[8,32,32]"
 # 2 ranks x 2 samples per micro-batch over 24 train samples: 6 steps per epoch.
 COMMON = [f"model.encoder.input_shape={SHAPE}", f"data.crop_shape={SHAPE}", "model.predictor.depth=1",
           "model.predictor.embed_dim=32", "model.predictor.num_heads=2", "global_batch_size=4", "val_every=3",
-          "data.val_batches=2", "logging.log_every=1", "logging.mask_images=false", "data.num_workers=0"]
+          "data.val_batches=2", "logging.log_every=1", "logging.mask_images=false", "data.num_workers=0",
+          *NARROW_TINY]
 ENV = {"PYTHONPATH": str(REPO), "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
 
 
@@ -96,9 +96,7 @@ def test_two_ranks_average_the_gradient_a_single_process_gets(shard_set: str, tm
             assert type(ranks["encoder"][name]) is torch.Tensor and torch.equal(ranks["encoder"][name], value), name
 
 
-def test_ranks_split_the_data_and_only_rank0_writes_outputs(shard_set: str, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(model.config.SIZES, "tiny", NARROW_TINY)  # as in the harness, to load its encoder here
+def test_ranks_split_the_data_and_only_rank0_writes_outputs(shard_set: str, tmp_path: Path) -> None:
     keys, work, ckpt = tmp_path / "keys", tmp_path / "work", tmp_path / "ckpt"
     keys.mkdir()
     # The preset's shuffle buffer (8 samples: 4 open batches of 2 per rank).

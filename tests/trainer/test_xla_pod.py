@@ -21,6 +21,7 @@ import pytest
 from shards import storage
 from tests.trainer.shardset_fixture import make_shard_set
 from tests.trainer.test_train import assert_same_tensors, checkpoint_tensors
+from tests.trainer.torchrun_harness import NARROW_TINY
 from trainer.checkpoint import LEGACY_FORMAT, CheckpointStore, load_checkpoint, load_torch, rng_name, torch_bytes
 
 # Not imported here: torch_xla in the test process would set PJRT_DEVICE for every later test.
@@ -33,7 +34,7 @@ SMOKE = str(REPO / "configs/smoke.yaml")
 ARGS = ["device=xla", "precision=fp32", "max_steps=8", "val_every=3", "data.val_batches=2", "checkpoint.every_steps=2",
         "checkpoint.keep_last=10", "logging.log_every=1", "logging.mask_images=false", "global_batch_size=4",
         "model.encoder.input_shape=[8,32,32]", "data.crop_shape=[8,32,32]", "model.predictor.depth=1",
-        "model.predictor.embed_dim=32", "model.predictor.num_heads=2", "data.num_workers=0"]
+        "model.predictor.embed_dim=32", "model.predictor.num_heads=2", "data.num_workers=0", *NARROW_TINY]
 
 
 def _env(devices: int = 4, **extra: str) -> dict[str, str]:

@@ -22,15 +22,13 @@ import sys
 import time
 from typing import Callable
 
-import model.config
+import torch
 
-NARROW_TINY = (48, 2, 2)  # ViT-Tiny's row, 2 blocks: the same code, a fraction of the CPU time
-if __name__ == "__main__":
-    model.config.SIZES["tiny"] = NARROW_TINY
+from trainer import train as T
 
-import torch  # noqa: E402
-
-from trainer import train as T  # noqa: E402
+# ViT-Tiny narrowed to 48 wide, 2 blocks, 2 heads: the same code, a fraction of the CPU time. Tests that run this
+# harness pass it among their overrides.
+NARROW_TINY = ["model.encoder.embed_dim=48", "model.encoder.depth=2", "model.encoder.num_heads=2"]
 
 RANK = int(os.environ.get("RANK", "0"))
 
