@@ -32,6 +32,12 @@ COMMON = [f"model.encoder.input_shape={SHAPE}", f"data.crop_shape={SHAPE}", "mod
 ENV = {"PYTHONPATH": str(REPO), "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
 
 
+def _environ() -> dict[str, str]:
+    """This process's environment without the W&B service an earlier in-process run may have left in it (ranks
+    would attach to it instead of writing their own offline run)."""
+    return {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+
+
 @pytest.fixture(scope="module")
 def shard_set(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = str(tmp_path_factory.mktemp("shards") / "set")
@@ -41,7 +47,7 @@ def shard_set(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def _torchrun(args: list[str], nproc: int = 2, **env: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", HARNESS, *args]
-    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **ENV, **env}, stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=REPO, env={**_environ(), **ENV, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -76,7 +82,7 @@ def _keys(directory: Path, rank: int) -> list[list[str]]:
 
 def test_two_ranks_average_the_gradient_a_single_process_gets(shard_set: str, tmp_path: Path) -> None:
     args = ["grads", str(tmp_path), SMOKE, f"data.shards={shard_set}", *COMMON, "grad_accum=2", "global_batch_size=8"]
-    _finish(subprocess.Popen([sys.executable, HARNESS, *args], cwd=REPO, env={**os.environ, **ENV},
+    _finish(subprocess.Popen([sys.executable, HARNESS, *args], cwd=REPO, env={**_environ(), **ENV},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     _finish(_torchrun(args))
     single = torch.load(tmp_path / "replicated-world1.pt")
