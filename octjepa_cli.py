@@ -12,6 +12,7 @@ Each subcommand lives in its package and is imported only when asked for, so a B
 trainer without Beam both have a working ``octjepa``. Errors the user must fix (``shards.errors.OctjepaError``:
 bad settings, bad or incomplete inputs) become one line on stderr and the error's exit code, for every subcommand.
 """
+
 from __future__ import annotations
 
 import importlib

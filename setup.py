@@ -3,6 +3,7 @@
 Extras keep each machine lean: Beam/Dataflow workers install ``.[beam]`` (no torch), trainers ``.[train]``,
 TPU hosts ``.[train,tpu]``, developers ``.[beam,train,test]``.
 """
+
 from setuptools import find_packages, setup
 
 # What the preprocess and reshard workers import, and nothing else: Dataflow installs this package from its sdist
@@ -35,6 +36,7 @@ TPU = ["torch_xla[tpu,pallas]==2.9.0"]
 TEST = [
     "pytest==9.2.0",
     "pytest-timeout==2.4.0",
+    "ruff==0.17.6",  # lint and format (ruff.toml); .ci/run checks both
     "gcp-storage-emulator==2026.7.19",
     # The static-graph test runs torch_xla on its CPU backend (PJRT_DEVICE=CPU); no TPU runtime needed.
     "torch_xla==2.9.0",
@@ -51,8 +53,20 @@ setup(
     description="Retinal OCT DICOM -> WebDataset shards -> V-JEPA2 3D self-supervised pretraining",
     # 3.10: the stock TPU VM images (tpu-ubuntu2204-base, the v5/v6 runtimes); torch_xla 2.9 ships 3.10-3.12 wheels.
     python_requires=">=3.10,<3.13",
-    packages=find_packages(include=["shards", "shards.*", "beam_jobs", "beam_jobs.*", "model", "model.*",
-                                    "trainer", "trainer.*", "synth", "synth.*"]),
+    packages=find_packages(
+        include=[
+            "shards",
+            "shards.*",
+            "beam_jobs",
+            "beam_jobs.*",
+            "model",
+            "model.*",
+            "trainer",
+            "trainer.*",
+            "synth",
+            "synth.*",
+        ]
+    ),
     py_modules=["octjepa_cli"],
     install_requires=BASE,
     extras_require={"beam": BEAM, "train": TRAIN, "tpu": TPU, "test": TEST},

@@ -10,12 +10,14 @@ The dataclass defaults are the seed preset (configs/preprocess_seed.yaml restate
 that has the package but not the configs/ folder (a Dataflow wheel) gets the same default. Both validate when built:
 a bad value is a ConfigError naming it.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from beam_jobs import manifest as mf
 from shards import TARGET_SHARD_BYTES, storage
@@ -58,11 +60,11 @@ class PreprocessOptions:
     manifest: str
     data_root: str
     output: str
-    overwrite: bool = False                 # replace the complete set the output holds
+    overwrite: bool = False  # replace the complete set the output holds
     participants: str | None = None
-    devices: tuple[str, ...] = ()           # empty: every device
+    devices: tuple[str, ...] = ()  # empty: every device
     anatomic_regions: tuple[str, ...] = ()  # empty: every region
-    samples_per_shard: int | None = None    # None: default_samples_per_shard(preprocess)
+    samples_per_shard: int | None = None  # None: default_samples_per_shard(preprocess)
     val_fraction: float = mf.DEFAULT_VAL_FRACTION
     preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
 

@@ -19,11 +19,13 @@ Reasons besides ``beam_jobs.dicom.REASONS`` (what the DICOM reader rejects):
 Messages are deterministic: the same input gives the same ``errors.jsonl`` bytes on every run (object reprs such
 as ``<_io.BytesIO object at 0x7f...>`` from a decoder plugin lose their address).
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from beam_jobs import manifest as mf
 from shards import make_key
@@ -61,14 +63,24 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def error_record(row: mf.Row, *, stage: str, reason: str, message: str) -> dict[str, Any]:
-    return {"key": make_key(row.device, row.participant_id, row.sop_instance_uid), "row": row.row_number,
-            "filepath": row.filepath, "sop_instance_uid": row.sop_instance_uid, "stage": stage, "reason": reason,
-            "message": deterministic(message)}
+    return {
+        "key": make_key(row.device, row.participant_id, row.sop_instance_uid),
+        "row": row.row_number,
+        "filepath": row.filepath,
+        "sop_instance_uid": row.sop_instance_uid,
+        "stage": stage,
+        "reason": reason,
+        "message": deterministic(message),
+    }
 
 
 def warning_record(row: mf.Row, *, kind: str, message: str) -> dict[str, Any]:
-    return {"key": make_key(row.device, row.participant_id, row.sop_instance_uid), "row": row.row_number,
-            "kind": kind, "message": deterministic(message)}
+    return {
+        "key": make_key(row.device, row.participant_id, row.sop_instance_uid),
+        "row": row.row_number,
+        "kind": kind,
+        "message": deterministic(message),
+    }
 
 
 def sort_key(record: Mapping[str, Any]) -> tuple[int, str]:
@@ -103,18 +115,41 @@ def one_sample_per_file(file_uid: str, decoded: Iterable[Decoded]) -> tuple[Deco
     file's UID is the row's (else ``manifest_mismatch``); every later row is a ``duplicate_file`` naming it.
     """
     first, *others = sorted(decoded, key=lambda d: d.row.row_number)
-    errors = [error_record(d.row, stage="identity", reason="duplicate_file", message=(
-        f"{d.row.filepath}: holds the same DICOM as row {first.row.row_number} ({first.row.filepath}): "
-        f"SOPInstanceUID {file_uid} in both files; one file, one sample: row {first.row.row_number} takes it"))
-        for d in others]
+    errors = [
+        error_record(
+            d.row,
+            stage="identity",
+            reason="duplicate_file",
+            message=(
+                f"{d.row.filepath}: holds the same DICOM as row {first.row.row_number} ({first.row.filepath}): "
+                f"SOPInstanceUID {file_uid} in both files; one file, one sample: row {first.row.row_number} takes it"
+            ),
+        )
+        for d in others
+    ]
     if first.row.sop_instance_uid != file_uid:
-        errors.append(error_record(first.row, stage="identity", reason="manifest_mismatch", message=(
-            f"{first.row.filepath}: the file's SOPInstanceUID is {file_uid}, the manifest row's sop_instance_uid "
-            f"is {first.row.sop_instance_uid}")))
+        errors.append(
+            error_record(
+                first.row,
+                stage="identity",
+                reason="manifest_mismatch",
+                message=(
+                    f"{first.row.filepath}: the file's SOPInstanceUID is {file_uid}, "
+                    f"the manifest row's sop_instance_uid is {first.row.sop_instance_uid}"
+                ),
+            )
+        )
         return None, errors, []
     warnings = []
     if first.patient_id and first.patient_id != first.row.participant_id:
-        warnings.append(warning_record(first.row, kind="patient_id_mismatch", message=(
-            f"{first.row.filepath}: the file's PatientID is {first.patient_id!r}, the manifest row's participant is "
-            f"{first.row.participant_id!r}")))
+        warnings.append(
+            warning_record(
+                first.row,
+                kind="patient_id_mismatch",
+                message=(
+                    f"{first.row.filepath}: the file's PatientID is {first.patient_id!r}, "
+                    f"the manifest row's participant is {first.row.participant_id!r}"
+                ),
+            )
+        )
     return first, errors, warnings

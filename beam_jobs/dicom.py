@@ -8,6 +8,7 @@ is one of ``REASONS`` and whose message says what was expected, what was found, 
     from beam_jobs.dicom import read_oct_dicom
     volume, header = read_oct_dicom(open("scan.dcm", "rb"), name="scan.dcm")
 """
+
 from __future__ import annotations
 
 import io
@@ -19,13 +20,13 @@ import pydicom
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import iter_pixels
 from pydicom.uid import (
-    RLELossless,
+    JPEG2000,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    RLELossless,
 )
 
 from beam_jobs.config import DEFAULT_MAX_DECODED_BYTES
@@ -33,11 +34,24 @@ from beam_jobs.spacing import SpacingError, resolve_spacing
 
 OPT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.5.4"  # Ophthalmic Tomography Image Storage
 
-REASONS = frozenset({
-    "not_dicom", "truncated", "no_pixel_data", "wrong_sop_class", "missing_spacing", "implausible_spacing",
-    "corrupt_codestream", "too_large", "zero_frames", "not_grayscale", "non_raster_scan",
-    "unsupported_transfer_syntax", "unsupported_pixel_format", "malformed_header",
-})
+REASONS = frozenset(
+    {
+        "not_dicom",
+        "truncated",
+        "no_pixel_data",
+        "wrong_sop_class",
+        "missing_spacing",
+        "implausible_spacing",
+        "corrupt_codestream",
+        "too_large",
+        "zero_frames",
+        "not_grayscale",
+        "non_raster_scan",
+        "unsupported_transfer_syntax",
+        "unsupported_pixel_format",
+        "malformed_header",
+    }
+)
 
 SUPPORTED_TRANSFER_SYNTAXES = {
     ExplicitVRLittleEndian: "explicit VR little endian",
@@ -91,8 +105,16 @@ class OctHeader:
 
 
 # What pydicom raises when a header element's bytes cannot be interpreted (elements are converted lazily).
-_HEADER_ERRORS = (BytesLengthException, NotImplementedError, ValueError, TypeError, KeyError, IndexError,
-                  AttributeError, EOFError)
+_HEADER_ERRORS = (
+    BytesLengthException,
+    NotImplementedError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    EOFError,
+)
 
 
 class _ShortReadWatch(io.BytesIO):
@@ -156,7 +178,9 @@ def _check_header(ds: pydicom.Dataset, name: str, max_decoded_bytes: int, allow_
         raise
     except _HEADER_ERRORS as exc:
         raise DicomReadError(
-            "malformed_header", name, f"a header element cannot be read: {type(exc).__name__}: {exc}",
+            "malformed_header",
+            name,
+            f"a header element cannot be read: {type(exc).__name__}: {exc}",
         ) from exc
 
 
@@ -165,7 +189,8 @@ def _header(ds: pydicom.Dataset, name: str, max_decoded_bytes: int, allow_other:
     if sop_class != OPT_SOP_CLASS and not allow_other:
         found = f"{sop_class} ({pydicom.uid.UID(sop_class).name})" if sop_class else "none"
         raise DicomReadError(
-            "wrong_sop_class", name,
+            "wrong_sop_class",
+            name,
             f"SOPClassUID is {found}, expected Ophthalmic Tomography Image Storage ({OPT_SOP_CLASS})",
         )
     if "PixelData" not in ds:
@@ -177,14 +202,17 @@ def _header(ds: pydicom.Dataset, name: str, max_decoded_bytes: int, allow_other:
         found = f"{ts} ({pydicom.uid.UID(ts).name})" if ts else "none in the file meta"
         supported = ", ".join(SUPPORTED_TRANSFER_SYNTAXES.values())
         raise DicomReadError(
-            "unsupported_transfer_syntax", name, f"transfer syntax is {found}, expected one of: {supported}",
+            "unsupported_transfer_syntax",
+            name,
+            f"transfer syntax is {found}, expected one of: {supported}",
         )
 
     samples = _int(ds, "SamplesPerPixel", name)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise DicomReadError(
-            "not_grayscale", name,
+            "not_grayscale",
+            name,
             f"SamplesPerPixel is {samples} and PhotometricInterpretation is {photometric!r}, "
             "expected 1 sample, MONOCHROME1 or MONOCHROME2",
         )
@@ -193,7 +221,8 @@ def _header(ds: pydicom.Dataset, name: str, max_decoded_bytes: int, allow_other:
     _int(ds, "PixelRepresentation", name)  # required by the decoders too
     if bits_allocated not in (8, 16) or not 1 <= bits_stored <= bits_allocated:
         raise DicomReadError(
-            "unsupported_pixel_format", name,
+            "unsupported_pixel_format",
+            name,
             f"BitsAllocated is {bits_allocated} and BitsStored {bits_stored}, expected 8 or 16 bits allocated",
         )
 
@@ -206,7 +235,8 @@ def _header(ds: pydicom.Dataset, name: str, max_decoded_bytes: int, allow_other:
     decoded = frames * rows * columns * (bits_allocated // 8)
     if decoded > max_decoded_bytes:
         raise DicomReadError(
-            "too_large", name,
+            "too_large",
+            name,
             f"NumberOfFrames x Rows x Columns x bytes = {frames} x {rows} x {columns} x {bits_allocated // 8} = "
             f"{decoded} bytes decoded, above the limit of {max_decoded_bytes} (max_decoded_bytes)",
         )
@@ -218,7 +248,9 @@ def _header(ds: pydicom.Dataset, name: str, max_decoded_bytes: int, allow_other:
 
     if ts in _NATIVE and len(ds.PixelData) < decoded:
         raise DicomReadError(
-            "truncated", name, f"Pixel Data holds {len(ds.PixelData)} bytes, the header declares {decoded}",
+            "truncated",
+            name,
+            f"Pixel Data holds {len(ds.PixelData)} bytes, the header declares {decoded}",
         )
     warnings = list(spacing.warnings)
     if photometric == "MONOCHROME1":
@@ -268,12 +300,14 @@ def _decode(ds: pydicom.Dataset, header: OctHeader, name: str) -> np.ndarray:
                 break
             if frame.shape != (header.rows, header.columns):
                 raise DicomReadError(
-                    "corrupt_codestream", name,
+                    "corrupt_codestream",
+                    name,
                     f"frame {i} decodes to shape {frame.shape}, the header declares {(header.rows, header.columns)}",
                 )
             if signed and frame.min() < 0:
                 raise DicomReadError(
-                    "unsupported_pixel_format", name,
+                    "unsupported_pixel_format",
+                    name,
                     f"frame {i} holds negative values (PixelRepresentation 1); OCT intensities are unsigned",
                 )
             volume[i] = frame
@@ -283,12 +317,15 @@ def _decode(ds: pydicom.Dataset, header: OctHeader, name: str) -> np.ndarray:
     except (RuntimeError, OSError, *_HEADER_ERRORS) as exc:
         reason = "truncated" if native else "corrupt_codestream"
         raise DicomReadError(
-            reason, name, f"frame {count} of {header.frames} failed to decode "
+            reason,
+            name,
+            f"frame {count} of {header.frames} failed to decode "
             f"({SUPPORTED_TRANSFER_SYNTAXES[header.transfer_syntax_uid]}): {type(exc).__name__}: {exc}",
         ) from exc
     if count != header.frames:
         raise DicomReadError(
-            "truncated" if native else "corrupt_codestream", name,
+            "truncated" if native else "corrupt_codestream",
+            name,
             f"Pixel Data holds {count} frames, the header declares NumberOfFrames {header.frames}",
         )
     if header.photometric == "MONOCHROME1":

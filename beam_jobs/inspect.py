@@ -9,12 +9,14 @@ Each line holds the SOP class, transfer syntax, manufacturer and model, shape ``
 preprocessing job would record) with its message. Pixels are decoded by default, because a file whose header is
 fine can still hold a broken codestream.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from pydicom.uid import UID
@@ -36,8 +38,13 @@ def expand(paths: Sequence[str]) -> Iterator[str]:
             yield url
 
 
-def inspect_file(url: str, *, decode: bool = True, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
-                 allow_other_sop_classes: bool = False) -> dict[str, Any]:
+def inspect_file(
+    url: str,
+    *,
+    decode: bool = True,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    allow_other_sop_classes: bool = False,
+) -> dict[str, Any]:
     """The JSON-ready report for one file; never raises for a bad file (the report carries the error)."""
     try:
         with storage.open_url(url, "rb") as f:
@@ -71,8 +78,11 @@ def inspect_file(url: str, *, decode: bool = True, max_decoded_bytes: int = DEFA
         "warnings": list(header.warnings),
     }
     if volume is not None:
-        report["intensity"] = {"min": int(volume.min()), "max": int(volume.max()),
-                               "mean": round(float(volume.mean(dtype=np.float64)), 3)}
+        report["intensity"] = {
+            "min": int(volume.min()),
+            "max": int(volume.max()),
+            "mean": round(float(volume.mean(dtype=np.float64)), 3),
+        }
     return report
 
 
@@ -85,8 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     failed = 0
     for url in expand(args.paths):
-        report = inspect_file(url, decode=not args.header_only, max_decoded_bytes=args.max_decoded_bytes,
-                              allow_other_sop_classes=args.allow_other_sop_classes)
+        report = inspect_file(
+            url,
+            decode=not args.header_only,
+            max_decoded_bytes=args.max_decoded_bytes,
+            allow_other_sop_classes=args.allow_other_sop_classes,
+        )
         failed += "error" in report
         print(json.dumps(report), flush=True)
     if failed:

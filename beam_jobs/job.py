@@ -12,13 +12,15 @@ set (every selected row failed; a source shard is corrupt), its records to ``O/F
 driver reads that file after the pipeline and raises the job's error from it: a problem a worker finds is data, never
 an exception, whose type Beam's runners reduce to traceback text. A later run that writes a set removes the file.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import sys
 import time
-from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NoReturn
 
 import apache_beam as beam
 
@@ -29,8 +31,9 @@ from shards.errors import OctjepaError
 FAILED_RUN_ERRORS = "failed-run-errors.jsonl"
 
 
-def run_pipeline(options: Any, build: Callable[[beam.Pipeline], None], *, on_signal: Callable[[], None],
-                 namespace: str) -> tuple[dict[str, int], float]:
+def run_pipeline(
+    options: Any, build: Callable[[beam.Pipeline], None], *, on_signal: Callable[[], None], namespace: str
+) -> tuple[dict[str, int], float]:
     """Build the job's steps (``build(pipeline)``) on the runner ``options`` name and run them to completion;
     returns (the committed counters of ``namespace``, seconds). ``on_signal``: see ``runner.run_and_wait``."""
     started = time.monotonic()
@@ -71,8 +74,11 @@ def read_result(output: str, failure: Callable[[list[dict[str, Any]]], OctjepaEr
     return load_any_index(output)
 
 
-def main(run: Callable[[Sequence[str] | None], Mapping[str, Any]], summary: Callable[[Mapping[str, Any]], str],
-         argv: Sequence[str] | None) -> int:
+def main(
+    run: Callable[[Sequence[str] | None], Mapping[str, Any]],
+    summary: Callable[[Mapping[str, Any]], str],
+    argv: Sequence[str] | None,
+) -> int:
     """A job's command line: run it and print its summary. User errors (OctjepaError) propagate to the ``octjepa``
     dispatcher, which prints them as one line with their exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -9,6 +9,7 @@ Beam's multi-processing workers outlive a driver that is killed: each finishes i
 Linux), however the parent dies, SIGKILL included. The parent is the driver thread that started the worker and
 waits for it, so it lives exactly as long as the worker should. Elsewhere the worker runs unbound.
 """
+
 from __future__ import annotations
 
 import ctypes

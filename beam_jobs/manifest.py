@@ -4,6 +4,7 @@ domain, and each participant's split. Plain functions, no Beam; the job and the 
 A manifest row names one DICOM (``filepath`` relative to the dataset root) with its participant, device, eye and
 region. Releases differ in the participant column's heading (``participant_id`` or ``person_id``); both are read.
 """
+
 from __future__ import annotations
 
 import csv
@@ -11,8 +12,9 @@ import io
 import os
 import posixpath
 import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from shards import SPLITS, make_key, stable_hash, storage
 from shards.errors import OctjepaError
@@ -32,8 +34,15 @@ _MODEL_DEVICES = {
     ("zeiss", "cirrus"): "zeiss_cirrus",
     ("carl", "cirrus"): "zeiss_cirrus",
 }
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                  "test": "test", "testing": "test"}
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 class ManifestError(OctjepaError, ValueError):
@@ -54,9 +63,14 @@ class Row:
     split: str
 
     def as_dict(self) -> dict[str, str]:
-        return {"participant_id": self.participant_id, "device": self.device, "laterality": self.laterality,
-                "anatomic_region": self.anatomic_region, "sop_instance_uid": self.sop_instance_uid,
-                "filepath": self.filepath}
+        return {
+            "participant_id": self.participant_id,
+            "device": self.device,
+            "laterality": self.laterality,
+            "anatomic_region": self.anatomic_region,
+            "sop_instance_uid": self.sop_instance_uid,
+            "filepath": self.filepath,
+        }
 
     @property
     def path(self) -> str:
@@ -92,7 +106,9 @@ class Selection:
     def keeps(self, device: str, region: str) -> bool:
         if self.devices and device not in self.devices:
             return False
-        return not self.anatomic_regions or normalise_region(region) in {normalise_region(r) for r in self.anatomic_regions}
+        return not self.anatomic_regions or normalise_region(region) in {
+            normalise_region(r) for r in self.anatomic_regions
+        }
 
 
 def normalise_region(region: str) -> str:
@@ -138,8 +154,9 @@ def hash_split(participant_id: str, val_fraction: float = DEFAULT_VAL_FRACTION) 
     return "val" if stable_hash(f"split:{participant_id}") % 10_000 < round(val_fraction * 10_000) else "train"
 
 
-def assign_split(participant_id: str, recommended: Mapping[str, str] | None,
-                 val_fraction: float = DEFAULT_VAL_FRACTION) -> str:
+def assign_split(
+    participant_id: str, recommended: Mapping[str, str] | None, val_fraction: float = DEFAULT_VAL_FRACTION
+) -> str:
     """``recommended_split`` from participants.tsv when the participant is listed there, else ``hash_split``.
     Either way the split is a function of the participant alone, so no participant spans two splits."""
     if recommended and participant_id in recommended:
@@ -185,17 +202,24 @@ def read_participants(url: str, text: str | None = None) -> dict[str, str]:
         pid, raw = record.get(pid_col, ""), record.get("recommended_split", "")
         split = _SPLIT_ALIASES.get(raw.lower())
         if not pid or split is None or split not in SPLITS:
-            raise ManifestError(f"{url}: row {n}: expected a participant id and a recommended_split in "
-                                f"{sorted(_SPLIT_ALIASES)}, found {pid_col}={pid!r} recommended_split={raw!r}")
+            raise ManifestError(
+                f"{url}: row {n}: expected a participant id and a recommended_split in "
+                f"{sorted(_SPLIT_ALIASES)}, found {pid_col}={pid!r} recommended_split={raw!r}"
+            )
         if out.get(pid, split) != split:
             raise ManifestError(f"{url}: participant {pid} is listed in two splits ({out[pid]!r} and {split!r})")
         out[pid] = split
     return out
 
 
-def parse_manifest(url: str, *, selection: Selection = Selection(), recommended: Mapping[str, str] | None = None,
-                   val_fraction: float = DEFAULT_VAL_FRACTION,
-                   text: str | None = None) -> tuple[int, list[Row | BadRow]]:
+def parse_manifest(
+    url: str,
+    *,
+    selection: Selection = Selection(),
+    recommended: Mapping[str, str] | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    text: str | None = None,
+) -> tuple[int, list[Row | BadRow]]:
     """(number of data rows, the selected rows): ``imaging == OCT`` rows of the selected devices and regions, each
     a ``Row`` or, when it cannot be read, a ``BadRow``. A structurally broken row (wrong column count, empty
     required field, no derivable device) is reported rather than dropped, because it cannot be shown not to be
@@ -213,32 +237,51 @@ def parse_manifest(url: str, *, selection: Selection = Selection(), recommended:
         for row in _select_row(url, n, heading, values, pid_col, selection, recommended, val_fraction):
             if isinstance(row, Row) and row.path in first_path:
                 kept = first_path[row.path]
-                row = BadRow(n, row.filepath, row.sop_instance_uid, reason="duplicate_file", key=row.key,
-                             message=f"{url}: row {n}: {row.filepath} is the file of row {kept.row_number} "
-                                     f"({kept.filepath}); one file, one sample: row {kept.row_number} is kept")
+                row = BadRow(
+                    n,
+                    row.filepath,
+                    row.sop_instance_uid,
+                    reason="duplicate_file",
+                    key=row.key,
+                    message=f"{url}: row {n}: {row.filepath} is the file of row {kept.row_number} "
+                    f"({kept.filepath}); one file, one sample: row {kept.row_number} is kept",
+                )
             elif isinstance(row, Row) and row.sop_instance_uid in first_row:
                 # A second row for the same image would write the same sample key twice.
-                row = BadRow(n, row.filepath, row.sop_instance_uid,
-                             f"{url}: row {n}: sop_instance_uid {row.sop_instance_uid} already listed at row "
-                             f"{first_row[row.sop_instance_uid]}")
+                row = BadRow(
+                    n,
+                    row.filepath,
+                    row.sop_instance_uid,
+                    f"{url}: row {n}: sop_instance_uid {row.sop_instance_uid} already listed at row "
+                    f"{first_row[row.sop_instance_uid]}",
+                )
             elif isinstance(row, Row):
                 first_row[row.sop_instance_uid], first_path[row.path] = n, row
             out.append(row)
     return total, out
 
 
-def _select_row(url: str, n: int, heading: Sequence[str], values: Sequence[str], pid_col: str,
-                selection: Selection, recommended: Mapping[str, str] | None,
-                val_fraction: float) -> Iterator[Row | BadRow]:
+def _select_row(
+    url: str,
+    n: int,
+    heading: Sequence[str],
+    values: Sequence[str],
+    pid_col: str,
+    selection: Selection,
+    recommended: Mapping[str, str] | None,
+    val_fraction: float,
+) -> Iterator[Row | BadRow]:
     record = {h: v.strip() for h, v in zip(heading, values)}
     filepath, uid = record.get("filepath", ""), record.get("sop_instance_uid", "")
     if len(values) != len(heading):
-        yield BadRow(n, filepath, uid, f"{url}: row {n}: expected {len(heading)} tab-separated fields, "
-                                       f"found {len(values)}")
+        yield BadRow(
+            n, filepath, uid, f"{url}: row {n}: expected {len(heading)} tab-separated fields, found {len(values)}"
+        )
         return
     if not record["imaging"]:
-        yield BadRow(n, filepath, uid, f"{url}: row {n}: empty 'imaging' field, expected {OCT_IMAGING!r} or "
-                                       f"another modality")
+        yield BadRow(
+            n, filepath, uid, f"{url}: row {n}: empty 'imaging' field, expected {OCT_IMAGING!r} or another modality"
+        )
         return
     if record["imaging"] != OCT_IMAGING:
         return
@@ -251,25 +294,37 @@ def _select_row(url: str, n: int, heading: Sequence[str], values: Sequence[str],
         yield BadRow(n, filepath, uid, f"{url}: row {n}: {what}")
         return
     pid = record[pid_col]
-    yield Row(row_number=n, participant_id=pid, device=device, laterality=record.get("laterality", ""),
-              anatomic_region=record.get("anatomic_region", ""), sop_instance_uid=uid, filepath=filepath,
-              split=assign_split(pid, recommended, val_fraction))
+    yield Row(
+        row_number=n,
+        participant_id=pid,
+        device=device,
+        laterality=record.get("laterality", ""),
+        anatomic_region=record.get("anatomic_region", ""),
+        sop_instance_uid=uid,
+        filepath=filepath,
+        split=assign_split(pid, recommended, val_fraction),
+    )
 
 
-def check_inputs(manifest: str, *, participants: str | None, data_root: str, selection: Selection,
-                 val_fraction: float) -> dict[str, str] | None:
+def check_inputs(
+    manifest: str, *, participants: str | None, data_root: str, selection: Selection, val_fraction: float
+) -> dict[str, str] | None:
     """What a job checks before it touches its output: the participants file and the manifest parse, the manifest
     selects a row, the data root is a readable folder. Returns the recommended splits (None without
     participants.tsv)."""
     recommended = read_participants(participants) if participants else None
     total, rows = parse_manifest(manifest, selection=selection, recommended=recommended, val_fraction=val_fraction)
     if not rows:
-        raise ManifestError(f"{manifest}: none of its {total} rows is selected (OCT rows of devices "
-                            f"{list(selection.devices) or 'any'}, regions {list(selection.anatomic_regions) or 'any'})")
+        raise ManifestError(
+            f"{manifest}: none of its {total} rows is selected (OCT rows of devices "
+            f"{list(selection.devices) or 'any'}, regions {list(selection.anatomic_regions) or 'any'})"
+        )
     fs, path = storage.get_fs(data_root)
     if not (fs.isdir(path) and (storage.is_remote(data_root) or os.access(path, os.R_OK | os.X_OK))):
-        raise ConfigError(f"--data-root {data_root}: not a readable folder; expected the folder the manifest's "
-                          f"filepath column is relative to (it holds retinal_oct/)")
+        raise ConfigError(
+            f"--data-root {data_root}: not a readable folder; expected the folder the manifest's "
+            f"filepath column is relative to (it holds retinal_oct/)"
+        )
     return recommended
 
 
@@ -283,5 +338,12 @@ def rows_per_split(rows: Iterable[Row | BadRow]) -> dict[str, int]:
 
 def bad_row_record(row: BadRow) -> dict[str, Any]:
     """The errors.jsonl line of a row not read."""
-    return {"key": row.key, "row": row.row_number, "filepath": row.filepath, "sop_instance_uid": row.sop_instance_uid,
-            "stage": "manifest", "reason": row.reason, "message": row.message}
+    return {
+        "key": row.key,
+        "row": row.row_number,
+        "filepath": row.filepath,
+        "sop_instance_uid": row.sop_instance_uid,
+        "stage": "manifest",
+        "reason": row.reason,
+        "message": row.message,
+    }

@@ -50,6 +50,7 @@ An earlier set's ``index.json`` is deleted just before the first new shard is wr
 leaves a set that readers refuse, and a run in which every selected row fails writes no shard at all: it leaves an
 earlier set as it was, puts its dead letters in ``O/failed-run-errors.jsonl`` and exits non-zero.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,8 @@ import math
 import os
 import posixpath
 import time
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -68,8 +70,7 @@ from beam_jobs import job, runner
 from beam_jobs import manifest as mf
 from beam_jobs.config import PreprocessConfig, PreprocessOptions, load_preprocess_config
 from beam_jobs.dead_letters import Decoded, one_sample_per_file
-from beam_jobs.preprocess_output import (all_rows_failed, finalise, read_staged, retract_index, stage_sample,
-                                         staged_url)
+from beam_jobs.preprocess_output import all_rows_failed, finalise, read_staged, retract_index, stage_sample, staged_url
 from shards import device_counts, lease, stable_hash, storage, write_shard_file
 from shards.typed_config import from_dict
 
@@ -82,23 +83,39 @@ WARNINGS_TAG = "warnings"
 
 # ---------------------------------------------------------------------------------------------------- options
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="octjepa preprocess", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="octjepa preprocess",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--manifest", required=True, help="manifest.tsv (local path or gs://)")
     parser.add_argument("--data-root", required=True, help="folder the manifest's filepath column is relative to")
     parser.add_argument("--output", required=True, help="shard-set folder to write")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the complete set that --output already holds")
+    parser.add_argument("--overwrite", action="store_true", help="replace the complete set that --output already holds")
     parser.add_argument("--config", default=None, help="preprocessing preset YAML (default: built-in defaults)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config field, e.g. --set target_spacing_mm=[0.1,0.01,0.02]")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config field, e.g. --set target_spacing_mm=[0.1,0.01,0.02]",
+    )
     parser.add_argument("--participants", default=None, help="participants.tsv with recommended_split")
     parser.add_argument("--devices", nargs="+", default=[], choices=mf.DEVICES, help="keep only these devices")
     parser.add_argument("--anatomic-regions", nargs="+", default=[], help="keep only these regions (e.g. macula)")
-    parser.add_argument("--samples-per-shard", type=int, default=None,
-                        help="samples per shard (default: about 256 MB of volumes per shard)")
-    parser.add_argument("--val-fraction", type=float, default=mf.DEFAULT_VAL_FRACTION,
-                        help="share of participants hashed into val when --participants is not given")
+    parser.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=None,
+        help="samples per shard (default: about 256 MB of volumes per shard)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=mf.DEFAULT_VAL_FRACTION,
+        help="share of participants hashed into val when --participants is not given",
+    )
     return parser
 
 
@@ -120,8 +137,9 @@ class ReadManifestFn(beam.DoFn):
         self._selection, self._recommended, self._val_fraction = selection, recommended, val_fraction
 
     def process(self, url: str) -> Iterator[Any]:
-        total, rows = mf.parse_manifest(url, selection=self._selection, recommended=self._recommended,
-                                        val_fraction=self._val_fraction)
+        total, rows = mf.parse_manifest(
+            url, selection=self._selection, recommended=self._recommended, val_fraction=self._val_fraction
+        )
         Metrics.counter(NAMESPACE, "manifest_rows").inc(total)
         Metrics.counter(NAMESPACE, "selected").inc(len(rows))
         _LOG.info("manifest %s: %d rows, %d selected", url, total, len(rows))
@@ -178,8 +196,12 @@ class PreprocessFn(beam.DoFn):
         del data
         self._decode_ms.update(int((time.monotonic() - start) * 1000))
         if not header.sop_instance_uid:
-            yield self._error(row, "decode", "manifest_mismatch", f"{row.filepath}: the file has no SOPInstanceUID; "
-                                                                  f"the row says {row.sop_instance_uid}")
+            yield self._error(
+                row,
+                "decode",
+                "manifest_mismatch",
+                f"{row.filepath}: the file has no SOPInstanceUID; the row says {row.sop_instance_uid}",
+            )
             return
         stage_sample(self._output, sample)
         Metrics.counter(NAMESPACE, "decoded").inc()
@@ -230,8 +252,9 @@ def shard_number(key: str, n_shards: int) -> int:
     return stable_hash(key) % n_shards
 
 
-def assign_shard(item: tuple[mf.Row, str], rows_per_split: Mapping[str, int],
-                 samples_per_shard: int) -> tuple[tuple[str, int], tuple[str, str]]:
+def assign_shard(
+    item: tuple[mf.Row, str], rows_per_split: Mapping[str, int], samples_per_shard: int
+) -> tuple[tuple[str, int], tuple[str, str]]:
     """``(row, key)`` -> ``((split, shard number), (key, device))``."""
     row, key = item
     n_shards = math.ceil(rows_per_split[row.split] / samples_per_shard)
@@ -266,10 +289,23 @@ class FinaliseFn(beam.DoFn):
     def __init__(self, config: Mapping[str, Any]):
         self._config = dict(config)
 
-    def process(self, output: str, entries: list[dict[str, Any]], errors: list[dict[str, Any]],
-                warnings: list[dict[str, Any]], stats: Mapping[str, int]) -> Iterator[dict[str, Any]]:
-        index = finalise(output, entries=entries, errors=errors, warnings=warnings,
-                         manifest_rows=stats["manifest_rows"], selected=stats["selected"], config=self._config)
+    def process(
+        self,
+        output: str,
+        entries: list[dict[str, Any]],
+        errors: list[dict[str, Any]],
+        warnings: list[dict[str, Any]],
+        stats: Mapping[str, int],
+    ) -> Iterator[dict[str, Any]]:
+        index = finalise(
+            output,
+            entries=entries,
+            errors=errors,
+            warnings=warnings,
+            manifest_rows=stats["manifest_rows"],
+            selected=stats["selected"],
+            config=self._config,
+        )
         if index is not None:
             yield index
 
@@ -284,23 +320,35 @@ class Preprocess(beam.PTransform):
 
     def expand(self, rows: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection, beam.PCollection]:
         opts = self._opts
-        rows_per_split = (rows
-                          | "KeyBySplit" >> beam.Map(lambda row: (row.split, 1))
-                          | "CountPerSplit" >> beam.CombinePerKey(sum))
-        decoded = (rows
-                   # Reading the manifest is one cheap step on one worker; redistribute before the costly decode.
-                   | "Reshuffle" >> beam.Reshuffle()
-                   | "DecodeResample" >> beam.ParDo(PreprocessFn(opts.data_root, opts.output, opts.preprocess))
-                   .with_outputs(ERRORS_TAG, main="decoded"))
-        kept = (decoded.decoded
-                | "GroupByFileUid" >> beam.GroupByKey()
-                | "OneSamplePerFile" >> beam.ParDo(OneSamplePerFileFn(opts.output)).with_outputs(
-                    ERRORS_TAG, WARNINGS_TAG, main="samples"))
-        entries = (kept.samples
-                   | "AssignShard" >> beam.Map(assign_shard, rows_per_split=beam.pvalue.AsDict(rows_per_split),
-                                               samples_per_shard=opts.samples_per_shard)
-                   | "GroupByShard" >> beam.GroupByKey()
-                   | "WriteShards" >> beam.ParDo(WriteShardFn(opts.output)))
+        rows_per_split = (
+            rows | "KeyBySplit" >> beam.Map(lambda row: (row.split, 1)) | "CountPerSplit" >> beam.CombinePerKey(sum)
+        )
+        decoded = (
+            rows
+            # Reading the manifest is one cheap step on one worker; redistribute before the costly decode.
+            | "Reshuffle" >> beam.Reshuffle()
+            | "DecodeResample"
+            >> beam.ParDo(PreprocessFn(opts.data_root, opts.output, opts.preprocess)).with_outputs(
+                ERRORS_TAG, main="decoded"
+            )
+        )
+        kept = (
+            decoded.decoded
+            | "GroupByFileUid" >> beam.GroupByKey()
+            | "OneSamplePerFile"
+            >> beam.ParDo(OneSamplePerFileFn(opts.output)).with_outputs(ERRORS_TAG, WARNINGS_TAG, main="samples")
+        )
+        entries = (
+            kept.samples
+            | "AssignShard"
+            >> beam.Map(
+                assign_shard,
+                rows_per_split=beam.pvalue.AsDict(rows_per_split),
+                samples_per_shard=opts.samples_per_shard,
+            )
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShards" >> beam.ParDo(WriteShardFn(opts.output))
+        )
         errors = (decoded[ERRORS_TAG], kept[ERRORS_TAG]) | "RowErrors" >> beam.Flatten()
         return entries, errors, kept[WARNINGS_TAG]
 
@@ -308,18 +356,28 @@ class Preprocess(beam.PTransform):
 # ---------------------------------------------------------------------------------------------------- run
 def build_pipeline(pipeline: beam.Pipeline, opts: PreprocessOptions, *, recommended: Mapping[str, str] | None) -> None:
     """Add the job's steps to ``pipeline`` (nothing runs until ``pipeline.run()``)."""
-    read = (pipeline
-            | "ManifestUrl" >> beam.Create([opts.manifest])
-            | "ReadManifest" >> beam.ParDo(ReadManifestFn(opts.selection, recommended, opts.val_fraction))
-            .with_outputs(ERRORS_TAG, STATS_TAG, main="rows"))
+    read = (
+        pipeline
+        | "ManifestUrl" >> beam.Create([opts.manifest])
+        | "ReadManifest"
+        >> beam.ParDo(ReadManifestFn(opts.selection, recommended, opts.val_fraction)).with_outputs(
+            ERRORS_TAG, STATS_TAG, main="rows"
+        )
+    )
     entries, row_errors, warnings = read.rows | "Preprocess" >> Preprocess(opts)
     errors = (read[ERRORS_TAG], row_errors) | "AllErrors" >> beam.Flatten()
-    _ = (pipeline
-         | "OutputUrl" >> beam.Create([opts.output])
-         | "Finalise" >> beam.ParDo(FinaliseFn(opts.recorded()),
-                                    entries=beam.pvalue.AsList(entries), errors=beam.pvalue.AsList(errors),
-                                    warnings=beam.pvalue.AsList(warnings),
-                                    stats=beam.pvalue.AsSingleton(read[STATS_TAG])))
+    _ = (
+        pipeline
+        | "OutputUrl" >> beam.Create([opts.output])
+        | "Finalise"
+        >> beam.ParDo(
+            FinaliseFn(opts.recorded()),
+            entries=beam.pvalue.AsList(entries),
+            errors=beam.pvalue.AsList(errors),
+            warnings=beam.pvalue.AsList(warnings),
+            stats=beam.pvalue.AsSingleton(read[STATS_TAG]),
+        )
+    )
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -327,14 +385,22 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     opts, beam_args = parse_options(argv)
     options = runner.pipeline_options(beam_args, job_name="octjepa-preprocess")
     runner.check_dataflow(options, manifest=opts.manifest, data_root=opts.data_root, output=opts.output)
-    recommended = mf.check_inputs(opts.manifest, participants=opts.participants, data_root=opts.data_root,
-                                  selection=opts.selection, val_fraction=opts.val_fraction)
+    recommended = mf.check_inputs(
+        opts.manifest,
+        participants=opts.participants,
+        data_root=opts.data_root,
+        selection=opts.selection,
+        val_fraction=opts.val_fraction,
+    )
 
     with lease.hold(opts.output, job="preprocess") as held:
         lease.require_overwrite(opts.output, opts.overwrite)
         counters, seconds = job.run_pipeline(
-            options, lambda pipeline: build_pipeline(pipeline, opts, recommended=recommended),
-            on_signal=held.release, namespace=NAMESPACE)
+            options,
+            lambda pipeline: build_pipeline(pipeline, opts, recommended=recommended),
+            on_signal=held.release,
+            namespace=NAMESPACE,
+        )
         index = job.read_result(opts.output, lambda errors: all_rows_failed(opts.output, errors))
     return {"index": index, "counters": counters, "seconds": seconds}
 
@@ -342,16 +408,19 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def summary(report: Mapping[str, Any]) -> str:
     index, seconds = report["index"], report["seconds"]
     shards = [s for split in index["splits"].values() for s in split["shards"]]
-    return "\n".join([
-        f"preprocess: {index['selected']} selected of {index['manifest_rows']} manifest rows -> "
-        f"{sum(index['counts']['by_split'].values())} samples in {len(shards)} shards, "
-        f"{index['errors']['count']} errors, {index['warnings']['count']} warnings",
-        f"  by split:  {index['counts']['by_split']}",
-        f"  by device: {index['counts']['by_device']}",
-        f"  errors:    {index['errors']['by_reason']}",
-        f"  warnings:  {index['warnings']['by_kind']}",
-        f"  {index['selected'] / max(seconds, 1e-9):.2f} volumes/s over {seconds:.1f} s; "
-        f"{sum(s['bytes'] for s in shards) / 1e6:.1f} MB of shards written"])
+    return "\n".join(
+        [
+            f"preprocess: {index['selected']} selected of {index['manifest_rows']} manifest rows -> "
+            f"{sum(index['counts']['by_split'].values())} samples in {len(shards)} shards, "
+            f"{index['errors']['count']} errors, {index['warnings']['count']} warnings",
+            f"  by split:  {index['counts']['by_split']}",
+            f"  by device: {index['counts']['by_device']}",
+            f"  errors:    {index['errors']['by_reason']}",
+            f"  warnings:  {index['warnings']['by_kind']}",
+            f"  {index['selected'] / max(seconds, 1e-9):.2f} volumes/s over {seconds:.1f} s; "
+            f"{sum(s['bytes'] for s in shards) / 1e6:.1f} MB of shards written",
+        ]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

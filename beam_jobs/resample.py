@@ -20,10 +20,11 @@ in float32: each source B-scan the window needs is filtered in-plane once (the a
 kept while an output B-scan still needs it; each output B-scan is a weighted sum of those. Memory is the input,
 the output and a few B-scans; the result is rounded back to the source dtype.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import sparse
@@ -99,8 +100,9 @@ def _area_weights(x: np.ndarray, n_src: int, factor: float) -> tuple[np.ndarray,
     return np.where(keep, idx, n_src - 1), np.where(keep, w, 0.0)
 
 
-def _axis_matrix(n_src: int, spacing: float, target: float, n_grid: int, offset: int,
-                 size: int) -> tuple[slice, sparse.csr_matrix]:
+def _axis_matrix(
+    n_src: int, spacing: float, target: float, n_grid: int, offset: int, size: int
+) -> tuple[slice, sparse.csr_matrix]:
     """For the window's positions on one axis: (valid slice, sparse (positions x source) weights, float32)."""
     k = np.arange(offset, offset + size)
     valid = (k >= 0) & (k < n_grid)
@@ -140,8 +142,9 @@ def _blend_first(d_matrix: sparse.csr_matrix) -> bool:
     return len(np.unique(d_matrix.indices)) > d_matrix.shape[0]
 
 
-def _plane_steps(d_matrix: sparse.csr_matrix, h_matrix: sparse.csr_matrix,
-                 w_matrix: sparse.csr_matrix) -> tuple[tuple[_PlaneStep, ...], tuple[_PlaneStep, ...]]:
+def _plane_steps(
+    d_matrix: sparse.csr_matrix, h_matrix: sparse.csr_matrix, w_matrix: sparse.csr_matrix
+) -> tuple[tuple[_PlaneStep, ...], tuple[_PlaneStep, ...]]:
     """The in-plane filters applied to each source B-scan before the blend, and those applied to each blended
     output B-scan after it. The axis that shrinks most goes first (every later step has less to do)."""
     first, second = (0, h_matrix), (1, w_matrix)
@@ -174,7 +177,8 @@ def resample_to_grid(
     offsets = tuple(_window_offset(n_grid[a], target_shape[a], centre_grid + 0.5 if a == 1 else None) for a in range(3))
     (d_box, d_matrix), (h_box, h_matrix), (w_box, w_matrix) = [
         _axis_matrix(volume.shape[a], spacing_mm[a], target_spacing_mm[a], n_grid[a], offsets[a], target_shape[a])
-        for a in range(3)]
+        for a in range(3)
+    ]
 
     # B-scan by B-scan, so memory is the input, the output and a few B-scans. Each output B-scan is a weighted sum
     # of source B-scans, each filtered in-plane once and cached while needed, then filtered by what is left.
@@ -206,5 +210,10 @@ def resample_to_grid(
     mean = total / max(real, 1)
     std = float(np.sqrt(max(squares / max(real, 1) - mean * mean, 0.0)))
     fill = real / out.size
-    return Resampled(volume=out, crop_offsets=tuple(int(o) for o in offsets), fill_fraction=float(fill),
-                     intensity_mean=mean, intensity_std=std)
+    return Resampled(
+        volume=out,
+        crop_offsets=tuple(int(o) for o in offsets),
+        fill_fraction=float(fill),
+        intensity_mean=mean,
+        intensity_std=std,
+    )

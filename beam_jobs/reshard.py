@@ -53,6 +53,7 @@ empty errors.jsonl (the source's dead letters stay with the source); ``manifest_
 domain's sample count (this set's input is exactly those samples), and ``source`` carries the source index's own
 ``manifest_rows``, ``selected`` and error count.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,17 +61,37 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import typing
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from beam_jobs import job, runner
-from beam_jobs.reshard_files import (CREATED_BY, SampleRef, ShardWrite, check_source_shard, deal, finalise_domain,
-                                     retract_indexes, scan_shard, shard_count, write_domain_shard)
+from beam_jobs.reshard_files import (
+    CREATED_BY,
+    SampleRef,
+    ShardWrite,
+    check_source_shard,
+    deal,
+    finalise_domain,
+    retract_indexes,
+    scan_shard,
+    shard_count,
+    write_domain_shard,
+)
 from beam_jobs.reshard_output import check_output, remove_stale_domains
-from shards import (INDEX_NAME, ContractError, build_root_index, encode_index, is_root_index, lease, load_any_index,
-                    read_index, storage)
+from shards import (
+    INDEX_NAME,
+    ContractError,
+    build_root_index,
+    encode_index,
+    is_root_index,
+    lease,
+    load_any_index,
+    read_index,
+    storage,
+)
 from shards.typed_config import ConfigError, from_dict, to_dict
 
 NAMESPACE = "octjepa.reshard"
@@ -90,10 +111,10 @@ class ReshardOptions:
     input: str
     output: str
     by: ByField = "device"
-    domains: tuple[str, ...] = ()          # empty: every value of the field
-    samples_per_shard: int | None = None   # None: about shards.TARGET_SHARD_BYTES of volumes per shard
+    domains: tuple[str, ...] = ()  # empty: every value of the field
+    samples_per_shard: int | None = None  # None: about shards.TARGET_SHARD_BYTES of volumes per shard
     shards_multiple_of: int = 1
-    overwrite: bool = False                # replace the complete result of an earlier run
+    overwrite: bool = False  # replace the complete result of an earlier run
 
     def __post_init__(self) -> None:
         if self.samples_per_shard is not None and self.samples_per_shard < 1:
@@ -108,19 +129,32 @@ class ReshardOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="octjepa reshard", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="octjepa reshard",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--input", required=True, help="complete shard set (with index.json), local or gs://")
     parser.add_argument("--output", required=True, help="folder for the domain sets, apart from --input")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the complete result of an earlier run that --output holds")
-    parser.add_argument("--by", default="device", choices=typing.get_args(ByField),
-                        help="metadata field whose values are the domains")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the complete result of an earlier run that --output holds"
+    )
+    parser.add_argument(
+        "--by", default="device", choices=typing.get_args(ByField), help="metadata field whose values are the domains"
+    )
     parser.add_argument("--domains", default="", help="comma-separated domain values to keep (default: all)")
-    parser.add_argument("--samples-per-shard", type=int, default=None,
-                        help="samples per shard (default: about 256 MB of volumes per shard)")
-    parser.add_argument("--shards-multiple-of", type=int, default=1,
-                        help="make every split's shard count a multiple of K (hosts x loader workers)")
+    parser.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=None,
+        help="samples per shard (default: about 256 MB of volumes per shard)",
+    )
+    parser.add_argument(
+        "--shards-multiple-of",
+        type=int,
+        default=1,
+        help="make every split's shard count a multiple of K (hosts x loader workers)",
+    )
     return parser
 
 
@@ -139,9 +173,15 @@ def pipeline_options(beam_args: Sequence[str]) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------- finalising
-def finalise(opts: ReshardOptions, entries: Iterable[tuple[str, Mapping[str, Any]]], *, problems: list[dict],
-             domain_config: Mapping[str, Any], source: Mapping[str, Any],
-             source_config: Mapping[str, Any]) -> dict[str, Any] | None:
+def finalise(
+    opts: ReshardOptions,
+    entries: Iterable[tuple[str, Mapping[str, Any]]],
+    *,
+    problems: list[dict],
+    domain_config: Mapping[str, Any],
+    source: Mapping[str, Any],
+    source_config: Mapping[str, Any],
+) -> dict[str, Any] | None:
     """Complete every domain set, remove the domain folders of an earlier run, write the root's index.json (last) and
     return it. When the run found problems, or a requested domain had no sample, write only those (to the failed-run
     file, ``beam_jobs.job``) and return None."""
@@ -150,21 +190,34 @@ def finalise(opts: ReshardOptions, entries: Iterable[tuple[str, Mapping[str, Any
         by_domain.setdefault(domain, []).append(entry)
     missing = sorted(set(opts.domains) - set(by_domain))
     if missing:
-        problems = [*problems, {"stage": "finalise", "message": (
-            f"{opts.input}: requested domain(s) {missing} have no samples when grouping by {opts.by!r}; found "
-            f"{sorted(by_domain)}")}]
+        problems = [
+            *problems,
+            {
+                "stage": "finalise",
+                "message": (
+                    f"{opts.input}: requested domain(s) {missing} have no samples when grouping by {opts.by!r}; found "
+                    f"{sorted(by_domain)}"
+                ),
+            },
+        ]
     if problems:
         job.write_failed_run(opts.output, sorted(problems, key=lambda p: (p["message"], p["stage"])))
         return None
     # Domains in parallel: each is a few small fsync'ed (or uploaded) files and a listing.
     with concurrent.futures.ThreadPoolExecutor(max(1, min(8, len(by_domain)))) as pool:
-        written = pool.map(lambda item: finalise_domain(opts.output, *item, config=domain_config, source=source),
-                           sorted(by_domain.items()))
+        written = pool.map(
+            lambda item: finalise_domain(opts.output, *item, config=domain_config, source=source),
+            sorted(by_domain.items()),
+        )
         domains = dict(zip(sorted(by_domain), written))
     job.clear_failed_run(opts.output)
     remove_stale_domains(opts.output, {entry["path"] for entry in domains.values()})
-    index = build_root_index(by=opts.by, domains=domains, created_by=CREATED_BY,
-                             config={"reshard": opts.recorded(), "source": dict(source_config)})
+    index = build_root_index(
+        by=opts.by,
+        domains=domains,
+        created_by=CREATED_BY,
+        config={"reshard": opts.recorded(), "source": dict(source_config)},
+    )
     storage.write_bytes(storage.join(opts.output, INDEX_NAME), encode_index(index))
     return index
 
@@ -172,8 +225,10 @@ def finalise(opts: ReshardOptions, entries: Iterable[tuple[str, Mapping[str, Any
 def problems_error(output: str, problems: list[dict[str, Any]]) -> ContractError:
     """The error of a run that found problems: the first, and where every one is."""
     first = problems[0]["message"] if problems else "no problem recorded"
-    return ContractError(f"{first} ({len(problems)} problem(s) in all, each in "
-                         f"{storage.join(output, job.FAILED_RUN_ERRORS)}); no index.json written")
+    return ContractError(
+        f"{first} ({len(problems)} problem(s) in all, each in "
+        f"{storage.join(output, job.FAILED_RUN_ERRORS)}); no index.json written"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- DoFns
@@ -217,8 +272,13 @@ class ScanShardFn(beam.DoFn):
             yield (ref.domain, ref.split), ref
 
 
-def deal_into_shards(element: tuple[tuple[str, str], Iterable[SampleRef]], *, samples_per_shard: int | None,
-                     multiple_of: int, scan_problems: list[dict]) -> Iterator[Any]:
+def deal_into_shards(
+    element: tuple[tuple[str, str], Iterable[SampleRef]],
+    *,
+    samples_per_shard: int | None,
+    multiple_of: int,
+    scan_problems: list[dict],
+) -> Iterator[Any]:
     """A (domain, split)'s refs -> its ShardWrites, each under its own key; none once a source shard failed its scan
     (no index will be written: copying would be wasted)."""
     if scan_problems:
@@ -260,12 +320,18 @@ class FinaliseFn(beam.DoFn):
     def __init__(self, opts: ReshardOptions, source_shards: int, **context: Mapping[str, Any]):
         self._opts, self._source_shards, self._context = opts, source_shards, context
 
-    def process(self, _: bytes, entries: list[tuple[str, dict]], checked: list[str],
-                problems: list[dict]) -> Iterator[dict[str, Any]]:
+    def process(
+        self, _: bytes, entries: list[tuple[str, dict]], checked: list[str], problems: list[dict]
+    ) -> Iterator[dict[str, Any]]:
         # Every scan either checks its shard or reports a problem, so this cannot happen; never trust the index to it.
         if not problems and len(set(checked)) != self._source_shards:
-            problems = [{"stage": "finalise", "message": f"{self._opts.input}: {len(set(checked))} of "
-                                                         f"{self._source_shards} source shards were checked"}]
+            problems = [
+                {
+                    "stage": "finalise",
+                    "message": f"{self._opts.input}: {len(set(checked))} of "
+                    f"{self._source_shards} source shards were checked",
+                }
+            ]
         index = finalise(self._opts, entries, problems=list(problems), **self._context)
         if index is not None:
             yield index
@@ -277,13 +343,19 @@ class Reshard(beam.PTransform):
     def __init__(self, opts: ReshardOptions, source_index: Mapping[str, Any], source_sha256: str):
         super().__init__()
         self._opts = opts
-        self._tasks = [(split, shard) for split, entry in sorted(source_index["splits"].items())
-                       for shard in entry["shards"]]
+        self._tasks = [
+            (split, shard) for split, entry in sorted(source_index["splits"].items()) for shard in entry["shards"]
+        ]
         self._context = {
             "domain_config": {**source_index["config"], "reshard": opts.recorded()},
             "source_config": source_index["config"],
-            "source": {"url": opts.input, "index_sha256": source_sha256, "manifest_rows": source_index["manifest_rows"],
-                       "selected": source_index["selected"], "errors": source_index["errors"]["count"]},
+            "source": {
+                "url": opts.input,
+                "index_sha256": source_sha256,
+                "manifest_rows": source_index["manifest_rows"],
+                "selected": source_index["selected"],
+                "errors": source_index["errors"]["count"],
+            },
         }
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
@@ -291,28 +363,44 @@ class Reshard(beam.PTransform):
         # it (a (domain, split)): the fusion breaks Reshuffles would give, in fewer transforms and stages (a
         # Reshuffle, beam.Create's own included, is a composite of six transforms).
         opts = self._opts
-        scanned = (pbegin
-                   | "Start" >> beam.Impulse()
-                   | "SourceShards" >> beam.FlatMap(lambda _, tasks: enumerate(tasks), self._tasks)
-                   | "SpreadSourceShards" >> beam.GroupByKey()
-                   | "ScanAndCheck" >> beam.ParDo(ScanShardFn(opts.input, opts.by, opts.domains)).with_outputs(
-                       CHECKED_TAG, PROBLEMS_TAG, main="refs"))
-        dealt = (scanned.refs
-                 | "GroupByDomainSplit" >> beam.GroupByKey()
-                 | "DealIntoShards" >> beam.FlatMap(deal_into_shards, samples_per_shard=opts.samples_per_shard,
-                                                    multiple_of=opts.shards_multiple_of,
-                                                    scan_problems=beam.pvalue.AsList(scanned[PROBLEMS_TAG]))
-                 .with_outputs(PROBLEMS_TAG, main="writes"))
-        written = (dealt.writes
-                   | "SpreadShardWrites" >> beam.GroupByKey()
-                   | "WriteShards" >> beam.ParDo(WriteShardFn(opts.output)).with_outputs(PROBLEMS_TAG, main="entries"))
+        scanned = (
+            pbegin
+            | "Start" >> beam.Impulse()
+            | "SourceShards" >> beam.FlatMap(lambda _, tasks: enumerate(tasks), self._tasks)
+            | "SpreadSourceShards" >> beam.GroupByKey()
+            | "ScanAndCheck"
+            >> beam.ParDo(ScanShardFn(opts.input, opts.by, opts.domains)).with_outputs(
+                CHECKED_TAG, PROBLEMS_TAG, main="refs"
+            )
+        )
+        dealt = (
+            scanned.refs
+            | "GroupByDomainSplit" >> beam.GroupByKey()
+            | "DealIntoShards"
+            >> beam.FlatMap(
+                deal_into_shards,
+                samples_per_shard=opts.samples_per_shard,
+                multiple_of=opts.shards_multiple_of,
+                scan_problems=beam.pvalue.AsList(scanned[PROBLEMS_TAG]),
+            ).with_outputs(PROBLEMS_TAG, main="writes")
+        )
+        written = (
+            dealt.writes
+            | "SpreadShardWrites" >> beam.GroupByKey()
+            | "WriteShards" >> beam.ParDo(WriteShardFn(opts.output)).with_outputs(PROBLEMS_TAG, main="entries")
+        )
         problems = (scanned[PROBLEMS_TAG], dealt[PROBLEMS_TAG], written[PROBLEMS_TAG]) | "Problems" >> beam.Flatten()
-        return (pbegin
-                | "Finish" >> beam.Impulse()
-                | "Finalise" >> beam.ParDo(FinaliseFn(opts, len(self._tasks), **self._context),
-                                           entries=beam.pvalue.AsList(written.entries),
-                                           checked=beam.pvalue.AsList(scanned[CHECKED_TAG]),
-                                           problems=beam.pvalue.AsList(problems)))
+        return (
+            pbegin
+            | "Finish" >> beam.Impulse()
+            | "Finalise"
+            >> beam.ParDo(
+                FinaliseFn(opts, len(self._tasks), **self._context),
+                entries=beam.pvalue.AsList(written.entries),
+                checked=beam.pvalue.AsList(scanned[CHECKED_TAG]),
+                problems=beam.pvalue.AsList(problems),
+            )
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -331,17 +419,22 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         check_output(opts.output, overwrite=opts.overwrite)
         retract_indexes(opts.output)
         counters, seconds = job.run_pipeline(
-            options, lambda pipeline: pipeline | "Reshard" >> Reshard(opts, source_index, source_sha256),
-            on_signal=held.release, namespace=NAMESPACE)
+            options,
+            lambda pipeline: pipeline | "Reshard" >> Reshard(opts, source_index, source_sha256),
+            on_signal=held.release,
+            namespace=NAMESPACE,
+        )
         index = job.read_result(opts.output, lambda problems: problems_error(opts.output, problems))
     return {"index": index, "counters": counters, "seconds": seconds}
 
 
 def summary(report: Mapping[str, Any]) -> str:
     index, counters = report["index"], report["counters"]
-    lines = [f"reshard by {index['by']}: {counters.get('samples_written', 0)} samples in "
-             f"{counters.get('shards_written', 0)} shards, {counters.get('bytes_written', 0) / 1e6:.1f} MB "
-             f"in {report['seconds']:.1f} s"]
+    lines = [
+        f"reshard by {index['by']}: {counters.get('samples_written', 0)} samples in "
+        f"{counters.get('shards_written', 0)} shards, {counters.get('bytes_written', 0) / 1e6:.1f} MB "
+        f"in {report['seconds']:.1f} s"
+    ]
     lines += [f"  {name:<24} {d['by_split']}  -> {d['path']}/" for name, d in index["domains"].items()]
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
 """The file work of ``beam_jobs.reshard``, without Beam: scan and check source shards, deal samples into output
 shards, write them and the domain indexes. The module docstring of ``beam_jobs.reshard`` describes the job."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,11 +9,25 @@ import math
 import posixpath
 import tarfile
 import urllib.parse
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-from shards import (TARGET_SHARD_BYTES, CHECKSUM_EXT, INDEX_NAME, MEMBER_EXTS, META_EXT, VOLUME_EXT, ContractError,
-                    complete_set, device_counts, read_checksums, sha256_of, storage, validate_meta,
-                    write_shard_file)
+from shards import (
+    CHECKSUM_EXT,
+    INDEX_NAME,
+    MEMBER_EXTS,
+    META_EXT,
+    TARGET_SHARD_BYTES,
+    VOLUME_EXT,
+    ContractError,
+    complete_set,
+    device_counts,
+    read_checksums,
+    sha256_of,
+    storage,
+    validate_meta,
+    write_shard_file,
+)
 from shards.checksum import crc32c
 from shards.contract import check_crc
 
@@ -23,6 +38,7 @@ CREATED_BY = "beam_jobs.reshard"
 class SampleRef:
     """Where one sample's bytes are: the npy member by offset in its source shard, the small json and crc32c members
     inline (the crc32c member is copied as it is, and checks the volume's bytes as they are copied)."""
+
     key: str
     domain: str
     split: str
@@ -37,6 +53,7 @@ class SampleRef:
 @dataclasses.dataclass(frozen=True)
 class ShardWrite:
     """One output shard to write: its refs in key order (possibly none)."""
+
     domain: str
     split: str
     number: int
@@ -83,8 +100,9 @@ def scan_shard(url: str, entry: Mapping[str, Any], split: str, by: str) -> list[
         with fs.open(path, "rb", block_size=1 << 16) as f:
             size = f.seek(0, 2)  # a tar truncated on a block boundary looks complete to a tar reader
             if size != entry["bytes"]:
-                raise ContractError(f"{url}: source shard is truncated or corrupt: {size} bytes, its index says "
-                                    f"{entry['bytes']}")
+                raise ContractError(
+                    f"{url}: source shard is truncated or corrupt: {size} bytes, its index says {entry['bytes']}"
+                )
             f.seek(0)
             members = _tar_members(url, f)
     except (tarfile.TarError, EOFError, OSError) as exc:
@@ -110,14 +128,17 @@ def scan_shard(url: str, entry: Mapping[str, Any], split: str, by: str) -> list[
         except ContractError as exc:
             raise ContractError(f"{url}: {exc}") from exc
         if meta["key"] != key or meta["split"] != split:
-            raise ContractError(f"{url}: sample {key} says key {meta['key']!r}, split {meta['split']!r}; its shard "
-                                f"is in split {split!r}")
+            raise ContractError(
+                f"{url}: sample {key} says key {meta['key']!r}, split {meta['split']!r}; its shard "
+                f"is in split {split!r}"
+            )
         value = meta[by]
         if not isinstance(value, str) or not value:
             raise ContractError(f"{url}: sample {key} has no value for field {by!r} ({value!r}); cannot group by it")
         offset, size = record[VOLUME_EXT]
-        refs.append(SampleRef(key, value, split, meta["device"], url, offset, size, record[META_EXT],
-                              record[CHECKSUM_EXT]))
+        refs.append(
+            SampleRef(key, value, split, meta["device"], url, offset, size, record[META_EXT], record[CHECKSUM_EXT])
+        )
     return refs
 
 
@@ -131,8 +152,10 @@ def check_source_shard(url: str, entry: Mapping[str, Any]) -> None:
     except OSError as exc:
         raise ContractError(f"{url}: unreadable source shard ({type(exc).__name__}: {exc})") from exc
     if size != entry["bytes"] or digest != entry["sha256"]:
-        raise ContractError(f"{url}: source shard is corrupt or truncated: {size} bytes, sha256 {digest}; its "
-                            f"index says {entry['bytes']} bytes, sha256 {entry['sha256']}")
+        raise ContractError(
+            f"{url}: source shard is corrupt or truncated: {size} bytes, sha256 {digest}; its "
+            f"index says {entry['bytes']} bytes, sha256 {entry['sha256']}"
+        )
 
 
 def shard_count(num_samples: int, volume_bytes: int, samples_per_shard: int | None, multiple_of: int) -> int:
@@ -159,8 +182,10 @@ def _read_volume_bytes(ref: SampleRef) -> bytes:
     fs, path = storage.get_fs(ref.url)
     data = fs.cat_file(path, start=ref.npy_offset, end=ref.npy_offset + ref.npy_size)
     if len(data) != ref.npy_size:
-        raise ContractError(f"{ref.url}: sample {ref.key}: read {len(data)} of {ref.npy_size} volume bytes "
-                            f"(the shard changed since it was scanned)")
+        raise ContractError(
+            f"{ref.url}: sample {ref.key}: read {len(data)} of {ref.npy_size} volume bytes "
+            f"(the shard changed since it was scanned)"
+        )
     try:
         stored = read_checksums({"__key__": ref.key, CHECKSUM_EXT: ref.checksums})[VOLUME_EXT]
         check_crc(ref.key, VOLUME_EXT, stored, crc32c(data))
@@ -169,25 +194,38 @@ def _read_volume_bytes(ref: SampleRef) -> bytes:
     return data
 
 
-def write_domain_shard(output: str, domain: str, split: str, number: int,
-                       refs: Sequence[SampleRef]) -> dict[str, Any]:
+def write_domain_shard(output: str, domain: str, split: str, number: int, refs: Sequence[SampleRef]) -> dict[str, Any]:
     """Write one output shard from refs (already in key order); returns its index entry plus ``by_device``."""
     # A generator: one sample's volume bytes are read at a time, straight into the tar stream.
-    records = ({"__key__": r.key, VOLUME_EXT: _read_volume_bytes(r), META_EXT: r.meta, CHECKSUM_EXT: r.checksums}
-               for r in refs)
+    records = (
+        {"__key__": r.key, VOLUME_EXT: _read_volume_bytes(r), META_EXT: r.meta, CHECKSUM_EXT: r.checksums} for r in refs
+    )
     entry = write_shard_file(storage.join(output, domain_dir(domain)), split, number, records)
     return {**entry, "by_device": device_counts(ref.device for ref in refs)}
 
 
-def finalise_domain(output: str, domain: str, entries: Sequence[Mapping[str, Any]], *,
-                    config: Mapping[str, Any], source: Mapping[str, Any]) -> dict[str, Any]:
+def finalise_domain(
+    output: str,
+    domain: str,
+    entries: Sequence[Mapping[str, Any]],
+    *,
+    config: Mapping[str, Any],
+    source: Mapping[str, Any],
+) -> dict[str, Any]:
     """The domain's set completed (an empty errors.jsonl: the source's dead letters stay with the source); returns
     its root-index entry."""
     total = sum(e["num_samples"] for e in entries)
     index = complete_set(
-        storage.join(output, domain_dir(domain)), entries, errors=b"", config=config, errors_by_reason={},
-        manifest_rows=total, selected=total, created_by=CREATED_BY,
-        extra={"domain": {"by": config["reshard"]["by"], "value": domain}, "source": source})
+        storage.join(output, domain_dir(domain)),
+        entries,
+        errors=b"",
+        config=config,
+        errors_by_reason={},
+        manifest_rows=total,
+        selected=total,
+        created_by=CREATED_BY,
+        extra={"domain": {"by": config["reshard"]["by"], "value": domain}, "source": source},
+    )
     return {"path": domain_dir(domain), "by_split": index["counts"]["by_split"]}
 
 

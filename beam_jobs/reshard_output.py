@@ -14,13 +14,15 @@ an earlier ``--by`` or ``--domains``), the files a reshard run writes there (sha
 split folders, errors.jsonl, index.json) and then the folder itself when nothing else is left. A folder that also
 holds anything else keeps that, and is logged: nothing of a domain set is left half-there, nothing foreign deleted.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 import posixpath
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from beam_jobs.reshard_files import CREATED_BY
 from shards import ERRORS_NAME, INDEX_NAME, SPLITS, is_root_index, remove_stale_shards, storage
@@ -38,12 +40,17 @@ def check_output(output: str, *, overwrite: bool) -> None:
     top = posixpath.join(root, INDEX_NAME)
     if fs.exists(top) and not is_root_index(_read(fs, top)):
         raise ConfigError(f"--output {output} holds a shard set, not a re-sharded root; choose another folder")
-    foreign = [posixpath.dirname(path) for path in sorted(fs.glob(posixpath.join(root, "*", INDEX_NAME)))
-               if _read(fs, path).get("created_by") != CREATED_BY]
+    foreign = [
+        posixpath.dirname(path)
+        for path in sorted(fs.glob(posixpath.join(root, "*", INDEX_NAME)))
+        if _read(fs, path).get("created_by") != CREATED_BY
+    ]
     if foreign:
-        raise ConfigError(f"--output {output} holds shard set(s) not written by octjepa reshard "
-                          f"({', '.join(posixpath.basename(p) for p in foreign)}); re-sharding there would delete "
-                          f"their index.json. Choose another folder")
+        raise ConfigError(
+            f"--output {output} holds shard set(s) not written by octjepa reshard "
+            f"({', '.join(posixpath.basename(p) for p in foreign)}); re-sharding there would delete "
+            f"their index.json. Choose another folder"
+        )
     require_overwrite(output, overwrite)
 
 

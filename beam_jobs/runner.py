@@ -18,6 +18,7 @@ A job uses this module as::
     runner.check_dataflow(options, manifest=args.manifest, output=args.output)   # before anything is built
     with runner.make_pipeline(options) as p: ...   # or p = make_pipeline(options); result = run_and_wait(p)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,9 +30,10 @@ import signal
 import sys
 import threading
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (
@@ -67,8 +69,9 @@ def is_local(options: PipelineOptions) -> bool:
     return runner_name(options) in ("",) + LOCAL_RUNNERS
 
 
-def pipeline_options(beam_args: Sequence[str], *, job_name: str | None = None,
-                     setup_file: str | os.PathLike[str] | None = None) -> PipelineOptions:
+def pipeline_options(
+    beam_args: Sequence[str], *, job_name: str | None = None, setup_file: str | os.PathLike[str] | None = None
+) -> PipelineOptions:
     """Standard Beam options from ``beam_args`` plus this project's defaults.
 
     Local: ``direct_running_mode=multi_processing`` and one worker per core unless the user set them.
@@ -95,7 +98,8 @@ def pipeline_options(beam_args: Sequence[str], *, job_name: str | None = None,
         if not path.is_file():
             raise RunnerConfigError(
                 f"--runner {runner_name(options)}: workers need the package, but {path} does not exist; "
-                f"run from a source checkout or pass --setup_file /path/to/setup.py")
+                f"run from a source checkout or pass --setup_file /path/to/setup.py"
+            )
         setup.setup_file = str(path)
     # The jobs' DoFns live in importable modules (on workers from setup_file or the image); save_main_session also
     # ships anything a user defined in __main__ when calling run() from their own script.
@@ -123,8 +127,11 @@ def check_dataflow(options: PipelineOptions, **paths: str | None) -> None:
     if runner_name(options) != "DataflowRunner":
         return
     gcloud = options.view_as(GoogleCloudOptions)
-    for flag, value, example in (("--project", gcloud.project, "P"), ("--region", gcloud.region, "us-central1"),
-                                 ("--temp_location", gcloud.temp_location, "gs://BUCKET/tmp")):
+    for flag, value, example in (
+        ("--project", gcloud.project, "P"),
+        ("--region", gcloud.region, "us-central1"),
+        ("--temp_location", gcloud.temp_location, "gs://BUCKET/tmp"),
+    ):
         if not value:
             raise RunnerConfigError(f"--runner DataflowRunner needs {flag} (e.g. {flag} {example})")
     locations = {f"--{name.replace('_', '-')}": url for name, url in paths.items() if url}
@@ -134,9 +141,10 @@ def check_dataflow(options: PipelineOptions, **paths: str | None) -> None:
     buckets: dict[str, str] = {}  # bucket URL -> the first option that names it
     for flag, url in locations.items():
         if not url.startswith("gs://"):
-            raise RunnerConfigError(f"{flag} {url}: Dataflow workers cannot reach this machine's files; "
-                                    f"give a gs:// URL")
-        buckets.setdefault("gs://" + url[len("gs://"):].split("/", 1)[0], flag)
+            raise RunnerConfigError(
+                f"{flag} {url}: Dataflow workers cannot reach this machine's files; give a gs:// URL"
+            )
+        buckets.setdefault("gs://" + url[len("gs://") :].split("/", 1)[0], flag)
     for bucket, flag in buckets.items():
         try:
             storage.check_readable(bucket)

@@ -11,11 +11,13 @@ SliceThickness. Where per-frame positions exist (``PlanePositionSequence`` or th
 ``OphthalmicFrameLocationSequence`` reference coordinates), the pitch they imply wins over a SliceThickness that
 disagrees: Zeiss Cirrus files carry the lateral spacing there, 4x too small for the 512x128 cube.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +73,8 @@ def _pixel_measures(item: Any, prefix: str) -> dict[str, tuple[float, str]]:
         values = list(ps) if not isinstance(ps, (str, bytes)) else [ps]
         if len(values) != 2:
             raise SpacingError(
-                "implausible_spacing", f"{prefix}PixelSpacing is {ps!r}, expected 2 values (row, column)",
+                "implausible_spacing",
+                f"{prefix}PixelSpacing is {ps!r}, expected 2 values (row, column)",
             )
         found["dy"] = (_float(values[0], f"{prefix}PixelSpacing[0]"), f"{prefix}PixelSpacing[0]")
         found["dx"] = (_float(values[1], f"{prefix}PixelSpacing[1]"), f"{prefix}PixelSpacing[1]")
@@ -84,8 +87,12 @@ def _pixel_measures(item: Any, prefix: str) -> dict[str, tuple[float, str]]:
 
 def _per_frame_measures(ds: Any) -> dict[str, tuple[float, str]]:
     frames = ds.get("PerFrameFunctionalGroupsSequence") or []
-    per_frame = [_pixel_measures(_item0(f, "PixelMeasuresSequence"), f"PerFrameFunctionalGroupsSequence[{i}]."
-                                 "PixelMeasuresSequence[0].") for i, f in enumerate(frames)]
+    per_frame = [
+        _pixel_measures(
+            _item0(f, "PixelMeasuresSequence"), f"PerFrameFunctionalGroupsSequence[{i}].PixelMeasuresSequence[0]."
+        )
+        for i, f in enumerate(frames)
+    ]
     found: dict[str, tuple[float, str]] = {}
     for axis in ("dz", "dy", "dx"):
         values = [(m[axis][0], m[axis][1]) for m in per_frame if axis in m]
@@ -213,8 +220,11 @@ def resolve_spacing(ds: Any, *, columns: int) -> Spacing:
             )
             chosen["dz"] = (pitch, pitch_path)
 
-    names = {"dz": "B-scan pitch (SliceThickness or SpacingBetweenSlices)", "dy": "row spacing (PixelSpacing[0])",
-             "dx": "column spacing (PixelSpacing[1])"}
+    names = {
+        "dz": "B-scan pitch (SliceThickness or SpacingBetweenSlices)",
+        "dy": "row spacing (PixelSpacing[0])",
+        "dx": "column spacing (PixelSpacing[1])",
+    }
     for axis in ("dz", "dy", "dx"):
         if axis not in chosen:
             raise SpacingError(

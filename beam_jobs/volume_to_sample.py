@@ -8,9 +8,11 @@
 Read (all header checks before decoding), resample to the configured grid, fill the contract's metadata and encode.
 Bad input raises ``beam_jobs.dicom.DicomReadError`` with its reason; the Beam job routes it to errors.jsonl.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from beam_jobs.config import PreprocessConfig
 from beam_jobs.dicom import OctHeader, read_oct_dicom
@@ -24,14 +26,17 @@ def dicom_to_sample(data: bytes, *, row: Mapping[str, Any], config: PreprocessCo
     return dicom_to_sample_and_header(data, row=row, config=config, split=split)[0]
 
 
-def dicom_to_sample_and_header(data: bytes, *, row: Mapping[str, Any], config: PreprocessConfig,
-                               split: str) -> tuple[dict[str, Any], OctHeader]:
+def dicom_to_sample_and_header(
+    data: bytes, *, row: Mapping[str, Any], config: PreprocessConfig, split: str
+) -> tuple[dict[str, Any], OctHeader]:
     """The encoded sample and the file's header (which says what the file itself claims to be)."""
     missing = [k for k in ROW_KEYS if k not in row]
     if missing:
         raise ValueError(f"dicom_to_sample: row for {row.get('filepath', '<no filepath>')!r} lacks {missing}")
     volume, header = read_oct_dicom(
-        data, name=str(row["filepath"]), max_decoded_bytes=config.max_decoded_bytes,
+        data,
+        name=str(row["filepath"]),
+        max_decoded_bytes=config.max_decoded_bytes,
         allow_other_sop_classes=config.allow_other_sop_classes,
     )
     source_shape = list(volume.shape)

@@ -16,6 +16,7 @@ Printed ratios and their targets: throughput 2 workers / 1 worker (>= 1.6); job 
 times (<= 1.25); (peak worker RSS - idle RSS) / largest decoded volume (<= 3). The machine's load average is printed
 too: on a shared machine wall times include other processes' work.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import apache_beam as beam
 import psutil
@@ -34,8 +36,10 @@ from apache_beam.metrics import Metrics
 
 from beam_jobs import preprocess
 
-IDLE_IMPORTS = ("import apache_beam.runners.worker.sdk_worker_main, beam_jobs.preprocess, beam_jobs.volume_to_sample, "
-                "pydicom, openjpeg, scipy.sparse, psutil, os; print(psutil.Process(os.getpid()).memory_info().rss)")
+IDLE_IMPORTS = (
+    "import apache_beam.runners.worker.sdk_worker_main, beam_jobs.preprocess, beam_jobs.volume_to_sample, "
+    "pydicom, openjpeg, scipy.sparse, psutil, os; print(psutil.Process(os.getpid()).memory_info().rss)"
+)
 
 
 def build_dataset(work: Path, volumes: int, scale: float, seed: int) -> dict[str, Any]:
@@ -47,9 +51,15 @@ def build_dataset(work: Path, volumes: int, scale: float, seed: int) -> dict[str
     if not summary_path.exists():
         participants = max(1, -(-volumes // 2))
         while True:
-            summary = generate_dataset(str(root), participants=participants, scale=scale, seed=seed,
-                                       uncompressed_fraction=0.0, onh_radial=False,
-                                       progress=lambda p: print(f"  generated {p}", flush=True))
+            summary = generate_dataset(
+                str(root),
+                participants=participants,
+                scale=scale,
+                seed=seed,
+                uncompressed_fraction=0.0,
+                onh_radial=False,
+                progress=lambda p: print(f"  generated {p}", flush=True),
+            )
             if summary["volumes"] >= volumes:
                 break
             participants += 1
@@ -78,8 +88,7 @@ def pure_times(dataset: dict[str, Any], config: Any) -> dict[str, Any]:
         start = time.perf_counter()
         dicom_to_sample(data, row=row.as_dict(), config=config, split=row.split)
         full.append(time.perf_counter() - start)
-    return {"decode_s": sum(decode), "per_volume_s": sum(full), "largest_decoded_bytes": largest,
-            "volumes": len(rows)}
+    return {"decode_s": sum(decode), "per_volume_s": sum(full), "largest_decoded_bytes": largest, "volumes": len(rows)}
 
 
 class WorkerMemory:
@@ -101,7 +110,7 @@ class WorkerMemory:
                 self.peaks[child.pid] = max(self.peaks.get(child.pid, 0), rss)
             time.sleep(self._interval)
 
-    def __enter__(self) -> "WorkerMemory":
+    def __enter__(self) -> WorkerMemory:
         self._thread.start()
         return self
 
@@ -122,8 +131,16 @@ class WorkerCountingFn(preprocess.PreprocessFn):
 
 
 def run_job(dataset: dict[str, Any], output: Path, workers: int) -> dict[str, Any]:
-    argv = ["--manifest", dataset["manifest"], "--data-root", dataset["root"], "--output", str(output),
-            "--direct_num_workers", str(workers)]
+    argv = [
+        "--manifest",
+        dataset["manifest"],
+        "--data-root",
+        dataset["root"],
+        "--output",
+        str(output),
+        "--direct_num_workers",
+        str(workers),
+    ]
     preprocess.PreprocessFn = WorkerCountingFn  # this script's own runs only
     with WorkerMemory() as memory:
         start = time.perf_counter()
@@ -131,11 +148,17 @@ def run_job(dataset: dict[str, Any], output: Path, workers: int) -> dict[str, An
         seconds = time.perf_counter() - start
     samples = sum(report["index"]["counts"]["by_split"].values())
     if samples != dataset["volumes"]:
-        raise RuntimeError(f"{workers} worker(s): {samples} samples for {dataset['volumes']} volumes; "
-                           f"errors {report['index']['errors']}")
+        raise RuntimeError(
+            f"{workers} worker(s): {samples} samples for {dataset['volumes']} volumes; "
+            f"errors {report['index']['errors']}"
+        )
     active = {k: v for k, v in report["counters"].items() if k.startswith("worker_pid_")}
-    return {"seconds": seconds, "volumes_per_s": samples / seconds, "peak_rss": max(memory.peaks.values()),
-            "workers_with_work": len(active)}
+    return {
+        "seconds": seconds,
+        "volumes_per_s": samples / seconds,
+        "peak_rss": max(memory.peaks.values()),
+        "workers_with_work": len(active),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,32 +180,50 @@ def main(argv: list[str] | None = None) -> int:
     config = load_preprocess_config(None)
 
     pure = pure_times(dataset, config)
-    print(f"pure, sequential in-process: decode {pure['decode_s']:.1f} s, decode+resample+encode "
-          f"{pure['per_volume_s']:.1f} s; largest decoded volume {pure['largest_decoded_bytes'] / 2**20:.0f} MiB",
-          flush=True)
+    print(
+        f"pure, sequential in-process: decode {pure['decode_s']:.1f} s, decode+resample+encode "
+        f"{pure['per_volume_s']:.1f} s; largest decoded volume {pure['largest_decoded_bytes'] / 2**20:.0f} MiB",
+        flush=True,
+    )
     stamp = time.strftime("%H%M%S")
     one = run_job(dataset, work / f"out-1w-{stamp}", 1)
     print(f"job, 1 worker:  {one['seconds']:.1f} s, {one['volumes_per_s']:.3f} volumes/s", flush=True)
     two = run_job(dataset, work / f"out-2w-{stamp}", 2)
-    print(f"job, 2 workers: {two['seconds']:.1f} s, {two['volumes_per_s']:.3f} volumes/s "
-          f"({two['workers_with_work']} workers did work)", flush=True)
-    idle = int(subprocess.run([sys.executable, "-c", IDLE_IMPORTS], capture_output=True, text=True,
-                              check=True).stdout.strip().splitlines()[-1])
+    print(
+        f"job, 2 workers: {two['seconds']:.1f} s, {two['volumes_per_s']:.3f} volumes/s "
+        f"({two['workers_with_work']} workers did work)",
+        flush=True,
+    )
+    idle = int(
+        subprocess.run([sys.executable, "-c", IDLE_IMPORTS], capture_output=True, text=True, check=True)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     peak = max(one["peak_rss"], two["peak_rss"])
     largest = pure["largest_decoded_bytes"]
-    same = all((work / f"out-1w-{stamp}" / p).read_bytes() == (work / f"out-2w-{stamp}" / p).read_bytes()
-               for p in ("index.json", "errors.jsonl"))
+    same = all(
+        (work / f"out-1w-{stamp}" / p).read_bytes() == (work / f"out-2w-{stamp}" / p).read_bytes()
+        for p in ("index.json", "errors.jsonl")
+    )
 
     print("\n== figures ==")
     print(f"load average during run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"throughput 2 workers / 1 worker:            {two['volumes_per_s'] / one['volumes_per_s']:.2f}x "
-          f"(target >= 1.6)")
-    print(f"job time 1 worker / sum of per-volume time: {one['seconds'] / pure['per_volume_s']:.2f}x (target <= 1.25)"
-          f"  [vs decode alone: {one['seconds'] / pure['decode_s']:.2f}x]")
-    print(f"peak worker RSS {peak / 2**20:.0f} MiB; idle worker-like process {idle / 2**20:.0f} MiB; "
-          f"largest decoded volume {largest / 2**20:.0f} MiB")
-    print(f"(peak - idle) / largest decoded volume:     {(peak - idle) / largest:.2f}x (target <= 3); "
-          f"peak / largest: {peak / largest:.2f}x")
+    print(
+        f"throughput 2 workers / 1 worker:            {two['volumes_per_s'] / one['volumes_per_s']:.2f}x "
+        f"(target >= 1.6)"
+    )
+    print(
+        f"job time 1 worker / sum of per-volume time: {one['seconds'] / pure['per_volume_s']:.2f}x (target <= 1.25)"
+        f"  [vs decode alone: {one['seconds'] / pure['decode_s']:.2f}x]"
+    )
+    print(
+        f"peak worker RSS {peak / 2**20:.0f} MiB; idle worker-like process {idle / 2**20:.0f} MiB; "
+        f"largest decoded volume {largest / 2**20:.0f} MiB"
+    )
+    print(
+        f"(peak - idle) / largest decoded volume:     {(peak - idle) / largest:.2f}x (target <= 3); "
+        f"peak / largest: {peak / largest:.2f}x"
+    )
     print(f"1-worker and 2-worker indexes identical: {same}")
     return 0
 

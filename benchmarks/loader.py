@@ -22,6 +22,7 @@ machine it also counts waiting for a core):
 A --workdir keeps the shard set and the DICOM (encoding takes about a minute) for the next run. The benchmark
 may import beam_jobs; the trainer package may not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def realistic_volume(shape: tuple[int, int, int], spacing_mm: tuple[float, float, float],
-                     rng: np.random.Generator) -> np.ndarray:
+def realistic_volume(
+    shape: tuple[int, int, int], spacing_mm: tuple[float, float, float], rng: np.random.Generator
+) -> np.ndarray:
     """An OCT-like uint8 Maestro2 volume from synth's image model (content does not change the loader's cost,
     volumes are stored uncompressed; it does change JPEG 2000's)."""
     from synth.devices import DEVICES
@@ -80,8 +82,13 @@ def realistic_volume(shape: tuple[int, int, int], spacing_mm: tuple[float, float
 
 def bench_config(args: argparse.Namespace) -> dict:
     """Recorded in the set's index, so a --workdir set is reused only when it was made with the same options."""
-    return {"benchmark": "loader", "samples": args.samples, "shape": list(args.shape),
-            "samples_per_shard": args.samples_per_shard, "relist": args.relist}
+    return {
+        "benchmark": "loader",
+        "samples": args.samples,
+        "shape": list(args.shape),
+        "samples_per_shard": args.samples_per_shard,
+        "relist": args.relist,
+    }
 
 
 def reusable_set(root: str, config: dict) -> dict | None:
@@ -95,8 +102,7 @@ def reusable_set(root: str, config: dict) -> dict | None:
     return index if index["config"] == config else None
 
 
-def write_shard_set(root: str, n: int, shape: tuple[int, int, int], per_shard: int, config: dict,
-                    relist: int) -> dict:
+def write_shard_set(root: str, n: int, shape: tuple[int, int, int], per_shard: int, config: dict, relist: int) -> dict:
     """n training samples (a few distinct volumes, reused: the loader's cost does not depend on pixel values).
 
     The index lists every shard file ``relist`` times: an epoch of ``relist * n`` samples without more disk, so
@@ -112,20 +118,37 @@ def write_shard_set(root: str, n: int, shape: tuple[int, int, int], per_shard: i
             volume = distinct[number % len(distinct)]
             uid = f"1.2.826.0.9.{number}"
             meta = {
-                "format_version": shards.FORMAT_VERSION, "key": shards.make_key(DEVICE, f"{number}", uid),
-                "participant_id": f"{number}", "device": DEVICE, "laterality": "R",
-                "anatomic_region": "macula", "sop_instance_uid": uid, "source_path": f"bench/{number}.dcm",
-                "source_shape": list(shape), "source_spacing_mm": list(SPACING_MM),
-                "target_spacing_mm": list(SPACING_MM), "shape": list(shape), "dtype": "uint8",
-                "fill_fraction": 1.0, "crop_offsets": [0, 0, 0], "intensity_mean": float(volume.mean()),
-                "intensity_std": float(volume.std()), "split": "train",
+                "format_version": shards.FORMAT_VERSION,
+                "key": shards.make_key(DEVICE, f"{number}", uid),
+                "participant_id": f"{number}",
+                "device": DEVICE,
+                "laterality": "R",
+                "anatomic_region": "macula",
+                "sop_instance_uid": uid,
+                "source_path": f"bench/{number}.dcm",
+                "source_shape": list(shape),
+                "source_spacing_mm": list(SPACING_MM),
+                "target_spacing_mm": list(SPACING_MM),
+                "shape": list(shape),
+                "dtype": "uint8",
+                "fill_fraction": 1.0,
+                "crop_offsets": [0, 0, 0],
+                "intensity_mean": float(volume.mean()),
+                "intensity_std": float(volume.std()),
+                "split": "train",
             }
             encoded.append(shards.encode_sample(volume, meta))
             number += 1
         entries.append(shards.write_shard_file(root, "train", shard_no, encoded))
-    index = shards.build_index(config=config, shards=entries * relist,
-                               by_split_device={"train": {DEVICE: n * relist}}, errors_by_reason={},
-                               manifest_rows=n * relist, selected=n * relist, created_by="benchmarks/loader.py")
+    index = shards.build_index(
+        config=config,
+        shards=entries * relist,
+        by_split_device={"train": {DEVICE: n * relist}},
+        errors_by_reason={},
+        manifest_rows=n * relist,
+        selected=n * relist,
+        created_by="benchmarks/loader.py",
+    )
     shards.write_index(root, index)
     return index
 
@@ -133,6 +156,7 @@ def write_shard_set(root: str, n: int, shape: tuple[int, int, int], per_shard: i
 @dataclass
 class Cost:
     """Wall seconds and CPU seconds (this process, its threads and its finished child processes)."""
+
     wall: float
     cpu: float
 
@@ -176,7 +200,7 @@ class PeakMemory:
                 pass
         return total
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self.base = self._pss()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -195,8 +219,9 @@ class PeakMemory:
 def make_loader(root: str, index: dict, args: argparse.Namespace, shape: tuple[int, int, int]):
     cfg = DataConfig(shards=root, crop_shape=shape, shuffle_buffer=args.shuffle_buffer, num_workers=args.workers)
     masks = MultiBlockMasks(EncoderConfig(size="tiny", input_shape=shape).grid, MaskConfig())
-    return build_train_loader(cfg, index=index, batch_size=args.batch, masks=masks, seed=0, epoch=0, host_index=0,
-                              host_count=1)
+    return build_train_loader(
+        cfg, index=index, batch_size=args.batch, masks=masks, seed=0, epoch=0, host_index=0, host_count=1
+    )
 
 
 def run_loader(loader) -> int:
@@ -229,8 +254,16 @@ def make_jpeg2000_dicom(path: str, rng: np.random.Generator) -> None:
 
     device = DEVICES[DEVICE]
     volume = realistic_volume(device.shape, device.spacing_mm, rng)
-    ds = oct_dataset(volume=volume, spacing_mm=device.spacing_mm, device=device, participant_id="bench",
-                     laterality="R", sop_instance_uid=new_uid(rng), reference_uid=new_uid(rng), rng=rng)
+    ds = oct_dataset(
+        volume=volume,
+        spacing_mm=device.spacing_mm,
+        device=device,
+        participant_id="bench",
+        laterality="R",
+        sop_instance_uid=new_uid(rng),
+        reference_uid=new_uid(rng),
+        rng=rng,
+    )
     with open(path, "wb") as f:
         f.write(dataset_bytes(ds))
 
@@ -260,9 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     urls = shards.shard_urls(root, index, "train")
     sample_bytes = int(np.prod(shape))
     made = "reused" if reuse else "written"
-    print(f"shard set: {args.samples} samples of {shape} uint8 ({sample_bytes / 2**20:.1f} MiB each) in "
-          f"{len(set(urls))} shard files, listed {args.relist}x in the index, under {root} "
-          f"({made} in {time.perf_counter() - t0:.1f} s)")
+    print(
+        f"shard set: {args.samples} samples of {shape} uint8 ({sample_bytes / 2**20:.1f} MiB each) in "
+        f"{len(set(urls))} shard files, listed {args.relist}x in the index, under {root} "
+        f"({made} in {time.perf_counter() - t0:.1f} s)"
+    )
 
     raw_read(urls)  # warm the page cache: both paths then read from memory
     if args.workers == 0:
@@ -281,19 +316,27 @@ def main(argv: list[str] | None = None) -> int:
     n_raw = args.samples * args.relist
     raw = Cost(min(c.wall for c in raw_costs) / n_raw, min(c.cpu for c in raw_costs) / n_raw)
     load = Cost(min(c.wall for c in loader_costs) / count, min(c.cpu for c in loader_costs) / count)
-    print(f"raw read:     {1 / raw.cpu:8.1f} samples/s per core (CPU {raw.cpu * 1e3:.2f} ms/sample, "
-          f"wall {raw.wall * 1e3:.2f} ms/sample)")
-    print(f"loader:       {1 / load.cpu:8.1f} samples/s per core (CPU {load.cpu * 1e3:.2f} ms/sample, wall "
-          f"{load.wall * 1e3:.2f} ms/sample; workers={args.workers}, batch={args.batch}, "
-          f"shuffle_buffer={args.shuffle_buffer})")
-    print(f"cost ratio:   loader / raw read = {load.cpu / raw.cpu:.2f}x CPU per sample "
-          f"({load.wall / raw.wall:.2f}x wall) (target <= 3)")
+    print(
+        f"raw read:     {1 / raw.cpu:8.1f} samples/s per core (CPU {raw.cpu * 1e3:.2f} ms/sample, "
+        f"wall {raw.wall * 1e3:.2f} ms/sample)"
+    )
+    print(
+        f"loader:       {1 / load.cpu:8.1f} samples/s per core (CPU {load.cpu * 1e3:.2f} ms/sample, wall "
+        f"{load.wall * 1e3:.2f} ms/sample; workers={args.workers}, batch={args.batch}, "
+        f"shuffle_buffer={args.shuffle_buffer})"
+    )
+    print(
+        f"cost ratio:   loader / raw read = {load.cpu / raw.cpu:.2f}x CPU per sample "
+        f"({load.wall / raw.wall:.2f}x wall) (target <= 3)"
+    )
     growth = peak_memory_growth(root, index, args, shape)
     buffer_mib = args.shuffle_buffer * sample_bytes / 2**20
     batch_mib = args.batch * sample_bytes / 2**20
-    print(f"peak memory:  PSS grew {growth / 2**20:.0f} MiB during one epoch; the shuffle buffer "
-          f"holds {buffer_mib:.0f} MiB ({args.shuffle_buffer} volumes), a batch {batch_mib:.0f} MiB "
-          f"(workers={args.workers})")
+    print(
+        f"peak memory:  PSS grew {growth / 2**20:.0f} MiB during one epoch; the shuffle buffer "
+        f"holds {buffer_mib:.0f} MiB ({args.shuffle_buffer} volumes), a batch {batch_mib:.0f} MiB "
+        f"(workers={args.workers})"
+    )
 
     if args.skip_dicom:
         return 0
@@ -303,18 +346,24 @@ def main(argv: list[str] | None = None) -> int:
         make_jpeg2000_dicom(dcm, np.random.default_rng(1))
     from synth.devices import DEVICES
 
-    print(f"per-sample:   one JPEG 2000 lossless {DEVICE} DICOM {DEVICES[DEVICE].shape} uint8 (synth), "
-          f"{os.path.getsize(dcm) / 2**20:.1f} MiB (made in {time.perf_counter() - t0:.1f} s)")
+    print(
+        f"per-sample:   one JPEG 2000 lossless {DEVICE} DICOM {DEVICES[DEVICE].shape} uint8 (synth), "
+        f"{os.path.getsize(dcm) / 2**20:.1f} MiB (made in {time.perf_counter() - t0:.1f} s)"
+    )
     costs = []
     for _ in range(args.dicom_repeats):
         cost, out = measure(lambda: per_sample_path(dcm, shape))
         costs.append(cost)
     assert out.shape == shape, out.shape
     per = Cost(min(c.wall for c in costs), min(c.cpu for c in costs))
-    print(f"per-sample:   CPU {per.cpu:.2f} s/sample, wall {per.wall:.2f} s/sample to decode + resample to {shape} "
-          f"(best of {len(costs)})")
-    print(f"speed-up:     per-sample path / loader = {per.cpu / load.cpu:.0f}x CPU per sample "
-          f"({per.wall / load.wall:.0f}x wall) (target >= 100)")
+    print(
+        f"per-sample:   CPU {per.cpu:.2f} s/sample, wall {per.wall:.2f} s/sample to decode + resample to {shape} "
+        f"(best of {len(costs)})"
+    )
+    print(
+        f"speed-up:     per-sample path / loader = {per.cpu / load.cpu:.0f}x CPU per sample "
+        f"({per.wall / load.wall:.0f}x wall) (target >= 100)"
+    )
     return 0
 
 

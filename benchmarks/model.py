@@ -101,8 +101,10 @@ def count_with_cpu_attention(step) -> int:
         return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
 
     aten = torch.ops.aten
-    for op, formula in ((aten._scaled_dot_product_flash_attention_for_cpu, forward),
-                        (aten._scaled_dot_product_flash_attention_for_cpu_backward, backward)):
+    for op, formula in (
+        (aten._scaled_dot_product_flash_attention_for_cpu, forward),
+        (aten._scaled_dot_product_flash_attention_for_cpu_backward, backward),
+    ):
         if op not in flop_counter.flop_registry:
             flop_counter.register_flop_formula(op)(formula)
     with FlopCounterMode(display=False) as counter:
@@ -191,7 +193,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"shape={tuple(args.shape)} batch={args.batch} tokens/sample={model.encoder.num_tokens} "
         f"context={ctx} targets={tgt} attn={args.attn} checkpointing={args.checkpointing}"
     )
-    print(f"FLOP per step          {result['gflop_per_step']:.1f} GFLOP (FlopCounterMode; on the CPU without attention)")
+    print(
+        f"FLOP per step          {result['gflop_per_step']:.1f} GFLOP (FlopCounterMode; on the CPU without attention)"
+    )
     print(f"step time (median {args.steps})  {step_s:.3f} s  {[round(t, 3) for t in times]}")
     print(f"achieved               {result['achieved_gflops']:.1f} GFLOP/s")
     print(f"{args.matmul_n}^2 {args.dtype} matmul   {result['matmul_gflops']:.1f} GFLOP/s (median around the steps)")

@@ -23,6 +23,7 @@ DICOM (the AI-READI encoding; generation is not timed). Each volume is then meas
 Timings are the minimum over ``--repeats`` runs of each in that process; the first full run also gives the RSS
 figure. The generated DICOMs are cached (``--cache-dir``) since encoding them costs more than measuring them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # run as a script from anywhere
@@ -54,9 +56,17 @@ def write_volume(device_name: str, scale: float, folder: str, name: str = "") ->
     shape, spacing = scaled_geometry(device.shape, device.spacing_mm, scale)
     rng = np.random.default_rng(0)
     volume = oct_volume(shape, spacing, style=device.style, study_group="insulin_dependent", rng=rng)
-    ds = oct_dataset(volume=volume, spacing_mm=spacing, device=device, participant_id="1001", laterality="R",
-                     sop_instance_uid="1.2.826.0.1.3680043.8.498.1", reference_uid="1.2.826.0.1.3680043.8.498.2",
-                     rng=rng, transfer_syntax=JPEG2000Lossless)
+    ds = oct_dataset(
+        volume=volume,
+        spacing_mm=spacing,
+        device=device,
+        participant_id="1001",
+        laterality="R",
+        sop_instance_uid="1.2.826.0.1.3680043.8.498.1",
+        reference_uid="1.2.826.0.1.3680043.8.498.2",
+        rng=rng,
+        transfer_syntax=JPEG2000Lossless,
+    )
     path = os.path.join(folder, name or f"{device_name}.dcm")
     with open(path, "wb") as f:
         f.write(dataset_bytes(ds))
@@ -84,8 +94,14 @@ def measure(path: str, device: str, config_path: str | None, repeats: int) -> di
     config = load_preprocess_config(config_path)
     with open(path, "rb") as f:
         data = f.read()
-    row = {"participant_id": "1001", "device": device, "laterality": "R", "anatomic_region": "Macula",
-           "sop_instance_uid": "1.2.826.0.1.3680043.8.498.1", "filepath": "/" + os.path.basename(path)}
+    row = {
+        "participant_id": "1001",
+        "device": device,
+        "laterality": "R",
+        "anatomic_region": "Macula",
+        "sop_instance_uid": "1.2.826.0.1.3680043.8.498.1",
+        "filepath": "/" + os.path.basename(path),
+    }
 
     def full():
         return dicom_to_sample(data, row=row, config=config, split="train")
@@ -103,8 +119,9 @@ def measure(path: str, device: str, config_path: str | None, repeats: int) -> di
         (volume, header), wall, cpu = timed(lambda: read_oct_dicom(data, name=path))
         decode_s.append(wall)
         decode_cpu.append(cpu)
-        _, wall, _ = timed(lambda: resample_to_grid(volume, header.spacing_mm, config.target_spacing_mm,
-                                                    config.target_shape))
+        _, wall, _ = timed(
+            partial(resample_to_grid, volume, header.spacing_mm, config.target_spacing_mm, config.target_shape)
+        )
         resample_s.append(wall)
         del volume
         if i > 0:
@@ -117,10 +134,16 @@ def measure(path: str, device: str, config_path: str | None, repeats: int) -> di
     tracemalloc.stop()
     decoded = header.decoded_bytes
     return {
-        "device": device, "shape": list(header.shape), "file_mb": round(len(data) / 2**20, 1),
-        "decoded_mb": round(decoded / 2**20, 1), "decode_s": round(min(decode_s), 3), "full_s": round(min(full_s), 3),
-        "resample_s": round(min(resample_s), 3), "ratio": round(min(full_s) / min(decode_s), 3),
-        "cpu_ratio": round(min(full_cpu) / min(decode_cpu), 3), "full_cpu_s": round(min(full_cpu), 3),
+        "device": device,
+        "shape": list(header.shape),
+        "file_mb": round(len(data) / 2**20, 1),
+        "decoded_mb": round(decoded / 2**20, 1),
+        "decode_s": round(min(decode_s), 3),
+        "full_s": round(min(full_s), 3),
+        "resample_s": round(min(resample_s), 3),
+        "ratio": round(min(full_s) / min(decode_s), 3),
+        "cpu_ratio": round(min(full_cpu) / min(decode_cpu), 3),
+        "full_cpu_s": round(min(full_cpu), 3),
         "traced_peak_over_decoded": round(traced_peak / decoded, 2),
         "rss_growth_over_decoded": round((rss_peak - rss_before) / decoded, 2),
     }
@@ -135,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="heidelberg_spectralis only (the smallest real volume)")
     parser.add_argument("--config", default=None, help="preprocess preset YAML (default: the seed preset)")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "octjepa-bench-preprocess"),
-                        help="keep the generated DICOMs here between runs ('' = a temporary folder)")
+    parser.add_argument(
+        "--cache-dir",
+        default=os.path.join(tempfile.gettempdir(), "octjepa-bench-preprocess"),
+        help="keep the generated DICOMs here between runs ('' = a temporary folder)",
+    )
     parser.add_argument("--measure", nargs=2, metavar=("PATH", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:  # the child process
@@ -144,10 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     devices = ["heidelberg_spectralis"] if args.quick else args.devices.split(",")
     scale = args.scale
-    print(f"preprocess benchmark: scale {scale}, config {args.config or 'seed defaults'}, repeats {args.repeats}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    header = f"{'device':22s} {'shape':>13s} {'file MB':>7s} {'decode s':>8s} {'full s':>7s} {'full/dec':>8s} " \
-             f"{'cpu f/d':>7s} {'full cpu s':>10s} {'resample s':>10s} {'traced/vol':>10s} {'rss/vol':>7s}"
+    print(
+        f"preprocess benchmark: scale {scale}, config {args.config or 'seed defaults'}, repeats {args.repeats}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
+    header = (
+        f"{'device':22s} {'shape':>13s} {'file MB':>7s} {'decode s':>8s} {'full s':>7s} {'full/dec':>8s} "
+        f"{'cpu f/d':>7s} {'full cpu s':>10s} {'resample s':>10s} {'traced/vol':>10s} {'rss/vol':>7s}"
+    )
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.cache_dir or scratch
@@ -166,10 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     for r in results:
         shape = "x".join(str(n) for n in r["shape"])
-        print(f"{r['device']:22s} {shape:>13s} {r['file_mb']:7.1f} {r['decode_s']:8.2f} {r['full_s']:7.2f} "
-              f"{r['ratio']:8.3f} {r['cpu_ratio']:7.3f} {r['full_cpu_s']:10.2f} {r['resample_s']:10.3f} "
-              f"{r['traced_peak_over_decoded']:10.2f} "
-              f"{r['rss_growth_over_decoded']:7.2f}")
+        print(
+            f"{r['device']:22s} {shape:>13s} {r['file_mb']:7.1f} {r['decode_s']:8.2f} {r['full_s']:7.2f} "
+            f"{r['ratio']:8.3f} {r['cpu_ratio']:7.3f} {r['full_cpu_s']:10.2f} {r['resample_s']:10.3f} "
+            f"{r['traced_peak_over_decoded']:10.2f} "
+            f"{r['rss_growth_over_decoded']:7.2f}"
+        )
     print(f"load average at the end {os.getloadavg()[0]:.1f} (timings compare only on an otherwise idle machine)")
     worst_ratio = max(r["ratio"] for r in results)
     worst_memory = max(r["traced_peak_over_decoded"] for r in results)
@@ -177,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     for what, value in (("wall", worst_ratio), ("CPU", worst_cpu)):
         verdict = "PASS" if value <= TARGET_RATIO else "FAIL"
         print(f"worst full/decode ({what} time) {value:.3f} (target <= {TARGET_RATIO}): {verdict}")
-    print(f"worst traced peak / decoded volume {worst_memory:.2f} (target <= {TARGET_MEMORY}): "
-          f"{'PASS' if worst_memory <= TARGET_MEMORY else 'FAIL'}")
+    print(
+        f"worst traced peak / decoded volume {worst_memory:.2f} (target <= {TARGET_MEMORY}): "
+        f"{'PASS' if worst_memory <= TARGET_MEMORY else 'FAIL'}"
+    )
     return 0
 
 

@@ -17,6 +17,7 @@ Printed, all from this run (page cache warm for every reader, as the source was 
                    layout (4-sample-per-device, 4x8x8 volumes): Beam's fixed start-up cost taken out, i.e. the
                    throughput a larger set approaches
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,25 +62,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", type=int, nargs=3, default=[64, 384, 384], metavar=("D", "H", "W"))
     parser.add_argument("--source-samples-per-shard", type=int, default=8)
     parser.add_argument("--samples-per-shard", type=int, default=None, help="passed to reshard (default: its own)")
-    parser.add_argument("--modes", nargs="+", default=["in_memory", "multi_threading"],
-                        help="in-process local running modes to time (in_memory, multi_threading, multi_processing)")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["in_memory", "multi_threading"],
+        help="in-process local running modes to time (in_memory, multi_threading, multi_processing)",
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="folder on the disk to measure (default: a temp folder)")
     args = parser.parse_args(argv)
 
-    from beam_jobs import reshard
     import webdataset  # noqa: F401 -- its one-time import (it pulls in torch when installed) is not copy work
+
+    from beam_jobs import reshard
 
     work = tempfile.mkdtemp(prefix="reshard-bench-", dir=args.workdir)
     try:
         source = os.path.join(work, "source")
         per_device = max(1, args.samples // 4)
         started = time.perf_counter()
-        make_shard_set(source, per_device=per_device, shape=tuple(args.shape),
-                       samples_per_shard=args.source_samples_per_shard)
+        make_shard_set(
+            source, per_device=per_device, shape=tuple(args.shape), samples_per_shard=args.source_samples_per_shard
+        )
         total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(source) for f in fs)
-        print(f"source: {4 * per_device} samples of {'x'.join(map(str, args.shape))} uint8, {total / 1e6:.1f} MB "
-              f"(built in {time.perf_counter() - started:.1f} s)")
+        print(
+            f"source: {4 * per_device} samples of {'x'.join(map(str, args.shape))} uint8, {total / 1e6:.1f} MB "
+            f"(built in {time.perf_counter() - started:.1f} s)"
+        )
 
         tiny = os.path.join(work, "tiny")
         make_shard_set(tiny, per_device=per_device, shape=(4, 8, 8), samples_per_shard=args.source_samples_per_shard)
@@ -87,17 +96,42 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--samples-per-shard", str(args.samples_per_shard)] if args.samples_per_shard else []
         times: dict[str, list[float]] = {}
         for repeat in range(args.repeats):
-            runs = [("copy (fsync)", source, lambda src, out: copy_set(src, out, fsync=True)),
-                    ("copy (kernel)", source, lambda src, out: copy_set(src, out, fsync=False))]
+            runs = [
+                ("copy (fsync)", source, lambda src, out: copy_set(src, out, fsync=True)),
+                ("copy (kernel)", source, lambda src, out: copy_set(src, out, fsync=False)),
+            ]
             for mode in args.modes:
                 workers = "1" if mode == "in_memory" else str(os.cpu_count() or 1)
                 for name, src in ((f"reshard {mode}", source), (f"  same, tiny set {mode}", tiny)):
-                    runs.append((name, src, lambda src, out, m=mode, w=workers: reshard.run(
-                        ["--input", src, "--output", out, *extra, f"--direct_running_mode={m}",
-                         f"--direct_num_workers={w}"])))
-            runs.append(("reshard CLI", source, lambda src, out: subprocess.run(
-                [sys.executable, "-m", "beam_jobs.reshard", "--input", src, "--output", out, *extra],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+                    runs.append(
+                        (
+                            name,
+                            src,
+                            lambda src, out, m=mode, w=workers: reshard.run(
+                                [
+                                    "--input",
+                                    src,
+                                    "--output",
+                                    out,
+                                    *extra,
+                                    f"--direct_running_mode={m}",
+                                    f"--direct_num_workers={w}",
+                                ]
+                            ),
+                        )
+                    )
+            runs.append(
+                (
+                    "reshard CLI",
+                    source,
+                    lambda src, out: subprocess.run(
+                        [sys.executable, "-m", "beam_jobs.reshard", "--input", src, "--output", out, *extra],
+                        check=True,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    ),
+                )
+            )
             for name, src, fn in runs:
                 out = os.path.join(work, f"out-{repeat}")
                 times.setdefault(name, []).append(timed(fn, src, out))
@@ -110,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             fixed = median.get(name.replace("reshard ", "  same, tiny set "), 0.0) if "tiny" not in name else 0.0
             marginal = f"{copy / (median[name] - fixed):.2f}" if fixed and median[name] > fixed else ""
             rates = ("", "") if "tiny" in name else (f"{total / 1e6 / median[name]:.0f}", f"{copy / median[name]:.2f}")
-            print(f"{name:<30}{median[name]:>9.2f}{rates[0]:>7}{rates[1]:>7}{marginal:>10}   "
-                  + " ".join(f"{v:.2f}" for v in values))
+            print(
+                f"{name:<30}{median[name]:>9.2f}{rates[0]:>7}{rates[1]:>7}{marginal:>10}   "
+                + " ".join(f"{v:.2f}" for v in values)
+            )
         print("ratio = copy (fsync) time / this time; target: reshard >= 0.5 of copy speed on local disk")
     finally:
         shutil.rmtree(work, ignore_errors=True)

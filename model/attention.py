@@ -140,7 +140,10 @@ class Block(nn.Module):
 
 
 def run_blocks(
-    blocks: nn.ModuleList | list[nn.Module], x: Tensor, rope: RotaryCache | None, checkpointing: bool,
+    blocks: nn.ModuleList | list[nn.Module],
+    x: Tensor,
+    rope: RotaryCache | None,
+    checkpointing: bool,
     outputs_from: int = 0,
 ) -> Tensor:
     """Apply the blocks in order, optionally recomputing each block's activations in the backward pass.

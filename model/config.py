@@ -86,8 +86,10 @@ class EncoderConfig:
             else:
                 sincos_split(self.embed_dim)
         except ValueError as exc:
-            raise ValueError(f"encoder.embed_dim {self.embed_dim} / encoder.num_heads {self.num_heads} "
-                             f"with pos_embed={self.pos_embed!r}: {exc}") from exc
+            raise ValueError(
+                f"encoder.embed_dim {self.embed_dim} / encoder.num_heads {self.num_heads} "
+                f"with pos_embed={self.pos_embed!r}: {exc}"
+            ) from exc
 
     @property
     def grid(self) -> tuple[int, int, int]:

@@ -135,8 +135,10 @@ class MultiBlockMasks:
             need -= union.shape[0]
             if need == 0:
                 return np.concatenate(kept)
-        raise RuntimeError(f"mask configuration {index}: {need} of {n} unions still unfit after "
-                           f"{_MAX_REDRAW_ROUNDS} rounds of draws (acceptance {self._acceptance[index]:.1%})")
+        raise RuntimeError(
+            f"mask configuration {index}: {need} of {n} unions still unfit after "
+            f"{_MAX_REDRAW_ROUNDS} rounds of draws (acceptance {self._acceptance[index]:.1%})"
+        )
 
     def __call__(self, batch_size: int, generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
         if batch_size <= 0:
@@ -147,8 +149,12 @@ class MultiBlockMasks:
             # Random keys pick a uniform subset without positional bias: union columns rank above the rest for
             # the targets, complement columns for the context.
             key = torch.rand(union.shape, generator=generator, dtype=torch.float64, device=_CPU).numpy()
-            out.append((_expand_columns(_top(~union + key, context), self.grid),
-                        _expand_columns(_top(union + key, targets), self.grid)))
+            out.append(
+                (
+                    _expand_columns(_top(~union + key, context), self.grid),
+                    _expand_columns(_top(union + key, targets), self.grid),
+                )
+            )
         return out
 
 

@@ -43,9 +43,7 @@ class Predictor(nn.Module):
         """context (B, Kc, E) encoder outputs at context_idx (B, Kc); predicts (B, Kt, E) at target_idx (B, Kt)."""
         return self.forward_configs([(context, context_idx, target_idx)], first_mask_index=mask_index)[0]
 
-    def forward_configs(
-        self, items: list[tuple[Tensor, Tensor, Tensor]], first_mask_index: int = 0
-    ) -> list[Tensor]:
+    def forward_configs(self, items: list[tuple[Tensor, Tensor, Tensor]], first_mask_index: int = 0) -> list[Tensor]:
         """Predict for several mask configurations: items[i] = (context, context_idx, target_idx) uses mask
         token first_mask_index + i; returns one (B, Kt_i, E) per item.
 
@@ -82,14 +80,16 @@ class Predictor(nn.Module):
         outs = run(x, rope, sizes, num_context)  # one (B, Kt, P) per configuration
         return [self.predictor_proj(self.norm(o)) for o in outs]  # (B, Kt, E)
 
-    def _every_block_on_every_token(self, x: Tensor, rope: RotaryCache | None, sizes: list[int],
-                                    num_context: list[int]) -> list[Tensor]:
+    def _every_block_on_every_token(
+        self, x: Tensor, rope: RotaryCache | None, sizes: list[int], num_context: list[int]
+    ) -> list[Tensor]:
         """One call of every block on all n * B sequences, the context rows dropped at the end."""
         x = run_blocks(self.blocks, x, rope, self.checkpointing)
         return [o[:, kc:] for o, kc in zip(x.split(sizes, dim=0), num_context)]
 
-    def _last_block_on_targets(self, x: Tensor, rope: RotaryCache | None, sizes: list[int],
-                               num_context: list[int]) -> list[Tensor]:
+    def _last_block_on_targets(
+        self, x: Tensor, rope: RotaryCache | None, sizes: list[int], num_context: list[int]
+    ) -> list[Tensor]:
         """All blocks but the last on every token; the last on each configuration's target rows alone, where the
         context tokens are keys and values only (no queries, projection or MLP rows). The configurations differ
         in their number of targets, so the last block runs once per configuration."""

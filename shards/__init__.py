@@ -1,4 +1,5 @@
 """The writer<->reader contract for preprocessed OCT shards (see ``contract``, ``shardset`` and ``index``)."""
+
 from shards.contract import (
     ALLOWED_DTYPES,
     CHECKSUM_EXT,

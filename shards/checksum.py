@@ -8,6 +8,7 @@ extension, whose dependencies ``dlsym`` searches), so there is one CRC32C implem
 accelerated. Where that symbol cannot be found (an unusual build), the buffer is copied to ``bytes`` instead:
 slower, the same value.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -12,6 +12,7 @@ loader can afford it on every sample; ``index.json`` keeps a sha256 per shard fo
 Both the Beam writer and the trainer's reader import this module; nobody restates a member name or a dtype.
 Volumes are C-order ``(D, H, W)`` = (B-scan, row = axial depth, column = lateral), stored at the source bit depth.
 """
+
 from __future__ import annotations
 
 import functools
@@ -90,7 +91,11 @@ def make_key(device: str, participant_id: str, sop_instance_uid: str) -> str:
     for name, value in (("device", device), ("participant_id", participant_id), ("sop_instance_uid", sop_instance_uid)):
         if not value:
             raise ContractError(f"make_key: {name} is empty (device={device!r}, participant={participant_id!r})")
-    uid = sop_instance_uid.replace(".", "-") if re.fullmatch(r"[0-9.]+", sop_instance_uid) else "x" + _escape(sop_instance_uid)
+    uid = (
+        sop_instance_uid.replace(".", "-")
+        if re.fullmatch(r"[0-9.]+", sop_instance_uid)
+        else "x" + _escape(sop_instance_uid)
+    )
     # "_-_" never occurs inside an escaped field: an escape is "-<hex>-", so '-' is never between two '_'.
     return f"{_escape(device)}{KEY_SEPARATOR}{_escape(participant_id)}{KEY_SEPARATOR}{uid}"
 
@@ -104,7 +109,7 @@ def encode_volume(volume: np.ndarray) -> bytes:
 def parse_npy_header(head: bytes) -> tuple[tuple[int, ...], np.dtype, bool, int]:
     """``(shape, dtype, fortran_order, data offset)`` from the first bytes of a ``.npy`` member (its header is
     short: the loader reads a few KiB, then the voxels straight into a batch). Raises ValueError."""
-    return _parse_npy_header(bytes(head[:_npy_header_length(head)]))
+    return _parse_npy_header(bytes(head[: _npy_header_length(head)]))
 
 
 def _npy_header_length(head: bytes) -> int:
@@ -152,7 +157,9 @@ def validate_meta(meta: Mapping[str, Any]) -> None:
             raise ContractError(f"sample {key}: missing metadata field {name!r}")
         value = meta[name]
         if isinstance(value, bool) or not isinstance(value, kind):
-            raise ContractError(f"sample {key}: field {name!r} should be {kind}, found {type(value).__name__} {value!r}")
+            raise ContractError(
+                f"sample {key}: field {name!r} should be {kind}, found {type(value).__name__} {value!r}"
+            )
     if meta["format_version"] != FORMAT_VERSION:
         raise format_version_error(f"sample {key}: field 'format_version'", meta["format_version"])
     if meta["dtype"] not in ALLOWED_DTYPES:
@@ -170,8 +177,10 @@ def format_version_error(where: str, found: Any) -> ContractError:
     """The one message for data written in another shard format: what was found, what this code reads, what to do."""
     advice = ""
     if isinstance(found, int) and found < FORMAT_VERSION:
-        advice = ("; it predates per-sample CRC32C checksums: re-run `octjepa preprocess` (then `octjepa reshard`) "
-                  "to rewrite the set")
+        advice = (
+            "; it predates per-sample CRC32C checksums: re-run `octjepa preprocess` (then `octjepa reshard`) "
+            "to rewrite the set"
+        )
     return ContractError(f"{where} is {found!r}, this code reads {FORMAT_VERSION}{advice}")
 
 
@@ -200,8 +209,10 @@ def read_checksums(sample: Mapping[str, Any]) -> dict[str, int]:
     missing or malformed (a malformed one is damage too: its sample cannot be checked, so it is not trusted)."""
     key = sample.get("__key__", "<no key>")
     if CHECKSUM_EXT not in sample:
-        raise ContractError(f"sample {key}: member {CHECKSUM_EXT!r} is missing (members: {sorted(sample)}); a set "
-                            f"written before format version 2 has none: re-run `octjepa preprocess`")
+        raise ContractError(
+            f"sample {key}: member {CHECKSUM_EXT!r} is missing (members: {sorted(sample)}); a set "
+            f"written before format version 2 has none: re-run `octjepa preprocess`"
+        )
     try:
         stored = json.loads(sample[CHECKSUM_EXT])
         crcs = {ext: int(stored[ext], 16) for ext in CHECKED_EXTS}
@@ -214,14 +225,17 @@ def read_checksums(sample: Mapping[str, Any]) -> dict[str, int]:
 
 def check_crc(key: str, ext: str, stored: int, found: int) -> None:
     if stored != found:
-        raise ContractError(f"sample {key}: member {ext!r} fails its CRC32C check (stored {stored:08x}, read "
-                            f"{found:08x}): its bytes changed after they were written")
+        raise ContractError(
+            f"sample {key}: member {ext!r} fails its CRC32C check (stored {stored:08x}, read "
+            f"{found:08x}): its bytes changed after they were written"
+        )
 
 
 @dataclass(frozen=True)
 class VolumeCheck:
     """The check of a volume whose voxels are read straight into place: the ``.npy`` member's stored CRC32C and the
     CRC32C of its header bytes (the member's bytes before the voxels), to be continued over the voxels read."""
+
     key: str
     stored: int
     header_crc: int
@@ -251,8 +265,9 @@ def _check_meta_member(sample: Mapping[str, Any], crcs: Mapping[str, int]) -> No
     check_crc(key, META_EXT, crcs[META_EXT], crc32c(sample[META_EXT]))
 
 
-def decode_sample_header(sample: Mapping[str, Any], head: bytes,
-                         volume_size: int) -> tuple[dict[str, Any], int, VolumeCheck]:
+def decode_sample_header(
+    sample: Mapping[str, Any], head: bytes, volume_size: int
+) -> tuple[dict[str, Any], int, VolumeCheck]:
     """Validate a record before its voxels are read: ``sample`` holds the ``.json`` and ``.crc32c`` members' bytes,
     ``head`` the first bytes of the ``.npy`` member (a few KiB hold its header) and ``volume_size`` that member's
     size. Returns ``(meta, data offset, check)``: the C-order voxels of ``meta["shape"]``/``meta["dtype"]`` are the

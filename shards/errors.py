@@ -4,6 +4,7 @@ Library code raises a subclass (``ConfigError``, ``ContractError``, ...); the ``
 into one line on stderr and the subclass's ``exit_code``, for every subcommand. Anything else is a bug and keeps its
 traceback.
 """
+
 from __future__ import annotations
 
 

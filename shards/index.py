@@ -8,6 +8,7 @@ complete set and readers refuse a folder without it.
 A re-sharded root's index (``kind: octjepa-reshard-root``, ``build_root_index``) lists its domain sets, each an
 ordinary shard set in a folder under it; ``load_any_index`` reads either kind, ``is_root_index`` tells them apart.
 """
+
 from __future__ import annotations
 
 import json
@@ -104,8 +105,9 @@ def validate_index(index: Mapping[str, Any], *, where: str) -> None:
                     raise ContractError(f"{where}: shard entry {shard!r} is missing field {field!r}")
             total += shard["num_samples"]
         if total != entry["num_samples"]:
-            raise ContractError(f"{where}: split {split!r} says {entry['num_samples']} samples, its shards hold "
-                                f"{total}")
+            raise ContractError(
+                f"{where}: split {split!r} says {entry['num_samples']} samples, its shards hold {total}"
+            )
 
 
 def encode_index(index: Mapping[str, Any]) -> bytes:
@@ -122,8 +124,10 @@ def load_any_index(root: str) -> dict[str, Any]:
     """The raw index.json of a shard set or of a re-sharded root; refuses a folder without one."""
     url = storage.join(root, INDEX_NAME)
     if not storage.exists(url):
-        raise ContractError(f"{root}: no {INDEX_NAME}; this is not a complete shard set (a writer may have been "
-                            f"interrupted, or the path is wrong)")
+        raise ContractError(
+            f"{root}: no {INDEX_NAME}; this is not a complete shard set (a writer may have been "
+            f"interrupted, or the path is wrong)"
+        )
     try:
         return json.loads(storage.read_bytes(url))
     except ValueError as exc:
@@ -158,8 +162,9 @@ def complete_set(root: str, entries: Iterable[Mapping[str, Any]], *, errors: byt
 
 
 # ---------------------------------------------------------------------------------------------- a re-sharded root
-def build_root_index(*, by: str, domains: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any],
-                     created_by: str) -> dict[str, Any]:
+def build_root_index(
+    *, by: str, domains: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any], created_by: str
+) -> dict[str, Any]:
     """The index of a re-sharded root. ``domains`` maps a domain value to ``{path, by_split}`` where ``path`` is the
     domain set's directory relative to the root and ``by_split`` its sample counts."""
     index = {
@@ -168,9 +173,14 @@ def build_root_index(*, by: str, domains: Mapping[str, Mapping[str, Any]], confi
         "created_by": created_by,
         "by": by,
         "config": dict(config),
-        "domains": {name: {"path": d["path"], "by_split": dict(sorted(d["by_split"].items())),
-                           "num_samples": sum(d["by_split"].values())}
-                    for name, d in sorted(domains.items())},
+        "domains": {
+            name: {
+                "path": d["path"],
+                "by_split": dict(sorted(d["by_split"].items())),
+                "num_samples": sum(d["by_split"].values()),
+            }
+            for name, d in sorted(domains.items())
+        },
     }
     validate_root_index(index, where="<built root index>")
     return index

@@ -18,6 +18,7 @@ How a lease is held (the file ``LEASE_NAME`` inside the output):
 
 A Dataflow launcher holds the lease while it waits for its job; a launcher that detaches lets it expire.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,7 +32,8 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 from shards import storage
 from shards.errors import OctjepaError
@@ -73,8 +75,9 @@ def canonical(url: str) -> str:
     return os.path.realpath(os.path.abspath(url))
 
 
-def check_separate(input_url: str, output_url: str, *, input_flag: str = "--input",
-                   output_flag: str = "--output") -> None:
+def check_separate(
+    input_url: str, output_url: str, *, input_flag: str = "--input", output_flag: str = "--output"
+) -> None:
     """Refuse an output equal to, inside, or a parent of the input: writing there would replace the input's files."""
     src, dst = canonical(input_url), canonical(output_url)
     if dst == src:
@@ -85,8 +88,10 @@ def check_separate(input_url: str, output_url: str, *, input_flag: str = "--inpu
         relation = "is a parent of"
     else:
         return
-    raise ConfigError(f"{output_flag} {output_url} {relation} {input_flag} {input_url}; writing there would "
-                      f"replace the input's files. Choose a folder outside the input")
+    raise ConfigError(
+        f"{output_flag} {output_url} {relation} {input_flag} {input_url}; writing there would "
+        f"replace the input's files. Choose a folder outside the input"
+    )
 
 
 def require_overwrite(output_url: str, overwrite: bool, *, flag: str = "--overwrite") -> None:
@@ -95,14 +100,17 @@ def require_overwrite(output_url: str, overwrite: bool, *, flag: str = "--overwr
     fs, path = storage.get_fs(index)
     fs.invalidate_cache()
     if not overwrite and fs.exists(path):
-        raise OutputExists(f"{output_url} already holds a complete set ({INDEX_NAME}); pass {flag} to replace it, "
-                           f"or choose another output folder")
+        raise OutputExists(
+            f"{output_url} already holds a complete set ({INDEX_NAME}); pass {flag} to replace it, "
+            f"or choose another output folder"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- leases
 @contextlib.contextmanager
-def hold(output_url: str, *, job: str, ttl_s: float = DEFAULT_TTL_S,
-         heartbeat_s: float | None = None) -> Iterator[Lease]:
+def hold(
+    output_url: str, *, job: str, ttl_s: float = DEFAULT_TTL_S, heartbeat_s: float | None = None
+) -> Iterator[Lease]:
     """Hold the output's lease for the duration of the block; raises LeaseHeld if a live run holds it."""
     held = acquire(output_url, job=job, ttl_s=ttl_s, heartbeat_s=heartbeat_s)
     try:
@@ -118,13 +126,20 @@ def acquire(output_url: str, *, job: str, ttl_s: float = DEFAULT_TTL_S, heartbea
 
 
 def _record(job: str, token: str) -> dict[str, Any]:
-    return {"job": job, "holder": f"{socket.gethostname()} pid {os.getpid()}", "token": token,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "job": job,
+        "holder": f"{socket.gethostname()} pid {os.getpid()}",
+        "token": token,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def _held_message(output_url: str, record: dict[str, Any] | None) -> str:
-    who = (f"octjepa {record.get('job', '?')} on {record.get('holder', '?')}, started {record.get('started', '?')}"
-           if record else "another run")
+    who = (
+        f"octjepa {record.get('job', '?')} on {record.get('holder', '?')}, started {record.get('started', '?')}"
+        if record
+        else "another run"
+    )
     return f"{output_url} is being written by {who}; wait for it to finish, or choose another output folder"
 
 
@@ -191,8 +206,12 @@ class GcsLease:
             age = time.time() - float(current.get("heartbeat", 0))
             if age <= float(current.get("ttl_s", DEFAULT_TTL_S)):
                 raise LeaseHeld(_held_message(output_url, current))
-            _LOG.warning("%s: taking over the lease of %s, whose last heartbeat was %.0f s ago", output_url,
-                         current.get("holder", "?"), age)
+            _LOG.warning(
+                "%s: taking over the lease of %s, whose last heartbeat was %.0f s ago",
+                output_url,
+                current.get("holder", "?"),
+                age,
+            )
             self._fs.rm(self._path)
         try:
             self._fs.pipe_file(self._path, self._encode(), mode="create")
@@ -236,5 +255,7 @@ class GcsLease:
         elif not self.lost:
             self.lost = True
         if self.lost:
-            raise LeaseLost(f"{self._url}: another run took over this output while this run wrote it (no heartbeat "
-                            f"for over {self._ttl_s:.0f} s); do not trust its contents, re-run with --overwrite")
+            raise LeaseLost(
+                f"{self._url}: another run took over this output while this run wrote it (no heartbeat "
+                f"for over {self._ttl_s:.0f} s); do not trust its contents, re-run with --overwrite"
+            )

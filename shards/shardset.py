@@ -2,6 +2,7 @@
 stream), and the shard files of a set (``<split>/shard-NNNNNN.tar``) that an earlier run left. What makes a folder
 of them a complete set, its ``index.json``, is ``shards.index``'s.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,8 +53,10 @@ def write_shard(fileobj: BinaryIO, samples: Iterable[Mapping[str, Any]]) -> int:
             key = sample["__key__"]
             missing = [ext for ext in MEMBER_EXTS if ext not in sample]
             if missing:
-                raise ContractError(f"sample {key}: cannot be written without member(s) {missing} "
-                                    f"(records come from shards.encode_sample)")
+                raise ContractError(
+                    f"sample {key}: cannot be written without member(s) {missing} "
+                    f"(records come from shards.encode_sample)"
+                )
             for ext in MEMBER_EXTS:
                 data = sample[ext]
                 info = tarfile.TarInfo(f"{key}.{ext}")
@@ -85,8 +88,10 @@ class MemberReader:
 
     def _check(self, got: int, want: int, offset: int) -> None:
         if got != want:
-            raise ContractError(f"shard {self.shard}: member {self.name!r} is truncated ({got} of {want} bytes "
-                                f"from offset {offset} of {self.size})")
+            raise ContractError(
+                f"shard {self.shard}: member {self.name!r} is truncated ({got} of {want} bytes "
+                f"from offset {offset} of {self.size})"
+            )
 
     def read(self, offset: int = 0, size: int | None = None) -> bytes:
         size = self.size - offset if size is None else min(size, self.size - offset)
@@ -95,8 +100,9 @@ class MemberReader:
         self._check(len(data), size, offset)
         return data
 
-    def readinto(self, buf: Any, offset: int = 0, fileobj: BinaryIO | None = None,
-                 crc: int | None = None) -> int | None:
+    def readinto(
+        self, buf: Any, offset: int = 0, fileobj: BinaryIO | None = None, crc: int | None = None
+    ) -> int | None:
         """Fill ``buf`` (a writable buffer, e.g. a C-contiguous array) with ``len(buf)`` bytes from ``offset``;
         ``fileobj``: the same shard opened again, for a read after the iterator has closed it.
 
@@ -111,11 +117,11 @@ class MemberReader:
         step = view.nbytes if crc is None else _CRC_CHUNK
         done = 0
         while done < view.nbytes:  # a file object may return fewer bytes than asked before its end
-            got = f.readinto(view[done:done + step])
+            got = f.readinto(view[done : done + step])
             if not got:
                 break
             if crc is not None:
-                crc = crc32c(view[done:done + got], crc)
+                crc = crc32c(view[done : done + got], crc)
             done += got
         self._check(done, view.nbytes, offset)
         return crc
@@ -202,7 +208,7 @@ class _HashingWriter:
         if n > len(self._buf):
             self._emit(data)
         else:
-            self._buf[self._pos:self._pos + n] = data
+            self._buf[self._pos : self._pos + n] = data
             self._pos += n
         return n
 
@@ -215,7 +221,7 @@ class _HashingWriter:
 
     def _drain(self) -> None:
         if self._pos:
-            with memoryview(self._buf)[:self._pos] as view:
+            with memoryview(self._buf)[: self._pos] as view:
                 self._emit(view)
             self._pos = 0
 
@@ -240,8 +246,9 @@ def write_shard_file(root: str, split: str, number: int, records: Iterable[Mappi
     target = fspath
     if not remote:
         os.makedirs(os.path.dirname(os.path.abspath(fspath)), exist_ok=True)
-        target = os.path.join(os.path.dirname(os.path.abspath(fspath)),
-                              f".{os.path.basename(fspath)}.tmp-{uuid.uuid4().hex}")
+        target = os.path.join(
+            os.path.dirname(os.path.abspath(fspath)), f".{os.path.basename(fspath)}.tmp-{uuid.uuid4().hex}"
+        )
     f = fs.open(target, "wb")
     writer = _HashingWriter(f)
     try:
@@ -259,8 +266,13 @@ def write_shard_file(root: str, split: str, number: int, records: Iterable[Mappi
     f.close()
     if not remote:
         os.replace(target, fspath)
-    return {"split": split, "path": path, "num_samples": count, "bytes": writer.size,
-            "sha256": writer.digest.hexdigest()}
+    return {
+        "split": split,
+        "path": path,
+        "num_samples": count,
+        "bytes": writer.size,
+        "sha256": writer.digest.hexdigest(),
+    }
 
 
 # Shard files, and temporaries of interrupted writes, as write_shard_file names them.

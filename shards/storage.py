@@ -11,6 +11,7 @@ The Dataflow worker image (``dataflow/Dockerfile``) sets it too.
 Tests and offline users point gcsfs at a local emulator with ``STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT`` (gcsfs
 reads it); an emulator takes no credentials, so access is then anonymous instead of searching for them first.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,7 +42,7 @@ def get_fs(url: str) -> tuple[Any, str]:
     long-lived workers (loader workers, Beam DoFns) call this inside the worker, not at import time.
     """
     if url.startswith("gs://"):
-        return _gcs_filesystem(), url[len("gs://"):]
+        return _gcs_filesystem(), url[len("gs://") :]
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path
 

@@ -7,6 +7,7 @@
 Samples are random uint8 volumes spread over several devices, both eyes, two anatomic regions and all three splits
 (split is per participant, as in preprocessing).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ DEVICES = ("heidelberg_spectralis", "topcon_maestro2", "topcon_triton", "zeiss_c
 _SPLIT_OF = ("train", "val", "test", "train", "train")
 
 
-def fake_meta(device: str, participant: int, eye: str, shape: Sequence[int], split: str, *, uid: str | None = None,
-              **fields: Any) -> dict[str, Any]:
+def fake_meta(
+    device: str, participant: int, eye: str, shape: Sequence[int], split: str, *, uid: str | None = None, **fields: Any
+) -> dict[str, Any]:
     """Valid contract metadata for participant ``1000 + participant``'s ``eye`` scan; ``fields`` override any
     field but the ones derived from the UID (``key``, ``source_path``)."""
     participant_id = str(1000 + participant)
@@ -82,14 +84,19 @@ def make_shard_set(
     chunked = {}
     for split, records in sorted(by_split.items()):
         records.sort(key=lambda r: r["__key__"])
-        chunked[split] = [records[i:i + samples_per_shard] for i in range(0, len(records), samples_per_shard)]
-    index = write_set(root, chunked, config={"made_by": CREATED_BY, "samples_per_shard": samples_per_shard,
-                                             "seed": seed}, created_by=CREATED_BY)
+        chunked[split] = [records[i : i + samples_per_shard] for i in range(0, len(records), samples_per_shard)]
+    index = write_set(
+        root,
+        chunked,
+        config={"made_by": CREATED_BY, "samples_per_shard": samples_per_shard, "seed": seed},
+        created_by=CREATED_BY,
+    )
     return index, samples
 
 
-def write_set(root: str, shards_by_split: dict[str, list[list[dict[str, Any]]]], *, config: dict[str, Any],
-              created_by: str) -> dict[str, Any]:
+def write_set(
+    root: str, shards_by_split: dict[str, list[list[dict[str, Any]]]], *, config: dict[str, Any], created_by: str
+) -> dict[str, Any]:
     """Write encoded records as a complete shard set: ``shards_by_split[split][n]`` is shard n's records, in order;
     then an empty errors.jsonl and index.json, last. Returns the index."""
     entries, by_split_device = [], {}
@@ -101,5 +108,14 @@ def write_set(root: str, shards_by_split: dict[str, list[list[dict[str, Any]]]],
                 by_split_device.setdefault(split, {}).setdefault(device, 0)
                 by_split_device[split][device] += 1
     total = sum(len(records) for shard_records in shards_by_split.values() for records in shard_records)
-    return complete_set(root, entries, errors=b"", config=config, by_split_device=by_split_device,
-                        errors_by_reason={}, manifest_rows=total, selected=total, created_by=created_by)
+    return complete_set(
+        root,
+        entries,
+        errors=b"",
+        config=config,
+        by_split_device=by_split_device,
+        errors_by_reason={},
+        manifest_rows=total,
+        selected=total,
+        created_by=created_by,
+    )

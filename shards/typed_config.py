@@ -2,12 +2,14 @@
 
 One home for defaults (the dataclass); YAML presets and ``key=value`` overrides may only name fields that exist.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import types
 import typing
-from typing import Any, Mapping, Sequence, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 from shards.errors import OctjepaError
 
@@ -120,7 +122,9 @@ def _yaml_load(text: str | bytes) -> Any:
 
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
-        re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"""),
+        re.compile(
+            r"""^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"""
+        ),
         list("-+0123456789."),
     )
     return yaml.load(text, Loader=Loader)
@@ -154,8 +158,9 @@ def load_yaml(cls: type[T], path: str | None, overrides: Sequence[str] = ()) -> 
             with storage.open_url(path, "rb") as f:
                 text = f.read()
         except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-            raise ConfigError(f"config file {path!r} cannot be read: {type(exc).__name__}: "
-                              f"{exc.strerror or exc}") from exc
+            raise ConfigError(
+                f"config file {path!r} cannot be read: {type(exc).__name__}: {exc.strerror or exc}"
+            ) from exc
         import yaml
 
         try:

@@ -8,12 +8,14 @@ against its contract and its CRC32C (a failing sample is reported by key).
 Prints a per-domain, per-split, per-device table of samples the index promises against samples found, then every
 problem; exits 1 on any problem. Reads each shard once, streaming (a shard is never held whole in memory).
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from shards import storage
 from shards.contract import ContractError, decode_sample
@@ -25,6 +27,7 @@ from shards.shardset import HashingReader, iter_shard
 @dataclasses.dataclass
 class SplitDeviceCount:
     """One line of the table: a device's samples in a split of a domain set, as the index promises and as found."""
+
     domain: str
     split: str
     device: str
@@ -51,11 +54,15 @@ class VerifyReport:
 
     def format_table(self) -> str:
         head = ("domain", "split", "device", "shards", "index", "found", "status")
-        body = [(r.domain, r.split, r.device, str(r.shards), str(r.expected), str(r.found),
-                 "ok" if r.ok else "MISMATCH") for r in self.rows]
+        body = [
+            (r.domain, r.split, r.device, str(r.shards), str(r.expected), str(r.found), "ok" if r.ok else "MISMATCH")
+            for r in self.rows
+        ]
         widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
-        lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-                 for row in [head, *body]]
+        lines = [
+            "  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            for row in [head, *body]
+        ]
         lines += [f"PROBLEM: {p}" for p in self.problems]
         verdict = "OK" if self.ok else f"FAILED ({len(self.problems)} problem(s))"
         lines.append(f"{verdict}: {self.samples_checked} samples in {self.shards_checked} shards under {self.root}")
@@ -63,8 +70,9 @@ class VerifyReport:
 
 
 # ---------------------------------------------------------------------------------------------- checking
-def _check_shard(url: str, entry: Mapping[str, Any], split: str, report: VerifyReport,
-                 found: dict[str, int], seen: dict[str, str]) -> None:
+def _check_shard(
+    url: str, entry: Mapping[str, Any], split: str, report: VerifyReport, found: dict[str, int], seen: dict[str, str]
+) -> None:
     """Stream one shard: decode every sample, check its split, count devices, then compare hash, size and count."""
     if not storage.exists(url):
         report.problems.append(f"{url}: shard listed in the index is missing")
@@ -81,8 +89,9 @@ def _check_shard(url: str, entry: Mapping[str, Any], split: str, report: VerifyR
                     report.problems.append(f"{url}: {exc}")
                     continue
                 if meta["split"] != split:
-                    report.problems.append(f"{url}: sample {meta['key']} says split {meta['split']!r}, "
-                                           f"its shard is in split {split!r}")
+                    report.problems.append(
+                        f"{url}: sample {meta['key']} says split {meta['split']!r}, its shard is in split {split!r}"
+                    )
                 if meta["key"] in seen:
                     report.problems.append(f"{url}: sample {meta['key']} is duplicated (also in {seen[meta['key']]})")
                 seen[meta["key"]] = url
@@ -96,8 +105,10 @@ def _check_shard(url: str, entry: Mapping[str, Any], split: str, report: VerifyR
     report.shards_checked += 1
     report.samples_checked += count
     if reader.size != entry["bytes"] or reader.digest.hexdigest() != entry["sha256"]:
-        report.problems.append(f"{url}: content differs from the index (sha256 {reader.digest.hexdigest()[:12]}..., "
-                               f"{reader.size} bytes; index says {entry['sha256'][:12]}..., {entry['bytes']} bytes)")
+        report.problems.append(
+            f"{url}: content differs from the index (sha256 {reader.digest.hexdigest()[:12]}..., "
+            f"{reader.size} bytes; index says {entry['sha256'][:12]}..., {entry['bytes']} bytes)"
+        )
     if count != entry["num_samples"]:
         report.problems.append(f"{url}: holds {count} samples, the index says {entry['num_samples']}")
 
@@ -118,12 +129,22 @@ def _verify_set(root: str, domain: str, report: VerifyReport) -> dict[str, int]:
         for shard in entry["shards"]:
             _check_shard(storage.join(root, shard["path"]), shard, split, report, found, seen)
         for device in sorted(set(expected.get(split, {})) | set(found)):
-            report.rows.append(SplitDeviceCount(domain, split, device, len(entry["shards"]),
-                                                expected.get(split, {}).get(device, 0), found.get(device, 0)))
+            report.rows.append(
+                SplitDeviceCount(
+                    domain,
+                    split,
+                    device,
+                    len(entry["shards"]),
+                    expected.get(split, {}).get(device, 0),
+                    found.get(device, 0),
+                )
+            )
         found_by_split[split] = sum(found.values())
         if sum(expected.get(split, {}).values()) != entry["num_samples"]:
-            report.problems.append(f"{root}: split {split!r} lists {entry['num_samples']} samples in its shards but "
-                                   f"{sum(expected.get(split, {}).values())} in counts.by_split_device")
+            report.problems.append(
+                f"{root}: split {split!r} lists {entry['num_samples']} samples in its shards but "
+                f"{sum(expected.get(split, {}).values())} in counts.by_split_device"
+            )
     return found_by_split
 
 
@@ -143,8 +164,9 @@ def verify_shard_set(root: str) -> VerifyReport:
     for name, entry in top["domains"].items():
         found = _verify_set(storage.join(root, entry["path"]), name, report)
         if found != entry["by_split"]:
-            report.problems.append(f"{root}: domain {name!r} by_split {entry['by_split']} in the root index, "
-                                   f"found {found}")
+            report.problems.append(
+                f"{root}: domain {name!r} by_split {entry['by_split']} in the root index, found {found}"
+            )
     return report
 
 

@@ -1,15 +1,16 @@
 """A corpus of bad inputs, one per failure the pipeline must route instead of crash on.
 
     octjepa synth --out /tmp/aireadi --participants 4 --scale 0.1 --broken
-    python -c "from synth import bad_inputs as b; print(b.write_bad_inputs('/tmp/d', '/tmp/d/retinal_oct/manifest.tsv'))"
+    python -c "from synth.bad_inputs import write_bad_inputs as w; w('/tmp/d', '/tmp/d/retinal_oct/manifest.tsv')"
 
 ``write_bad_inputs`` appends one manifest row per kind (same columns and heading as the manifest) and writes the
 files; it returns ``{sop_instance_uid or "row:<n>": expected reason}`` (``n`` = 1-based data row, heading = row 0).
 Every file but the deliberate defect is a well-formed small OCT DICOM made by the synthetic dataset's writer.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -107,11 +108,23 @@ def write_bad_inputs(root: str, manifest_path: str) -> dict[str, str]:
 
     def add_row(kind: str, uid: str, filepath: str) -> None:
         d, h, w = _SHAPE
-        row = {"participant_id": pid, "manufacturer": device.manufacturer, "manufacturers_model_name": device.model,
-               "anatomic_region": "Macula", "imaging": "OCT", "laterality": "R", "height": h, "width": w,
-               "number_of_frames": d, "pixel_spacing": f"[{_SPACING[1]}, {_SPACING[2]}]",
-               "slice_thickness": str(_SPACING[0]), "sop_instance_uid": uid, "filepath": filepath,
-               "reference_instance_uid": "", "reference_filepath": ""}
+        row = {
+            "participant_id": pid,
+            "manufacturer": device.manufacturer,
+            "manufacturers_model_name": device.model,
+            "anatomic_region": "Macula",
+            "imaging": "OCT",
+            "laterality": "R",
+            "height": h,
+            "width": w,
+            "number_of_frames": d,
+            "pixel_spacing": f"[{_SPACING[1]}, {_SPACING[2]}]",
+            "slice_thickness": str(_SPACING[0]),
+            "sop_instance_uid": uid,
+            "filepath": filepath,
+            "reference_instance_uid": "",
+            "reference_filepath": "",
+        }
         rows.append([str(row[c]) for c in MANIFEST_COLUMNS])
         expected[uid] = kind
 
@@ -125,8 +138,17 @@ def write_bad_inputs(root: str, manifest_path: str) -> dict[str, str]:
     def good_dataset(transfer_syntax: str) -> tuple[Dataset, str]:
         uid = new_uid(rng)
         volume = rng.integers(0, 200, size=_SHAPE, dtype=np.uint8)
-        ds = oct_dataset(volume=volume, spacing_mm=_SPACING, device=device, participant_id=pid, laterality="R",
-                         sop_instance_uid=uid, reference_uid=new_uid(rng), rng=rng, transfer_syntax=transfer_syntax)
+        ds = oct_dataset(
+            volume=volume,
+            spacing_mm=_SPACING,
+            device=device,
+            participant_id=pid,
+            laterality="R",
+            sop_instance_uid=uid,
+            reference_uid=new_uid(rng),
+            rng=rng,
+            transfer_syntax=transfer_syntax,
+        )
         return ds, uid
 
     # Files whose defect is in the bytes, not the data set.
@@ -144,8 +166,22 @@ def write_bad_inputs(root: str, manifest_path: str) -> dict[str, str]:
     lines = ["\t".join(r) for r in rows]
     # A malformed row: the column count is wrong (a field lost its tab), so no value can be trusted.
     malformed_uid = new_uid(rng)
-    lines.append("\t".join([pid, device.manufacturer, device.model, "Macula", "OCT", "R 64", "48", "8",
-                            malformed_uid, "/" + oct_path(device.name, pid, f"{malformed_uid}.dcm")]))
+    lines.append(
+        "\t".join(
+            [
+                pid,
+                device.manufacturer,
+                device.model,
+                "Macula",
+                "OCT",
+                "R 64",
+                "48",
+                "8",
+                malformed_uid,
+                "/" + oct_path(device.name, pid, f"{malformed_uid}.dcm"),
+            ]
+        )
+    )
     expected[f"row:{len(data_lines) + len(lines)}"] = "malformed_row"
     with storage.open_url(manifest_path, "wb") as f:
         f.write((text + "\n".join(lines) + "\n").encode("utf-8"))

@@ -12,13 +12,15 @@ Per device the real frames x rows x columns and spacings (``synth.devices``); ``
 keeping the physical extent. JPEG 2000 lossless for most files, uncompressed for some; Zeiss Cirrus files carry the
 lateral spacing in SliceThickness (their real quirk); some Spectralis optic-disc scans are radial.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
@@ -26,16 +28,33 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 from shards import storage
 from synth.bad_inputs import write_bad_inputs
 from synth.devices import (
-    ALL_DEVICES, CIRRUS_200, DEVICES, ONH_CIRCLES, ONH_RADIAL_FRAMES, ScannerModel, scaled_geometry,
+    ALL_DEVICES,
+    CIRRUS_200,
+    DEVICES,
+    ONH_CIRCLES,
+    ONH_RADIAL_FRAMES,
+    ScannerModel,
+    scaled_geometry,
 )
 from synth.dicom import (
-    dataset_bytes, new_uid, oct_dataset, radial_frame_locations, raster_frame_locations, reference_image_bytes,
+    dataset_bytes,
+    new_uid,
+    oct_dataset,
+    radial_frame_locations,
+    raster_frame_locations,
+    reference_image_bytes,
 )
 from synth.layout import MANIFEST_COLUMNS, PARTICIPANT_COLUMNS, oct_path
 from synth.volumes import ANATOMY_COLUMNS, STUDY_GROUPS, Anatomy, draw_anatomy, render_volume
 
-ANATOMY_TABLE_COLUMNS = ("participant_id", "sop_instance_uid", "device", "laterality", "anatomic_region",
-                         "study_group") + ANATOMY_COLUMNS
+ANATOMY_TABLE_COLUMNS = (
+    "participant_id",
+    "sop_instance_uid",
+    "device",
+    "laterality",
+    "anatomic_region",
+    "study_group",
+) + ANATOMY_COLUMNS
 CLINICAL_SITES = ("UAB", "UCSD", "UW")
 ANATOMY_TABLE = "synth_anatomy.tsv"  # at the dataset root, beside participants.tsv
 
@@ -68,8 +87,17 @@ def _scans_for(participant: int, devices: Sequence[str], rng: np.random.Generato
             scans.append(Scan(device, lat, "Macula", protocol, shape, spacing, False))
         if name == "heidelberg_spectralis" and onh_radial and rng.random() < 0.5:
             d, h, w = device.shape
-            scans.append(Scan(device, str(rng.choice(["R", "L"])), "Optic Disc", "onh_rc",
-                              (ONH_RADIAL_FRAMES + ONH_CIRCLES, h, w), device.spacing_mm, True))
+            scans.append(
+                Scan(
+                    device,
+                    str(rng.choice(["R", "L"])),
+                    "Optic Disc",
+                    "onh_rc",
+                    (ONH_RADIAL_FRAMES + ONH_CIRCLES, h, w),
+                    device.spacing_mm,
+                    True,
+                )
+            )
     return scans
 
 
@@ -111,16 +139,31 @@ def generate_dataset(
     people, manifest, anatomy_rows, counts = [], [], [], {name: 0 for name in devices}
     for p, pid in enumerate(ids):
         group = STUDY_GROUPS[int(rng.integers(len(STUDY_GROUPS)))]
-        people.append({"participant_id": pid, "clinical_site": CLINICAL_SITES[int(rng.integers(3))],
-                       "study_group": group, "age": int(rng.integers(40, 86)), "recommended_split": splits[p],
-                       "retinal_oct": "TRUE"})
+        people.append(
+            {
+                "participant_id": pid,
+                "clinical_site": CLINICAL_SITES[int(rng.integers(3))],
+                "study_group": group,
+                "age": int(rng.integers(40, 86)),
+                "recommended_split": splits[p],
+                "retinal_oct": "TRUE",
+            }
+        )
         anatomy = draw_anatomy(group, rng)
         for scan in _scans_for(p, list(devices), rng, onh_radial):
             row, known = _write_scan(root, pid, anatomy, scan, scale, rng, uncompressed_fraction)
             manifest.append(row)
-            anatomy_rows.append({"participant_id": pid, "sop_instance_uid": row["sop_instance_uid"],
-                                 "device": scan.device.name, "laterality": scan.laterality,
-                                 "anatomic_region": scan.region, "study_group": group, **known})
+            anatomy_rows.append(
+                {
+                    "participant_id": pid,
+                    "sop_instance_uid": row["sop_instance_uid"],
+                    "device": scan.device.name,
+                    "laterality": scan.laterality,
+                    "anatomic_region": scan.region,
+                    "study_group": group,
+                    **known,
+                }
+            )
             counts[scan.device.name] += 1
             if progress:
                 progress(manifest[-1]["filepath"])
@@ -136,17 +179,29 @@ def generate_dataset(
     with storage.open_url(anatomy_url, "wb") as f:
         f.write(_tsv(anatomy_rows, ANATOMY_TABLE_COLUMNS, ANATOMY_TABLE_COLUMNS).encode())
     summary: dict[str, Any] = {
-        "root": root, "manifest": manifest_url, "participants_tsv": participants_url, "anatomy_tsv": anatomy_url,
+        "root": root,
+        "manifest": manifest_url,
+        "participants_tsv": participants_url,
+        "anatomy_tsv": anatomy_url,
         "participants": participants,
-        "volumes": len(manifest), "by_device": counts, "files": [r["filepath"] for r in manifest],
+        "volumes": len(manifest),
+        "by_device": counts,
+        "files": [r["filepath"] for r in manifest],
     }
     if broken:
         summary["bad_inputs"] = write_bad_inputs(root, manifest_url)
     return summary
 
 
-def _write_scan(root: str, pid: str, anatomy: Anatomy, scan: Scan, scale: float, rng: np.random.Generator,
-                uncompressed_fraction: float) -> tuple[dict[str, Any], dict[str, float]]:
+def _write_scan(
+    root: str,
+    pid: str,
+    anatomy: Anatomy,
+    scan: Scan,
+    scale: float,
+    rng: np.random.Generator,
+    uncompressed_fraction: float,
+) -> tuple[dict[str, Any], dict[str, float]]:
     """Write one OCT file and its fundus reference; returns its manifest row and its known anatomy values."""
     device = scan.device
     shape, spacing = scaled_geometry(scan.shape, scan.spacing_mm, scale)
@@ -164,9 +219,19 @@ def _write_scan(root: str, pid: str, anatomy: Anatomy, scan: Scan, scale: float,
     else:
         locations = raster_frame_locations(d, w, spacing[0], spacing[2], ref_size)
     ts = ExplicitVRLittleEndian if rng.random() < uncompressed_fraction else JPEG2000Lossless
-    ds = oct_dataset(volume=volume, spacing_mm=spacing, device=device, participant_id=pid, laterality=scan.laterality,
-                     sop_instance_uid=uid, reference_uid=ref_uid, rng=rng, transfer_syntax=ts,
-                     frame_locations=locations, per_frame_spacing=per_frame_spacing)
+    ds = oct_dataset(
+        volume=volume,
+        spacing_mm=spacing,
+        device=device,
+        participant_id=pid,
+        laterality=scan.laterality,
+        sop_instance_uid=uid,
+        reference_uid=ref_uid,
+        rng=rng,
+        transfer_syntax=ts,
+        frame_locations=locations,
+        per_frame_spacing=per_frame_spacing,
+    )
     name = f"{pid}_{device.short}_{scan.protocol}_oct_{scan.laterality.lower()}_{uid}.dcm"
     rel = oct_path(device.name, pid, name)
     with storage.open_url(storage.join(root, rel), "wb") as f:
@@ -177,12 +242,20 @@ def _write_scan(root: str, pid: str, anatomy: Anatomy, scan: Scan, scale: float,
         f.write(reference_image_bytes(ref_size, ref_uid, pid, scan.laterality, device, rng))
     thickness = spacing[2] if device.slice_thickness_is_lateral else spacing[0]
     return {
-        "participant_id": pid, "manufacturer": device.manufacturer, "manufacturers_model_name": device.model,
-        "anatomic_region": scan.region, "imaging": "OCT", "laterality": scan.laterality,
-        "height": h, "width": w, "number_of_frames": d,
+        "participant_id": pid,
+        "manufacturer": device.manufacturer,
+        "manufacturers_model_name": device.model,
+        "anatomic_region": scan.region,
+        "imaging": "OCT",
+        "laterality": scan.laterality,
+        "height": h,
+        "width": w,
+        "number_of_frames": d,
         "pixel_spacing": "Varies by frame" if scan.radial else f"[{spacing[1]:.6g}, {spacing[2]:.6g}]",
         "slice_thickness": "Not reported" if scan.radial else f"{thickness:.6g}",
-        "sop_instance_uid": uid, "filepath": "/" + rel, "reference_instance_uid": ref_uid,
+        "sop_instance_uid": uid,
+        "filepath": "/" + rel,
+        "reference_instance_uid": ref_uid,
         "reference_filepath": "/" + ref_rel,
     }, known
 
@@ -200,9 +273,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--broken", action="store_true", help="append one manifest row per bad-input kind")
     args = parser.parse_args(argv)
     summary = generate_dataset(
-        args.out, participants=args.participants, scale=args.scale, seed=args.seed,
-        devices=[d for d in args.devices.split(",") if d], person_id_heading=args.person_id,
-        uncompressed_fraction=args.uncompressed_fraction, onh_radial=not args.no_onh, broken=args.broken,
+        args.out,
+        participants=args.participants,
+        scale=args.scale,
+        seed=args.seed,
+        devices=[d for d in args.devices.split(",") if d],
+        person_id_heading=args.person_id,
+        uncompressed_fraction=args.uncompressed_fraction,
+        onh_radial=not args.no_onh,
+        broken=args.broken,
     )
     summary.pop("files")
     print(json.dumps(summary, indent=1))

@@ -2,6 +2,7 @@
 PixelMeasures, one OphthalmicFrameLocation per frame), their fundus reference images, and the pixel encodings
 (JPEG 2000, RLE, baseline JPEG, uncompressed) the pipeline must read.
 """
+
 from __future__ import annotations
 
 import io
@@ -12,14 +13,14 @@ import openjpeg
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
-    RLELossless,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     JPEG2000,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
     PYDICOM_IMPLEMENTATION_UID,
     UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    RLELossless,
 )
 
 from beam_jobs.dicom import OPT_SOP_CLASS
@@ -54,8 +55,11 @@ def _encode_pixels(ds: Dataset, volume: np.ndarray, transfer_syntax: str) -> Non
             frames.append(buf.getvalue())
         elif transfer_syntax in (JPEG2000Lossless, JPEG2000):
             lossy = {"compression_ratios": [2.0]} if transfer_syntax == JPEG2000 else {}  # speckle barely compresses
-            frames.append(openjpeg.encode(np.ascontiguousarray(frame), photometric_interpretation=2, use_mct=False,
-                                          codec_format=0, **lossy))
+            frames.append(
+                openjpeg.encode(
+                    np.ascontiguousarray(frame), photometric_interpretation=2, use_mct=False, codec_format=0, **lossy
+                )
+            )
         else:
             raise ValueError(f"synth cannot write transfer syntax {transfer_syntax}")
     ds.PixelData = encapsulate(frames)
@@ -69,18 +73,33 @@ def raster_frame_locations(d: int, w: int, dz: float, dx: float, ref_size: int) 
     """ReferenceCoordinates (row, col of the line's start and end on the fundus image) for a raster of B-scans."""
     px = _REF_FOV_MM / ref_size
     centre, half = ref_size / 2, (w - 1) * dx / 2 / px
-    return [[centre + (i - (d - 1) / 2) * dz / px, centre - half, centre + (i - (d - 1) / 2) * dz / px, centre + half]
-            for i in range(d)]
+    return [
+        [centre + (i - (d - 1) / 2) * dz / px, centre - half, centre + (i - (d - 1) / 2) * dz / px, centre + half]
+        for i in range(d)
+    ]
 
 
 def radial_frame_locations(n_radial: int, n_circles: int, w: int, dx: float, ref_size: int) -> list[list[float]]:
     centre, half = ref_size / 2, (w - 1) * dx / 2 / (_REF_FOV_MM / ref_size)
-    lines = [[centre - half * math.sin(a), centre - half * math.cos(a), centre + half * math.sin(a),
-              centre + half * math.cos(a)] for a in (math.pi * k / n_radial for k in range(n_radial))]
+    lines = [
+        [
+            centre - half * math.sin(a),
+            centre - half * math.cos(a),
+            centre + half * math.sin(a),
+            centre + half * math.cos(a),
+        ]
+        for a in (math.pi * k / n_radial for k in range(n_radial))
+    ]
     for c in range(n_circles):
         radius = half * (0.5 + 0.2 * c)
-        pts = [v for t in range(16) for v in (centre + radius * math.sin(2 * math.pi * t / 16),
-                                              centre + radius * math.cos(2 * math.pi * t / 16))]
+        pts = [
+            v
+            for t in range(16)
+            for v in (
+                centre + radius * math.sin(2 * math.pi * t / 16),
+                centre + radius * math.cos(2 * math.pi * t / 16),
+            )
+        ]
         lines.append(pts)
     return lines
 
@@ -158,12 +177,26 @@ def dataset_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def reference_image_bytes(size: int, sop_instance_uid: str, participant_id: str, laterality: str,
-                          device: ScannerModel, rng: np.random.Generator) -> bytes:
+def reference_image_bytes(
+    size: int,
+    sop_instance_uid: str,
+    participant_id: str,
+    laterality: str,
+    device: ScannerModel,
+    rng: np.random.Generator,
+) -> bytes:
     """A small fundus-like 2D image: what the OCT's frame locations and the manifest's reference_* point to."""
     yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
-    image = (90 + 60 * np.exp(-((xx - 0.2) ** 2 + yy**2) / 0.005) - 40 * np.exp(-(xx**2 + yy**2) / 0.01)
-             + rng.normal(0, 8, (size, size))).clip(0, 255).astype(np.uint8)
+    image = (
+        (
+            90
+            + 60 * np.exp(-((xx - 0.2) ** 2 + yy**2) / 0.005)
+            - 40 * np.exp(-(xx**2 + yy**2) / 0.01)
+            + rng.normal(0, 8, (size, size))
+        )
+        .clip(0, 255)
+        .astype(np.uint8)
+    )
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = OP_SOP_CLASS, sop_instance_uid
     meta.TransferSyntaxUID, meta.ImplementationClassUID = ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID

@@ -1,12 +1,25 @@
 """Where the AI-READI release keeps things, and its tables' columns: what the synthetic dataset writes and the
 bad-input corpus appends to.
 """
+
 from __future__ import annotations
 
 MANIFEST_COLUMNS = (
-    "participant_id", "manufacturer", "manufacturers_model_name", "anatomic_region", "imaging", "laterality",
-    "height", "width", "number_of_frames", "pixel_spacing", "slice_thickness", "sop_instance_uid", "filepath",
-    "reference_instance_uid", "reference_filepath",
+    "participant_id",
+    "manufacturer",
+    "manufacturers_model_name",
+    "anatomic_region",
+    "imaging",
+    "laterality",
+    "height",
+    "width",
+    "number_of_frames",
+    "pixel_spacing",
+    "slice_thickness",
+    "sop_instance_uid",
+    "filepath",
+    "reference_instance_uid",
+    "reference_filepath",
 )
 PARTICIPANT_COLUMNS = ("participant_id", "clinical_site", "study_group", "age", "recommended_split", "retinal_oct")
 

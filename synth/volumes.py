@@ -9,6 +9,7 @@ intraretinal cysts grow with severity, sized to stay visible at coarse grids (th
 voxels: thinning of up to ~2 axial voxels, foci and cysts a few tenths of a mm across).
 Deterministic for a given ``numpy.random.Generator``.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,16 @@ _FOCUS_RADIUS_MM, _FOCUS_HALF_DEPTH_MM = 0.12, 0.02  # en-face radius, half axia
 _CYST_RADIUS_MM = (0.10, 0.25)  # en-face radius range; the axial semi-axis is 0.6 x that
 
 # The side table's columns, one row per volume: what a probe can be asked to predict (see `truth`).
-ANATOMY_COLUMNS = ("retina_thickness_mm", "inner_thickness_mm", "inner_thinning", "curvature_per_mm",
-                   "retina_depth_mm", "pit_depth", "foci_count", "cyst_volume_mm3")
+ANATOMY_COLUMNS = (
+    "retina_thickness_mm",
+    "inner_thickness_mm",
+    "inner_thinning",
+    "curvature_per_mm",
+    "retina_depth_mm",
+    "pit_depth",
+    "foci_count",
+    "cyst_volume_mm3",
+)
 
 
 @dataclass(frozen=True)
@@ -106,12 +115,26 @@ def make_pathology(anatomy: Anatomy, extent_mm: float, rng: np.random.Generator)
     area = (extent_mm / 6.0) ** 2
     half = extent_mm / 2
     n_foci = rng.poisson(anatomy.foci_rate * area)
-    foci = np.column_stack([rng.uniform(-half, half, n_foci), rng.uniform(-half, half, n_foci),
-                            rng.uniform(0.3, 0.95, n_foci)]) if n_foci else np.zeros((0, 3))
+    foci = (
+        np.column_stack(
+            [rng.uniform(-half, half, n_foci), rng.uniform(-half, half, n_foci), rng.uniform(0.3, 0.95, n_foci)]
+        )
+        if n_foci
+        else np.zeros((0, 3))
+    )
     n_cysts = rng.poisson(anatomy.cyst_rate * area)
-    cysts = np.column_stack([rng.normal(0, 0.8, n_cysts), rng.normal(0, 0.8, n_cysts),
-                             rng.uniform(*_CYST_RADIUS_MM, n_cysts),
-                             rng.uniform(0.3, 0.7, n_cysts)]) if n_cysts else np.zeros((0, 4))
+    cysts = (
+        np.column_stack(
+            [
+                rng.normal(0, 0.8, n_cysts),
+                rng.normal(0, 0.8, n_cysts),
+                rng.uniform(*_CYST_RADIUS_MM, n_cysts),
+                rng.uniform(0.3, 0.7, n_cysts),
+            ]
+        )
+        if n_cysts
+        else np.zeros((0, 4))
+    )
     return Pathology(thinning=anatomy.inner_thinning, foci=foci, cysts=cysts)
 
 
@@ -238,9 +261,19 @@ def render_volume(
         if radial:
             ilm = ilm + 0.35 * np.exp(-(along**2) / (2 * 0.35**2))  # the cup
         b, oy, ox = rng.integers(len(bank)), rng.integers(_PAD), rng.integers(_PAD)
-        speckle = bank[b, oy:oy + h, ox:ox + w]
-        image = _bscan(along if radial else xx, zz, ilm_mm=ilm, pit_mm=(99.0, 99.0) if radial else pit,
-                       anatomy=anatomy, path=path, disc=radial, style=style, speckle=speckle, dy=dy)
+        speckle = bank[b, oy : oy + h, ox : ox + w]
+        image = _bscan(
+            along if radial else xx,
+            zz,
+            ilm_mm=ilm,
+            pit_mm=(99.0, 99.0) if radial else pit,
+            anatomy=anatomy,
+            path=path,
+            disc=radial,
+            style=style,
+            speckle=speckle,
+            dy=dy,
+        )
         out[i] = np.clip(image * peak + 0.5, 0, peak).astype(dtype)
     return out, truth(anatomy, path, top)
 

@@ -1,4 +1,5 @@
 """Shared fixtures: a local GCS emulator for every gs:// test (no credentials, loopback only)."""
+
 from __future__ import annotations
 
 import socket
@@ -21,9 +22,17 @@ def gcs_emulator() -> str:
     """Start gcp-storage-emulator on 127.0.0.1 in its own process; yields its base URL."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from gcp_storage_emulator.__main__ import main; sys.exit(main())",
-         "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from gcp_storage_emulator.__main__ import main; sys.exit(main())",
+            "start",
+            "--host=127.0.0.1",
+            f"--port={port}",
+            "--in-memory",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -32,7 +41,7 @@ def gcs_emulator() -> str:
             break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"gcp-storage-emulator exited with {proc.returncode}")
+                raise RuntimeError(f"gcp-storage-emulator exited with {proc.returncode}") from None
             time.sleep(0.1)
     else:
         proc.kill()

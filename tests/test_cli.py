@@ -1,6 +1,5 @@
 import importlib
 
-
 import octjepa_cli
 
 
@@ -32,10 +31,12 @@ def _one_line_error(capsys, argv: list[str], expected_code: int) -> str:
 def test_a_folder_without_index_is_one_line_for_every_reader(tmp_path, capsys):
     empty = str(tmp_path / "not_a_set")
     (tmp_path / "not_a_set").mkdir()
-    for argv in (["verify", empty],
-                 ["preview", "--shards", empty, "--out", str(tmp_path / "p.png")],
-                 ["embed", "--checkpoint", str(tmp_path / "none.pt"), "--shards", empty, "--out", str(tmp_path / "e.npz")],
-                 ["reshard", "--input", empty, "--output", str(tmp_path / "out")]):
+    for argv in (
+        ["verify", empty],
+        ["preview", "--shards", empty, "--out", str(tmp_path / "p.png")],
+        ["embed", "--checkpoint", str(tmp_path / "none.pt"), "--shards", empty, "--out", str(tmp_path / "e.npz")],
+        ["reshard", "--input", empty, "--output", str(tmp_path / "out")],
+    ):
         err = _one_line_error(capsys, argv, 1)
         assert "index.json" in err or "none.pt" in err, err
 

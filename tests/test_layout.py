@@ -1,4 +1,5 @@
 """The README's layout, read from the source: who may import whom (statically, from each module's import lines)."""
+
 from __future__ import annotations
 
 import ast
@@ -52,8 +53,10 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 def test_beam_jobs_imports_nothing_from_synth():
     """The synthetic data is built on the jobs' definitions (the DICOM SOP class), never the other way round: the
     workers ship without it."""
-    offenders = {p.relative_to(REPO).as_posix(): sorted(m for m in imported_modules(p) if m.split(".")[0] == "synth")
-                 for p in modules_of("beam_jobs")}
+    offenders = {
+        p.relative_to(REPO).as_posix(): sorted(m for m in imported_modules(p) if m.split(".")[0] == "synth")
+        for p in modules_of("beam_jobs")
+    }
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
@@ -63,15 +66,19 @@ def test_no_module_of_synth_or_beam_jobs_imports_a_module_that_imports_it_back()
 
 
 def test_nothing_outside_tests_imports_tests():
-    offenders = {p.relative_to(REPO).as_posix(): sorted(m for m in imported_modules(p) if m.split(".")[0] == "tests")
-                 for p in modules_of(*PRODUCTION, "benchmarks")}
+    offenders = {
+        p.relative_to(REPO).as_posix(): sorted(m for m in imported_modules(p) if m.split(".")[0] == "tests")
+        for p in modules_of(*PRODUCTION, "benchmarks")
+    }
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
 def test_no_module_builds_on_a_cli_module():
     """What a CLI module shares (the root-index schema, the hashing reader) lives in the contract it checks."""
-    offenders = {p.relative_to(REPO).as_posix(): sorted(imported_modules(p) & set(CLI_ONLY))
-                 for p in modules_of(*PRODUCTION, "benchmarks")}
+    offenders = {
+        p.relative_to(REPO).as_posix(): sorted(imported_modules(p) & set(CLI_ONLY))
+        for p in modules_of(*PRODUCTION, "benchmarks")
+    }
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
@@ -79,18 +86,26 @@ def unused_from_imports(path: Path) -> list[str]:
     """Names a module takes with ``from X import name`` and never uses (a plain ``import x`` may be for its side
     effect): a re-export that only tests read."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    imported = {alias.asname or alias.name for node in ast.walk(tree)
-                if isinstance(node, ast.ImportFrom) and node.module != "__future__" for alias in node.names}
+    imported = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__"
+        for alias in node.names
+    }
     used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
-    used |= {node.value.id for node in ast.walk(tree)
-             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)}
+    used |= {
+        node.value.id for node in ast.walk(tree) if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+    }
     return sorted(imported - used)
 
 
 def test_job_modules_re_export_nothing():
     """Tests import a name from the module it lives in, not through a job module that happens to import it."""
-    offenders = {p.relative_to(REPO).as_posix(): unused_from_imports(p)
-                 for p in modules_of("beam_jobs", "shards", "synth", "benchmarks") if p.name != "__init__.py"}
+    offenders = {
+        p.relative_to(REPO).as_posix(): unused_from_imports(p)
+        for p in modules_of("beam_jobs", "shards", "synth", "benchmarks")
+        if p.name != "__init__.py"
+    }
     assert {k: v for k, v in offenders.items() if v} == {}
 
 

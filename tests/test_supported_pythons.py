@@ -1,5 +1,6 @@
 """The package installs on Python 3.10-3.12 (the TPU VM images ship 3.10) and its TPU extra carries what the Pallas
 kernel needs: checked on the built metadata, and on the source (3.10 grammar, no 3.11+-only standard library)."""
+
 from __future__ import annotations
 
 import ast
@@ -14,17 +15,19 @@ from packaging.specifiers import SpecifierSet
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("shards", "beam_jobs", "model", "trainer", "benchmarks", "tests")
 # Standard-library names that appeared in 3.11 or later.
-NEWER_APIS = re.compile(r"\b(tomllib|typing\.Self|from typing import[^\n]*\bSelf\b|ExceptionGroup|except\*|"
-                        r"datetime\.UTC|from datetime import[^\n]*\bUTC\b|StrEnum|asyncio\.TaskGroup|"
-                        r"typing\.(?:LiteralString|Never|assert_never|reveal_type|Required|NotRequired))")
+NEWER_APIS = re.compile(
+    r"\b(tomllib|typing\.Self|from typing import[^\n]*\bSelf\b|ExceptionGroup|except\*|"
+    r"datetime\.UTC|from datetime import[^\n]*\bUTC\b|StrEnum|asyncio\.TaskGroup|"
+    r"typing\.(?:LiteralString|Never|assert_never|reveal_type|Required|NotRequired))"
+)
 
 
 def _metadata(tmp_path: Path) -> dict[str, list[str]]:
     """The wheel metadata setup.py produces (PEP 517 prepare_metadata), as {field: [values]}."""
-    code = ("import sys, setuptools.build_meta as b; "
-            "print(b.prepare_metadata_for_build_wheel(sys.argv[1]))")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                         timeout=300, check=True)
+    code = "import sys, setuptools.build_meta as b; print(b.prepare_metadata_for_build_wheel(sys.argv[1]))"
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300, check=True
+    )
     text = (tmp_path / out.stdout.strip().splitlines()[-1] / "METADATA").read_text()
     fields: dict[str, list[str]] = {}
     for line in text.split("\n\n", 1)[0].splitlines():

@@ -7,6 +7,7 @@ shard read, an accelerator does it in its first elementwise pass) and the z-scor
 one per-sample (scale, shift). Voxels stay uint8/uint16 until the device: a quarter of float32's host-to-device
 traffic and no float copy of the volume on the host.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -18,6 +18,7 @@ MpDeviceLoader's per-key sharding takes): the ``DEVICE_RANKS`` keys, then ``cont
 configuration, with ``skipped`` spread over a (B,) vector (the count in slot 0) so it is sharded like everything
 else and sums over hosts. ``batch_masks`` reads the pairs back on the device.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ import torch
 
 class View(NamedTuple):
     """One sample's view, drawn by the loader and applied on the device."""
+
     key: str
     flip: bool
     scale: float

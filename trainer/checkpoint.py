@@ -22,6 +22,7 @@ before it (see `trainer.train_state`).
     from trainer.checkpoint import load_encoder
     encoder, enc_cfg = load_encoder("runs/smoke/encoder.pt")   # or a checkpoint directory
 """
+
 from __future__ import annotations
 
 import io
@@ -94,8 +95,10 @@ def load_torch(url: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except _UNREADABLE as exc:
-        raise CheckpointUnreadable(f"{url} ({len(data)} bytes) cannot be read: {type(exc).__name__}: "
-                                   f"{str(exc).splitlines()[0] if str(exc) else 'empty'}") from exc
+        raise CheckpointUnreadable(
+            f"{url} ({len(data)} bytes) cannot be read: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'empty'}"
+        ) from exc
 
 
 class CheckpointStore:
@@ -133,8 +136,10 @@ class CheckpointStore:
         """Finish the checkpoint `begin` prepared, once every rank wrote its part into `where`: write the config
         and `state` (state.pt, last), publish it (rename locally), point `latest` at it, prune; returns its URL."""
         name = step_dir_name(step)
-        files = {CONFIG_NAME: yaml.safe_dump(config, sort_keys=False).encode(),
-                 STATE_NAME: torch_bytes({"format": CHECKPOINT_FORMAT, **state})}
+        files = {
+            CONFIG_NAME: yaml.safe_dump(config, sort_keys=False).encode(),
+            STATE_NAME: torch_bytes({"format": CHECKPOINT_FORMAT, **state}),
+        }
         for fname, data in files.items():  # state.pt last: on GCS its presence means every other file is there
             if self.remote:
                 storage.write_bytes(storage.join(where, fname), data)
@@ -190,7 +195,7 @@ class CheckpointStore:
         """Delete all but the newest `keep_last` complete checkpoints, and on GCS the remains of saves killed
         before they completed (step directories without state.pt, older than the newest complete one)."""
         steps = self.steps()
-        for step in steps[:-self.keep_last]:
+        for step in steps[: -self.keep_last]:
             storage.remove(self.url(step_dir_name(step)), recursive=True)
         if self.remote and steps:
             fs, path = storage.get_fs(self.root)
@@ -203,7 +208,7 @@ class CheckpointStore:
 def checkpoint_dir(url: str) -> str:
     """The checkpoint directory of `url` (the directory itself or its state.pt)."""
     if url.rstrip("/").endswith("/" + STATE_NAME) or url == STATE_NAME:
-        return url.rstrip("/")[:-len(STATE_NAME) - 1]
+        return url.rstrip("/")[: -len(STATE_NAME) - 1]
     return url.rstrip("/") if storage.is_remote(url) else url
 
 
@@ -259,8 +264,13 @@ def load_dcp(url: str, state: dict, *, planner: Any = None, process_group: Any =
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
-        dcp.load(state, storage_reader=dcp_reader(storage.join(checkpoint_dir(url), DCP_DIR)), planner=planner,
-                 process_group=process_group, no_dist=no_dist)
+        dcp.load(
+            state,
+            storage_reader=dcp_reader(storage.join(checkpoint_dir(url), DCP_DIR)),
+            planner=planner,
+            process_group=process_group,
+            no_dist=no_dist,
+        )
 
 
 def resume_candidates(resume: str, store: CheckpointStore) -> list[str]:
@@ -286,8 +296,10 @@ def encoder_state(model: torch.nn.Module, which: str = "target") -> dict[str, to
     """The state dict of the target (EMA) or online encoder as whole, plain CPU tensors (copies). Under FSDP2 its
     shards are gathered, a collective: every rank calls it. On XLA the sharded tensors come back whole."""
     module = model.encoder if which == "online" else model.target_encoder
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu", copy=True)
-            for k, v in module.state_dict().items()}
+    return {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu", copy=True)
+        for k, v in module.state_dict().items()
+    }
 
 
 def export_encoder(path: str, model: torch.nn.Module, cfg: Any, *, write: bool = True) -> None:
@@ -298,8 +310,13 @@ def export_encoder(path: str, model: torch.nn.Module, cfg: Any, *, write: bool =
     state = encoder_state(model, which)
     if not write:
         return
-    payload = {"format": ENCODER_FORMAT, "encoder": which, "encoder_config": to_dict(cfg.model.encoder),
-               "state_dict": state, "train_config": to_dict(cfg)}
+    payload = {
+        "format": ENCODER_FORMAT,
+        "encoder": which,
+        "encoder_config": to_dict(cfg.model.encoder),
+        "state_dict": state,
+        "train_config": to_dict(cfg),
+    }
     storage.write_bytes(path, torch_bytes(payload))
 
 
@@ -331,8 +348,10 @@ def load_encoder(path: str, which: str | None = None) -> tuple[VisionTransformer
     if fmt == ENCODER_FORMAT:
         held = payload.get("encoder", "target")  # exports before the choice existed held the target
         if which is not None and which != held:
-            raise CheckpointNotFound(f"{path}: this export holds the {held} encoder, not the {which} one; "
-                                     "load the run's checkpoint to choose")
+            raise CheckpointNotFound(
+                f"{path}: this export holds the {held} encoder, not the {which} one; "
+                "load the run's checkpoint to choose"
+            )
         return _encoder_from(payload["state_dict"], payload["encoder_config"], path)
     if fmt in (CHECKPOINT_FORMAT, LEGACY_FORMAT):
         return _checkpoint_encoder(path, payload, which)
@@ -350,4 +369,4 @@ def _checkpoint_encoder(url: str, state: dict, which: str | None) -> tuple[Visio
     template = VisionTransformer3D(from_dict(EncoderConfig, enc_config, where=f"{url}: encoder_config")).state_dict()
     wanted = {"model": {f"{prefix}.{k}": v for k, v in template.items()}}
     load_dcp(url, wanted, no_dist=True)
-    return _encoder_from({k[len(prefix) + 1:]: v for k, v in wanted["model"].items()}, enc_config, url)
+    return _encoder_from({k[len(prefix) + 1 :]: v for k, v in wanted["model"].items()}, enc_config, url)

@@ -6,10 +6,12 @@
 Unknown keys and wrong types raise `shards.typed_config.ConfigError` naming the key; cross-field rules (batch
 divisibility, crop shape == model input) are checked by `validate` and raise naming both fields.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 from model.config import ModelConfig
 from shards.typed_config import ConfigError, load_yaml
@@ -18,26 +20,26 @@ from trainer.data import DataConfig
 
 @dataclass
 class OptimConfig:
-    lr: float = 1.5e-3                      # peak learning rate, reached at the end of warmup
-    start_lr: float = 2.0e-4                # learning rate at step 0 (I-JEPA / V-JEPA start_lr)
-    final_lr: float = 1.0e-6                # learning rate at the last step
+    lr: float = 1.5e-3  # peak learning rate, reached at the end of warmup
+    start_lr: float = 2.0e-4  # learning rate at step 0 (I-JEPA / V-JEPA start_lr)
+    final_lr: float = 1.0e-6  # learning rate at the last step
     lr_schedule: Literal["cosine", "wcc"] = "cosine"  # warmup-cosine, or V-JEPA 2's warmup-constant-cooldown
-    warmup_fraction: float = 0.1            # fraction of all optimiser steps spent warming up linearly
-    cooldown_fraction: float = 0.1          # "wcc" only: fraction of steps of the final linear decay to final_lr
-    weight_decay: float = 0.05              # at step 0; biases, norms and mask tokens are never decayed
-    final_weight_decay: float = 0.05        # cosine schedule weight_decay -> final_weight_decay (equal = constant)
+    warmup_fraction: float = 0.1  # fraction of all optimiser steps spent warming up linearly
+    cooldown_fraction: float = 0.1  # "wcc" only: fraction of steps of the final linear decay to final_lr
+    weight_decay: float = 0.05  # at step 0; biases, norms and mask tokens are never decayed
+    final_weight_decay: float = 0.05  # cosine schedule weight_decay -> final_weight_decay (equal = constant)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1.0e-8
-    clip_grad: float = 1.0                  # max global gradient norm; 0 disables clipping (the norm is still logged)
+    clip_grad: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
     # EMA target: "horizon" (the default) sets the EMA's time constant as a fraction of the run's total steps,
     # growing from ema_horizon_start to ema_horizon_end (trainer.optim.horizon_momentum): the target forgets its
     # random init in any run length. For 400 steps: momentum 0.75 -> 0.975; for 100k: 0.999 -> 0.9999 (V-JEPA 2:
     # 0.99925 constant). "cosine" (ema_start -> ema_end, I-JEPA's 0.996 -> 1.0) and "constant" (ema_start) as before.
     ema_schedule: Literal["horizon", "cosine", "constant"] = "horizon"
-    ema_horizon_start: float = 0.01         # horizon at step 0, as a fraction of the run's optimiser steps
-    ema_horizon_end: float = 0.1            # ... and at the last step
-    ema_start: float = 0.996                # "cosine"/"constant": target encoder momentum at step 0
-    ema_end: float = 1.0                    # "cosine": ... and at the last step
+    ema_horizon_start: float = 0.01  # horizon at step 0, as a fraction of the run's optimiser steps
+    ema_horizon_end: float = 0.1  # ... and at the last step
+    ema_start: float = 0.996  # "cosine"/"constant": target encoder momentum at step 0
+    ema_end: float = 1.0  # "cosine": ... and at the last step
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -62,10 +64,10 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str = ""                           # local directory or gs:// URL; empty = <run_dir>/checkpoints
-    every_steps: int = 1000                 # also saved at the end of the run; 0 = only at the end
+    dir: str = ""  # local directory or gs:// URL; empty = <run_dir>/checkpoints
+    every_steps: int = 1000  # also saved at the end of the run; 0 = only at the end
     keep_last: int = 3
-    resume: str = ""                        # "" = fresh run, "auto" = latest complete checkpoint if any, or a path
+    resume: str = ""  # "" = fresh run, "auto" = latest complete checkpoint if any, or a path
     export_encoder: Literal["target", "online"] = "target"  # which encoder <run_dir>/encoder.pt carries
 
     def __post_init__(self) -> None:
@@ -77,12 +79,12 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 10                     # steps between console/metrics.jsonl lines (the only host syncs)
+    log_every: int = 10  # steps between console/metrics.jsonl lines (the only host syncs)
     wandb: Literal["disabled", "offline", "online"] = "disabled"
     wandb_project: str = "octjepa"
     wandb_entity: str = ""
-    run_name: str = ""                      # empty = the run directory's name
-    mask_images: bool = True                # log an input B-scan with its context/target masks at the start
+    run_name: str = ""  # empty = the run directory's name
+    mask_images: bool = True  # log an input B-scan with its context/target masks at the start
 
     def __post_init__(self) -> None:
         if self.log_every < 1:
@@ -91,9 +93,9 @@ class LoggingConfig:
 
 @dataclass
 class ProfileConfig:
-    steps: int = 0                          # > 0: capture a trace of this many steps into <run_dir>/profile
-    start_step: int = 10                    # first traced step (after warm-up and compilation)
-    port: int = 9012                        # XLA: the profiler server's port (for TensorBoard / capture_profile)
+    steps: int = 0  # > 0: capture a trace of this many steps into <run_dir>/profile
+    start_step: int = 10  # first traced step (after warm-up and compilation)
+    port: int = 9012  # XLA: the profiler server's port (for TensorBoard / capture_profile)
 
     def __post_init__(self) -> None:
         for name in ("steps", "start_step", "port"):
@@ -103,15 +105,15 @@ class ProfileConfig:
 
 @dataclass
 class TrainConfig:
-    run_dir: str = "runs/default"           # config.yaml, metrics.jsonl, checkpoints/, encoder.pt, loss_curve.png
-    seed: int = 0                           # model init, data order and masks
+    run_dir: str = "runs/default"  # config.yaml, metrics.jsonl, checkpoints/, encoder.pt, loss_curve.png
+    seed: int = 0  # model init, data order and masks
     device: Literal["auto", "cpu", "cuda", "xla"] = "auto"  # auto: xla if PJRT_DEVICE is set, else cuda, else cpu
-    precision: Literal["auto", "bf16", "fp32"] = "auto"     # autocast dtype; auto = bf16 on cuda/xla, fp32 on cpu
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # autocast dtype; auto = bf16 on cuda/xla, fp32 on cpu
     epochs: int = 1
-    max_steps: int = 0                      # > 0: stop after this many optimiser steps (schedules span them)
-    global_batch_size: int = 128            # samples per optimiser step, summed over hosts and accumulation
+    max_steps: int = 0  # > 0: stop after this many optimiser steps (schedules span them)
+    global_batch_size: int = 128  # samples per optimiser step, summed over hosts and accumulation
     grad_accum: int = 1
-    val_every: int = 0                      # optimiser steps between validation losses; 0 = never
+    val_every: int = 0  # optimiser steps between validation losses; 0 = never
     # replicated: every device holds all params and optimizer state (DDP under torchrun, SPMD data parallel on
     # XLA); fsdp: params, grads and optimizer state sharded over the devices (FSDP2 under torchrun, SPMD FSDPv2 on XLA)
     sharding: Literal["replicated", "fsdp"] = "replicated"

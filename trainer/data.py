@@ -23,6 +23,7 @@ carries the count (``skipped``, which reaches the metrics) and the ``Drop`` reco
 host, and stops the run with ``DataDamageError`` (one line naming the shards, exit code 1) once a pass is over it.
 Each host checks its own share against its own budget (no collective: the budget is not agreed across hosts).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -100,8 +101,9 @@ def steps_per_epoch(index: dict, cfg: DataConfig, global_batch_size: int) -> int
     return max(1, total // global_batch_size)
 
 
-def to_model_input(volume: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                   flip: torch.Tensor | None = None) -> torch.Tensor:
+def to_model_input(
+    volume: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor | None = None
+) -> torch.Tensor:
     """uint8/uint16 (B, 1, D, H, W) -> float32 input, on the accelerator: ``volume * scale + shift`` (z-score with
     the stored statistics plus jitter), then the lateral (W) mirror where ``flip`` (B,) bool is set.
 
@@ -116,6 +118,7 @@ def to_model_input(volume: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
 
 
 # ---- the damage budget ----------------------------------------------------------------------------------------
+
 
 class DamageBudget:
     """The damaged samples one pass may drop: ``fraction`` of the ``expected`` samples it reads. Charged with each
@@ -140,7 +143,8 @@ class DamageBudget:
                 f"{self.what}: {self.samples} damaged sample(s) dropped, over data.max_skipped_fraction="
                 f"{self.fraction:g} of its {self.expected} samples; damaged shards (samples dropped): "
                 f"{self._by_shard()}. The warnings above name each sample; `octjepa verify` checks the whole set. "
-                f"Re-run preprocess to repair it, or raise data.max_skipped_fraction to train without them")
+                f"Re-run preprocess to repair it, or raise data.max_skipped_fraction to train without them"
+            )
 
     def _by_shard(self) -> str:
         counts: dict[str, int] = {}
@@ -150,15 +154,23 @@ class DamageBudget:
 
     def report(self) -> None:
         if self.damaged:
-            log.warning("%s: %d damaged sample(s) dropped, within data.max_skipped_fraction=%g of %d: %s",
-                        self.what, self.samples, self.fraction, self.expected, self._by_shard())
+            log.warning(
+                "%s: %d damaged sample(s) dropped, within data.max_skipped_fraction=%g of %d: %s",
+                self.what,
+                self.samples,
+                self.fraction,
+                self.expected,
+                self._by_shard(),
+            )
 
 
 # ---- the per-worker dataset and the host-level loader ------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _StreamSpec:
     """Everything a worker needs to build its stream; picklable, so spawn-started workers work too."""
+
     cfg: DataConfig
     host_list: tuple[Shard, ...]
     num_batches: int
@@ -208,8 +220,14 @@ class _WorkerStream(IterableDataset):
         done = worker_quota(p.start, worker=worker, num_workers=num_workers)  # its batches before ``start``
         if quota == done:
             return iter(())
-        shards = worker_shards(list(p.host_list), worker=worker, num_workers=num_workers,
-                               min_samples=quota * p.batch_size, seed=p.seed, stream=p.stream)
+        shards = worker_shards(
+            list(p.host_list),
+            worker=worker,
+            num_workers=num_workers,
+            min_samples=quota * p.batch_size,
+            seed=p.seed,
+            stream=p.stream,
+        )
         stream = (*p.stream, worker)
         counters = stages.Counters()
         balanced = p.train and bool(cfg.domain_weights)
@@ -221,18 +239,36 @@ class _WorkerStream(IterableDataset):
         if balanced:
             patience = sum(s.num_samples for s in shards) + cfg.shuffle_buffer
             capacity = max(1, cfg.shuffle_buffer // len(cfg.domain_weights))
-            pipeline += [partial(stages.materialize, counters=counters),
-                         partial(stages.balance, weights=cfg.domain_weights, capacity=capacity, patience=patience,
-                                 rng=random.Random(derive_seed("balance", p.seed, *stream)))]
+            pipeline += [
+                partial(stages.materialize, counters=counters),
+                partial(
+                    stages.balance,
+                    weights=cfg.domain_weights,
+                    capacity=capacity,
+                    patience=patience,
+                    rng=random.Random(derive_seed("balance", p.seed, *stream)),
+                ),
+            ]
         # The shuffle buffer: shuffle_buffer samples' worth of open batches, filled at random slots (see stages).
         shuffled = p.train and not balanced and cfg.shuffle_buffer > 1
         pipeline += [
-            partial(stages.draw_views, crop=cfg.crop_shape, flip=cfg.flip_lateral, jitter=cfg.intensity_jitter,
-                    rng=np.random.default_rng(derive_seed("augment", p.seed, *stream)) if p.train else None),
-            partial(stages.fill_batches, crop=cfg.crop_shape, batch_size=p.batch_size,
-                    open_batches=max(1, math.ceil(cfg.shuffle_buffer / p.batch_size)) if shuffled else 1,
-                    slot_rng=random.Random(derive_seed("shuffle", p.seed, *stream)) if shuffled else None,
-                    counters=counters, skip_batches=done, pack_passes=not balanced),
+            partial(
+                stages.draw_views,
+                crop=cfg.crop_shape,
+                flip=cfg.flip_lateral,
+                jitter=cfg.intensity_jitter,
+                rng=np.random.default_rng(derive_seed("augment", p.seed, *stream)) if p.train else None,
+            ),
+            partial(
+                stages.fill_batches,
+                crop=cfg.crop_shape,
+                batch_size=p.batch_size,
+                open_batches=max(1, math.ceil(cfg.shuffle_buffer / p.batch_size)) if shuffled else 1,
+                slot_rng=random.Random(derive_seed("shuffle", p.seed, *stream)) if shuffled else None,
+                counters=counters,
+                skip_batches=done,
+                pack_passes=not balanced,
+            ),
             partial(stages.add_masks, masks=self.masks, seed=(p.seed, *stream), first=done),
             partial(stages.add_drops, counters=counters),
         ]
@@ -267,11 +303,18 @@ class Batches:
 
     def __iter__(self) -> Iterator[dict]:
         spec = self.dataset.spec
-        budget = DamageBudget(spec.cfg.max_skipped_fraction, spec.num_batches * spec.batch_size,
-                              what=f"{'training epoch' if spec.train else 'validation'} {spec.stream}")
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=2 if self.num_workers else None,
-                            worker_init_fn=_sigterm_from_parent_only if self.num_workers else None)
+        budget = DamageBudget(
+            spec.cfg.max_skipped_fraction,
+            spec.num_batches * spec.batch_size,
+            what=f"{'training epoch' if spec.train else 'validation'} {spec.stream}",
+        )
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            prefetch_factor=2 if self.num_workers else None,
+            worker_init_fn=_sigterm_from_parent_only if self.num_workers else None,
+        )
         count = 0
         for batch in loader:
             budget.charge(batch["dropped"])  # here, in the one process that sees every worker's batches
@@ -296,8 +339,7 @@ def split_shards(root: str, index: dict, split: str) -> list[Shard]:
     """The split's shards (URL, sample count, byte size) in index order."""
     entry = _split_entry(index, split)
     urls = shard_urls(root, index, split)
-    return [Shard(url, s["num_samples"], s["bytes"])
-            for url, s in zip(urls, entry["shards"]) if s["num_samples"] > 0]
+    return [Shard(url, s["num_samples"], s["bytes"]) for url, s in zip(urls, entry["shards"]) if s["num_samples"] > 0]
 
 
 def check_domain_weights(weights: dict[str, float], index: dict, split: str) -> None:
@@ -306,11 +348,15 @@ def check_domain_weights(weights: dict[str, float], index: dict, split: str) -> 
     missing = sorted(set(present) - set(weights))
     unknown = sorted(set(weights) - set(present))
     if missing:
-        raise ValueError(f"data.domain_weights has no weight for device(s) {missing} of split {split!r} "
-                         f"(it holds {present}); give each a weight, 0 to leave it out")
+        raise ValueError(
+            f"data.domain_weights has no weight for device(s) {missing} of split {split!r} "
+            f"(it holds {present}); give each a weight, 0 to leave it out"
+        )
     if unknown:
-        raise ValueError(f"data.domain_weights names device(s) {unknown} that split {split!r} does not hold "
-                         f"(it holds {sorted(present)})")
+        raise ValueError(
+            f"data.domain_weights names device(s) {unknown} that split {split!r} does not hold "
+            f"(it holds {sorted(present)})"
+        )
 
 
 def _check_batch(batch_size: int, host_index: int, host_count: int) -> None:
@@ -320,8 +366,18 @@ def _check_batch(batch_size: int, host_index: int, host_count: int) -> None:
         raise ValueError(f"host_index {host_index} is outside [0, host_count={host_count})")
 
 
-def build_train_loader(cfg: DataConfig, *, index: dict, batch_size: int, masks: Any, seed: int, epoch: int,
-                       host_index: int, host_count: int, start: int = 0) -> Batches:
+def build_train_loader(
+    cfg: DataConfig,
+    *,
+    index: dict,
+    batch_size: int,
+    masks: Any,
+    seed: int,
+    epoch: int,
+    host_index: int,
+    host_count: int,
+    start: int = 0,
+) -> Batches:
     """One epoch of training batches for this host: ``steps_per_epoch(index, cfg, batch_size * host_count)``
     batches of ``batch_size``, the same count on every host whatever share of the samples its shards hold.
 
@@ -332,32 +388,53 @@ def build_train_loader(cfg: DataConfig, *, index: dict, batch_size: int, masks: 
         check_domain_weights(cfg.domain_weights, index, cfg.train_split)
     num_batches = steps_per_epoch(index, cfg, batch_size * host_count)
     ordered = epoch_order(split_shards(cfg.shards, index, cfg.train_split), seed=seed, epoch=epoch)
-    mine = host_shards(ordered, host_index=host_index, host_count=host_count,
-                       min_samples=num_batches * batch_size, seed=seed, epoch=epoch)
+    mine = host_shards(
+        ordered,
+        host_index=host_index,
+        host_count=host_count,
+        min_samples=num_batches * batch_size,
+        seed=seed,
+        epoch=epoch,
+    )
     if not 0 <= start <= num_batches:
         raise ValueError(f"start={start} is outside the epoch's [0, {num_batches}] batches")
-    spec = _StreamSpec(cfg, tuple(mine), num_batches, batch_size, train=True, seed=seed, stream=(epoch, host_index),
-                       start=start)
+    spec = _StreamSpec(
+        cfg, tuple(mine), num_batches, batch_size, train=True, seed=seed, stream=(epoch, host_index), start=start
+    )
     return Batches(_WorkerStream(spec, masks), num_batches, cfg.num_workers)
 
 
-def build_val_loader(cfg: DataConfig, *, index: dict, batch_size: int, masks: Any, seed: int, host_index: int,
-                     host_count: int) -> Batches:
+def build_val_loader(
+    cfg: DataConfig, *, index: dict, batch_size: int, masks: Any, seed: int, host_index: int, host_count: int
+) -> Batches:
     """``cfg.val_batches`` validation batches on every host, identical on every call: shards in index order, centre
     crop, no flip or jitter, masks from fixed seeds (so ``val/loss`` is comparable across steps and runs)."""
     _check_batch(batch_size, host_index, host_count)
     shards = split_shards(cfg.shards, index, cfg.val_split)
-    mine = host_shards(shards, host_index=host_index, host_count=host_count,
-                       min_samples=cfg.val_batches * batch_size, seed=seed, epoch=-1)
-    spec = _StreamSpec(cfg, tuple(mine), cfg.val_batches, batch_size, train=False, seed=seed,
-                       stream=("val", host_index))
+    mine = host_shards(
+        shards,
+        host_index=host_index,
+        host_count=host_count,
+        min_samples=cfg.val_batches * batch_size,
+        seed=seed,
+        epoch=-1,
+    )
+    spec = _StreamSpec(
+        cfg, tuple(mine), cfg.val_batches, batch_size, train=False, seed=seed, stream=("val", host_index)
+    )
     # In-process: the few val batches then do not depend on how many workers a run uses, and no processes are
     # forked at every evaluation.
     return Batches(_WorkerStream(spec, masks), cfg.val_batches, num_workers=0)
 
 
-def iter_eval_batches(root: str, split: str, crop_shape: Sequence[int], batch_size: int, *,
-                      max_skipped_fraction: float = DataConfig.max_skipped_fraction) -> Iterator[dict]:
+def iter_eval_batches(
+    root: str,
+    split: str,
+    crop_shape: Sequence[int],
+    batch_size: int,
+    *,
+    max_skipped_fraction: float = DataConfig.max_skipped_fraction,
+) -> Iterator[dict]:
     """Every sample of ``split`` that passes its checks once, in index order: centre crop, no augmentation, no
     masks, and the last partial batch kept. Dicts hold ``volume`` (B, 1, D, H, W), ``scale``, ``shift``, ``keys``
     and ``meta``. Damaged samples are dropped and logged; more than ``max_skipped_fraction`` of the split's samples
@@ -379,6 +456,7 @@ def iter_eval_batches(root: str, split: str, crop_shape: Sequence[int], batch_si
 
 # ---- every validation volume once, in static batches (the trainer's diagnostics) ----------------------------------
 
+
 def full_val_batches(index: dict, cfg: DataConfig, batch_size: int, host_count: int) -> int:
     """Batches per host that hold every val sample once, from the index alone: the same count on every host
     (the host with the most samples sets it; the others pad)."""
@@ -393,8 +471,17 @@ def real_samples(scale: torch.Tensor) -> torch.Tensor:
     return (scale != 0).float()
 
 
-def iter_full_val(cfg: DataConfig, *, index: dict, batch_size: int, masks: Any, seed: int, host_index: int,
-                  host_count: int, limit: int | None = None) -> Iterator[dict]:
+def iter_full_val(
+    cfg: DataConfig,
+    *,
+    index: dict,
+    batch_size: int,
+    masks: Any,
+    seed: int,
+    host_index: int,
+    host_count: int,
+    limit: int | None = None,
+) -> Iterator[dict]:
     """Every val sample of this host's shards (``shards[host::hosts]``, index order) once: centre crop, no
     augmentation, in exactly ``full_val_batches`` batches of ``batch_size`` (``limit``: only the first ones).
 
@@ -405,18 +492,22 @@ def iter_full_val(cfg: DataConfig, *, index: dict, batch_size: int, masks: Any, 
     total = full_val_batches(index, cfg, batch_size, host_count)
     mine = split_shards(cfg.shards, index, cfg.val_split)[host_index::host_count]
     counters = stages.Counters()
-    budget = DamageBudget(cfg.max_skipped_fraction, sum(s.num_samples for s in mine) or 1,
-                          f"{cfg.shards} split {cfg.val_split!r}")
-    opened = stages.check_samples(stages.read_shards(({"shard": s} for s in mine), counters=counters),
-                                  counters=counters)
+    budget = DamageBudget(
+        cfg.max_skipped_fraction, sum(s.num_samples for s in mine) or 1, f"{cfg.shards} split {cfg.val_split!r}"
+    )
+    opened = stages.check_samples(
+        stages.read_shards(({"shard": s} for s in mine), counters=counters), counters=counters
+    )
     samples = stages.augment_all(opened, crop=cfg.crop_shape, rng=None, flip=False, jitter=0.0)
     dtype = np.dtype(np.uint8)
     for number in range(total if limit is None else min(limit, total)):
         group = list(islice(samples, batch_size))
         if group:
             dtype = np.result_type(dtype, *(g["volume"] for g in group))
-        pad = [{"volume": np.zeros(cfg.crop_shape, dtype), "view": View("", False, 0.0, 0.0)}
-               for _ in range(batch_size - len(group))]
+        pad = [
+            {"volume": np.zeros(cfg.crop_shape, dtype), "view": View("", False, 0.0, 0.0)}
+            for _ in range(batch_size - len(group))
+        ]
         batch = stages.collate(group + pad)
         generator = torch.Generator().manual_seed(derive_seed("masks", seed, "full-val", host_index, number))
         skipped, dropped = counters.take()

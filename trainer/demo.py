@@ -37,6 +37,7 @@ crop. Preprocessing centres every retina in its window: without the margin every
 same rows, position alone predicts most target features, and the encoder collapsed onto position (demo seed 1:
 no anatomy target above random init; with the margin, seeds 0 and 1 both had three or more).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,8 +92,12 @@ def demo_grid(input_shape: tuple[int, int, int]) -> list[str]:
     """Preprocessing overrides: the model's input spacing over DEMO_WINDOW_MM, stored DEPTH_MARGIN times deeper."""
     spacing = [round(mm / n, 6) for mm, n in zip(DEMO_WINDOW_MM, input_shape)]
     stored = (input_shape[0], round(input_shape[1] * DEPTH_MARGIN), input_shape[2])
-    return ["--set", f"target_shape=[{','.join(map(str, stored))}]",
-            "--set", f"target_spacing_mm=[{','.join(map(str, spacing))}]"]
+    return [
+        "--set",
+        f"target_shape=[{','.join(map(str, stored))}]",
+        "--set",
+        f"target_spacing_mm=[{','.join(map(str, spacing))}]",
+    ]
 
 
 def probe_targets() -> tuple[str, ...]:
@@ -102,48 +107,148 @@ def probe_targets() -> tuple[str, ...]:
     return ("study_group",) + ANATOMY_COLUMNS
 
 
-def plan(work: Path, s: DemoSettings, config: Path, input_shape: tuple[int, int, int], export_encoder: str = "target"
-         ) -> tuple[list[Stage], dict[str, Path]]:
+def plan(
+    work: Path, s: DemoSettings, config: Path, input_shape: tuple[int, int, int], export_encoder: str = "target"
+) -> tuple[list[Stage], dict[str, Path]]:
     """The stages and every output path they produce. The probe compares both encoders of the last checkpoint,
     the exported one (``export_encoder``) first, so its paired difference is the report's."""
     from trainer.checkpoint import ENCODER_KINDS
 
     out = {
-        "dataset": work / "data", "manifest": work / "data" / "retinal_oct" / "manifest.tsv",
-        "participants": work / "data" / "participants.tsv", "anatomy": work / "data" / "synth_anatomy.tsv",
-        "shards": work / "shards", "errors": work / "shards" / "errors.jsonl",
-        "shards_by_device": work / "shards_by_device", "run": work / "run", "checkpoints": work / "run" / "checkpoints",
-        "encoder": work / "run" / "encoder.pt", "loss_curve": work / "run" / "loss_curve.png",
-        "probe_report": work / "probe" / "report.json", "probe_plot": work / "probe" / "probe.png",
-        "embeddings": work / "embeddings.npz", "embeddings_tsv": work / "embeddings.tsv",
-        "preview": work / "preview.png", "preview_masks": work / "preview_masks.png",
-        "report": work / "report.json", "report_png": work / "report.png", "logs": work / "logs",
+        "dataset": work / "data",
+        "manifest": work / "data" / "retinal_oct" / "manifest.tsv",
+        "participants": work / "data" / "participants.tsv",
+        "anatomy": work / "data" / "synth_anatomy.tsv",
+        "shards": work / "shards",
+        "errors": work / "shards" / "errors.jsonl",
+        "shards_by_device": work / "shards_by_device",
+        "run": work / "run",
+        "checkpoints": work / "run" / "checkpoints",
+        "encoder": work / "run" / "encoder.pt",
+        "loss_curve": work / "run" / "loss_curve.png",
+        "probe_report": work / "probe" / "report.json",
+        "probe_plot": work / "probe" / "probe.png",
+        "embeddings": work / "embeddings.npz",
+        "embeddings_tsv": work / "embeddings.tsv",
+        "preview": work / "preview.png",
+        "preview_masks": work / "preview_masks.png",
+        "report": work / "report.json",
+        "report_png": work / "report.png",
+        "logs": work / "logs",
     }
     kinds = [export_encoder] + [k for k in ENCODER_KINDS if k != export_encoder]
     stages = [
-        Stage("synth", "synthetic AI-READI-like dataset: all four devices, plus broken files",
-              ["synth", "--out", str(out["dataset"]), "--participants", str(s.participants),
-               "--scale", str(s.scale), "--seed", str(s.seed), "--broken"]),
-        Stage("preprocess", "Beam on the local runner: DICOM -> WebDataset shards; bad files -> errors.jsonl",
-              ["preprocess", "--manifest", str(out["manifest"]), "--data-root", str(out["dataset"]),
-               "--output", str(out["shards"]), "--participants", str(out["participants"]), *demo_grid(input_shape)]),
-        Stage("reshard", "Beam: one shard set per device domain, sample bytes copied untouched",
-              ["reshard", "--input", str(out["shards"]), "--output", str(out["shards_by_device"]), "--by", "device"]),
-        Stage("verify", "every shard of the multi-domain set checked against index.json", ["verify", str(out["shards"])]),
-        Stage("train", f"V-JEPA 2 3D pretraining on the CPU, {config.name}, {s.steps} steps, multi-domain set",
-              ["train", "--config", str(config), f"data.shards={out['shards']}", f"run_dir={out['run']}",
-               f"max_steps={s.steps}", f"seed={s.seed}"]),
-        Stage("probe", "probes with known answers: target and online encoders vs random init and raw voxels",
-              ["probe", "--checkpoint", str(out["checkpoints"]), "--encoders", ",".join(kinds),
-               "--shards", str(out["shards"]), "--labels", str(out["anatomy"]), "--targets", ",".join(probe_targets()),
-               "--repeats", str(s.repeats), "--out", str(out["probe_report"].parent), "--seed", str(s.seed),
-               "--batch-size", str(s.batch_size), "--device", "cpu"]),
-        Stage("embed", "frozen-encoder embeddings, one row per volume",
-              ["embed", "--checkpoint", str(out["encoder"]), "--shards", str(out["shards"]),
-               "--out", str(out["embeddings"]), "--batch-size", str(s.batch_size), "--device", "cpu"]),
-        Stage("preview", "montage of each device's shard set, and the mask configurations",
-              ["preview", "--shards", str(out["shards_by_device"]), "--out", str(out["preview"]), "--masks",
-               "--config", str(config)]),
+        Stage(
+            "synth",
+            "synthetic AI-READI-like dataset: all four devices, plus broken files",
+            [
+                "synth",
+                "--out",
+                str(out["dataset"]),
+                "--participants",
+                str(s.participants),
+                "--scale",
+                str(s.scale),
+                "--seed",
+                str(s.seed),
+                "--broken",
+            ],
+        ),
+        Stage(
+            "preprocess",
+            "Beam on the local runner: DICOM -> WebDataset shards; bad files -> errors.jsonl",
+            [
+                "preprocess",
+                "--manifest",
+                str(out["manifest"]),
+                "--data-root",
+                str(out["dataset"]),
+                "--output",
+                str(out["shards"]),
+                "--participants",
+                str(out["participants"]),
+                *demo_grid(input_shape),
+            ],
+        ),
+        Stage(
+            "reshard",
+            "Beam: one shard set per device domain, sample bytes copied untouched",
+            ["reshard", "--input", str(out["shards"]), "--output", str(out["shards_by_device"]), "--by", "device"],
+        ),
+        Stage(
+            "verify", "every shard of the multi-domain set checked against index.json", ["verify", str(out["shards"])]
+        ),
+        Stage(
+            "train",
+            f"V-JEPA 2 3D pretraining on the CPU, {config.name}, {s.steps} steps, multi-domain set",
+            [
+                "train",
+                "--config",
+                str(config),
+                f"data.shards={out['shards']}",
+                f"run_dir={out['run']}",
+                f"max_steps={s.steps}",
+                f"seed={s.seed}",
+            ],
+        ),
+        Stage(
+            "probe",
+            "probes with known answers: target and online encoders vs random init and raw voxels",
+            [
+                "probe",
+                "--checkpoint",
+                str(out["checkpoints"]),
+                "--encoders",
+                ",".join(kinds),
+                "--shards",
+                str(out["shards"]),
+                "--labels",
+                str(out["anatomy"]),
+                "--targets",
+                ",".join(probe_targets()),
+                "--repeats",
+                str(s.repeats),
+                "--out",
+                str(out["probe_report"].parent),
+                "--seed",
+                str(s.seed),
+                "--batch-size",
+                str(s.batch_size),
+                "--device",
+                "cpu",
+            ],
+        ),
+        Stage(
+            "embed",
+            "frozen-encoder embeddings, one row per volume",
+            [
+                "embed",
+                "--checkpoint",
+                str(out["encoder"]),
+                "--shards",
+                str(out["shards"]),
+                "--out",
+                str(out["embeddings"]),
+                "--batch-size",
+                str(s.batch_size),
+                "--device",
+                "cpu",
+            ],
+        ),
+        Stage(
+            "preview",
+            "montage of each device's shard set, and the mask configurations",
+            [
+                "preview",
+                "--shards",
+                str(out["shards_by_device"]),
+                "--out",
+                str(out["preview"]),
+                "--masks",
+                "--config",
+                str(config),
+            ],
+        ),
     ]
     return stages, out
 
@@ -162,15 +267,21 @@ def run_stage(number: int, total: int, stage: Stage, logs: Path) -> float:
     print(f"\n=== [{number}/{total}] {stage.name}: {stage.what}\n$ octjepa {' '.join(stage.args)}", flush=True)
     log_path = logs / f"{stage.name}.log"
     start = time.monotonic()
-    with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                      text=True, env=child_env(), cwd=str(logs.parent)) as proc:
+    with (
+        open(log_path, "w") as log,
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(), cwd=str(logs.parent)
+        ) as proc,
+    ):
         for line in proc.stdout:
             log.write(line)
             print(f"  {stage.name:>10} | {line}", end="", flush=True)
     seconds = time.monotonic() - start
     if proc.returncode != 0:
-        raise StageError(f"demo stage {stage.name!r} failed with exit code {proc.returncode} after {seconds:.0f} s\n"
-                         f"  command: {' '.join(command)}\n  log: {log_path}")
+        raise StageError(
+            f"demo stage {stage.name!r} failed with exit code {proc.returncode} after {seconds:.0f} s\n"
+            f"  command: {' '.join(command)}\n  log: {log_path}"
+        )
     print(f"=== {stage.name} done in {seconds:.0f} s", flush=True)
     return seconds
 
@@ -180,27 +291,46 @@ def summary(out: dict[str, Path], timings: dict[str, float], report: dict | None
     from trainer.demo_report import format_goals
     from trainer.probe import format_table
 
-    lines = ["", "=" * 78, "octjepa demo: done", "", "stage times (s): " +
-             ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + f"; total {sum(timings.values()):.0f}", "",
-             "outputs:"]
+    lines = [
+        "",
+        "=" * 78,
+        "octjepa demo: done",
+        "",
+        "stage times (s): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
+        + f"; total {sum(timings.values()):.0f}",
+        "",
+        "outputs:",
+    ]
     for name, path in out.items():
         lines.append(f"  {name:<17} {path}{'' if path.exists() else '   (missing!)'}")
     index_path = out["shards"] / "index.json"
     if index_path.exists():
         index = json.loads(index_path.read_text())
-        lines += ["", (f"shards: {index['counts']['by_split']} by split, {index['counts']['by_device']} by device; "
-                      f"{index['errors']['count']} input(s) routed to errors.jsonl: {index['errors']['by_reason']}")]
+        lines += [
+            "",
+            (
+                f"shards: {index['counts']['by_split']} by split, {index['counts']['by_device']} by device; "
+                f"{index['errors']['count']} input(s) routed to errors.jsonl: {index['errors']['by_reason']}"
+            ),
+        ]
     if report is not None:
         cv = report["cv"]
-        lines += ["", f"probes: mean [95% interval] over {cv['repeats']} x {cv['folds']}-fold CV by participant "
-                      "(paired differences over the same folds):", format_table(report["probes"]), "",
-                  format_goals(report)]
+        lines += [
+            "",
+            f"probes: mean [95% interval] over {cv['repeats']} x {cv['folds']}-fold CV by participant "
+            "(paired differences over the same folds):",
+            format_table(report["probes"]),
+            "",
+            format_goals(report),
+        ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="octjepa demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="octjepa demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", default="demo_workdir", help="everything the demo writes goes here")
     parser.add_argument("--reduced", action="store_true", help=f"the CI setting: {REDUCED}")
     parser.add_argument("--participants", type=int, default=None)
@@ -211,9 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     base = REDUCED if args.reduced else DemoSettings()
-    settings = DemoSettings(**{k: getattr(args, k) if getattr(args, k) is not None else getattr(base, k)
-                               for k in ("participants", "scale", "steps", "seed")}, batch_size=base.batch_size,
-                            repeats=base.repeats)
+    settings = DemoSettings(
+        **{
+            k: getattr(args, k) if getattr(args, k) is not None else getattr(base, k)
+            for k in ("participants", "scale", "steps", "seed")
+        },
+        batch_size=base.batch_size,
+        repeats=base.repeats,
+    )
     config = Path(args.config).resolve()
     if not config.exists():
         raise FileNotFoundError(f"--config {config}: no such train config")
@@ -226,8 +361,16 @@ def main(argv: list[str] | None = None) -> int:
     # A fresh run: only the demo's own outputs are removed, never anything else in the workdir.
     for name in ("dataset", "shards", "shards_by_device", "run", "logs"):
         shutil.rmtree(out[name], ignore_errors=True)
-    for name in ("probe_report", "probe_plot", "embeddings", "embeddings_tsv", "preview", "preview_masks", "report",
-                 "report_png"):
+    for name in (
+        "probe_report",
+        "probe_plot",
+        "embeddings",
+        "embeddings_tsv",
+        "preview",
+        "preview_masks",
+        "report",
+        "report_png",
+    ):
         out[name].unlink(missing_ok=True)
     out["logs"].mkdir(parents=True)
     print(f"octjepa demo in {work}: {settings}")
@@ -242,8 +385,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from trainer.demo_report import write_report
 
-    report = write_report(out, settings=asdict(settings), timings=timings, anatomy=probe_targets()[1:],
-                          embed_dim=train_cfg.model.encoder.embed_dim)
+    report = write_report(
+        out,
+        settings=asdict(settings),
+        timings=timings,
+        anatomy=probe_targets()[1:],
+        embed_dim=train_cfg.model.encoder.embed_dim,
+    )
     print(summary(out, timings, report))
     return 0
 

@@ -8,12 +8,14 @@ ranks agree through `trainer.distributed`. On XLA: one process per host, SPMD ov
 
 A batch crosses to the device in the flat form `trainer.batch.flatten_batch` gives it.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import random
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ KINDS = ("cpu", "cuda", "xla")
 
 
 def resolve_kind(name: str) -> str:
-    """"auto" -> xla when PJRT_DEVICE is set (the TPU launcher sets it), else cuda if available, else cpu."""
+    """ "auto" -> xla when PJRT_DEVICE is set (the TPU launcher sets it), else cuda if available, else cpu."""
     if name == "auto":
         if os.environ.get("PJRT_DEVICE"):
             return "xla"
@@ -111,8 +113,9 @@ class Device:
             return host_index, host_count, host_batch, None
         return 0, 1, host_batch * host_count, slice(host_index * host_batch, (host_index + 1) * host_batch)
 
-    def wrap_loader(self, loader: Iterable[dict], num_masks: int,
-                    rows: slice | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    def wrap_loader(
+        self, loader: Iterable[dict], num_masks: int, rows: slice | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
         non_blocking = self.kind == "cuda"
         for batch in loader:
             flat = flatten_batch(batch)
@@ -209,8 +212,9 @@ class Device:
         torch.manual_seed(seed)
 
 
-def build_device(name: str, precision: str = "auto", sharding: str = "replicated",
-                 cache_dir: str | None = None) -> Device:
+def build_device(
+    name: str, precision: str = "auto", sharding: str = "replicated", cache_dir: str | None = None
+) -> Device:
     """The device of this process. `cache_dir`: XLA's persistent compilation cache (a restart reuses the graphs)."""
     kind = resolve_kind(name)
     if kind == "xla":
@@ -223,8 +227,13 @@ def build_device(name: str, precision: str = "auto", sharding: str = "replicated
 def _numpy_state() -> dict:
     # As tensors and ints, so checkpoints load with torch.load(weights_only=True).
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
 
 
 def _set_numpy_state(state: dict) -> None:

@@ -13,6 +13,7 @@
 Everything stays on the device until the monitor's step closure reads it (no host sync inside the loop), and
 the batches keep static shapes, so a validation compiles a fixed set of XLA graphs once.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,8 @@ import torch
 from torch import Tensor
 
 from model import VJEPA, gather_tokens
-from trainer.data import real_samples, to_model_input
 from trainer.batch import batch_masks
+from trainer.data import real_samples, to_model_input
 from trainer.device import Device
 
 RANK_EPS = 1e-7  # RankMe's epsilon on the normalised singular values
@@ -59,8 +60,14 @@ def _gram(x: Tensor, weight: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: VJEPA, make_batches: Callable[[int | None], Iterable[dict[str, Tensor]]], *, device: Device,
-             fixed_batches: int, forward: Callable[..., dict[str, Tensor]] | None = None) -> dict[str, Tensor]:
+def evaluate(
+    model: VJEPA,
+    make_batches: Callable[[int | None], Iterable[dict[str, Tensor]]],
+    *,
+    device: Device,
+    fixed_batches: int,
+    forward: Callable[..., dict[str, Tensor]] | None = None,
+) -> dict[str, Tensor]:
     """The diagnostics above, as device tensors. ``make_batches(limit)`` yields fresh device batches of every val
     volume (the first ``limit`` batches when given); the first ``fixed_batches`` form the fixed set. ``forward``: the
     module the step calls (DDP / FSDP2 under torchrun; default ``model``). Under torchrun each rank sees its rows of
@@ -72,13 +79,15 @@ def evaluate(model: VJEPA, make_batches: Callable[[int | None], Iterable[dict[st
     zeros = lambda *shape: torch.zeros(shape, device=device.torch_device)  # noqa: E731
     loss_sum, weight_sum, fixed_loss, fixed_weight = zeros(), zeros(), zeros(), zeros()
     table = zeros(tokens, embed_dim)  # per-position sum of the target features, then their mean
-    gram_target = gram_pred = torch.zeros(embed_dim, embed_dim, device=device.torch_device,
-                                          dtype=gram_dtype(device.torch_device))
+    gram_target = gram_pred = torch.zeros(
+        embed_dim, embed_dim, device=device.torch_device, dtype=gram_dtype(device.torch_device)
+    )
     for number, batch in enumerate(make_batches(None)):
         weight = real_samples(batch["scale"])
         with device.autocast():
-            out = forward(to_model_input(batch["volume"], batch["scale"], batch["shift"]), batch_masks(batch),
-                          features=True)
+            out = forward(
+                to_model_input(batch["volume"], batch["scale"], batch["shift"]), batch_masks(batch), features=True
+            )
         target = out["target"].float()
         loss_sum = loss_sum + (out["sample_loss"].float() * weight).sum()
         weight_sum = weight_sum + weight.sum()
@@ -99,14 +108,20 @@ def evaluate(model: VJEPA, make_batches: Callable[[int | None], Iterable[dict[st
         weight = real_samples(batch["scale"])
         x = to_model_input(batch["volume"], batch["scale"], batch["shift"])
         with device.autocast():
-            target = (model.target_features(x) if forward is model
-                      else forward(x, batch_masks(batch), features=True)["target"]).float()
+            target = (
+                model.target_features(x)
+                if forward is model
+                else forward(x, batch_masks(batch), features=True)["target"]
+            ).float()
         per_config = [(gather_tokens(target, tgt) - table[tgt]).abs().mean(dim=(1, 2)) for _, tgt in batch_masks(batch)]
         lookup_sum = lookup_sum + (torch.stack(per_config).mean(dim=0) * weight).sum()
         device.mark_step()
     model.train()
     fixed_weight = total(fixed_weight).clamp_min(1.0)
-    return {"loss": total(loss_sum) / weight_sum.clamp_min(1.0), "loss_fixed": total(fixed_loss) / fixed_weight,
-            "lookup_loss": total(lookup_sum) / fixed_weight,
-            "rank_target": effective_rank_from_gram(total(gram_target)),
-            "rank_pred": effective_rank_from_gram(total(gram_pred))}
+    return {
+        "loss": total(loss_sum) / weight_sum.clamp_min(1.0),
+        "loss_fixed": total(fixed_loss) / fixed_weight,
+        "lookup_loss": total(lookup_sum) / fixed_weight,
+        "rank_target": effective_rank_from_gram(total(gram_target)),
+        "rank_pred": effective_rank_from_gram(total(gram_pred)),
+    }

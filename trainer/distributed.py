@@ -13,6 +13,7 @@ Ranks agree through a CPU (gloo) group, never through the accelerator: stopping 
 rank after the same step), the checkpoint to resume from, whether every rank could read it. Metrics are averaged
 (loss, stds, grad norm) or summed (skipped samples) over ranks on logging steps only.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -87,6 +88,7 @@ def barrier() -> None:
 
 # ---- stopping on SIGTERM ----------------------------------------------------------------------------------------
 
+
 class StopSignal:
     """SIGTERM (a preempted VM, a scheduler's stop, torchrun forwarding its own) asks the run to stop after the step
     it is in. The handler only sets a flag; the loop reads it between steps, and `agreed()` makes every rank stop
@@ -113,6 +115,7 @@ class StopSignal:
 
 
 # ---- model wrapping ---------------------------------------------------------------------------------------------
+
 
 def block_lists(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of the context encoder, the target encoder and the predictor (the FSDP2 units)."""
@@ -158,8 +161,9 @@ def reduce_metrics(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return stats
     names = sorted(stats)
     world = rank_world()[1]
-    flat = torch.stack([local_value(stats[n]).float().sum() if n == "skipped" else local_value(stats[n]).float()
-                        for n in names])
+    flat = torch.stack(
+        [local_value(stats[n]).float().sum() if n == "skipped" else local_value(stats[n]).float() for n in names]
+    )
     dist.all_reduce(flat)
     return {n: (flat[i] if n == "skipped" else flat[i] / world) for i, n in enumerate(names)}
 

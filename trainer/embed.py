@@ -7,6 +7,7 @@ mean-pooled, as ``VJEPA.encode`` does for V-JEPA 2's frozen evaluation. ``--rand
 initialised encoder of the same architecture instead (the probe's baseline). ``embed_many`` runs several encoders
 over one read of the set, plus the raw-voxel baseline features (``raw_voxel_features``) when asked.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,15 @@ def random_init_encoder(cfg: Any, seed: int) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def embed_many(encoders: dict[str, torch.nn.Module], root: str, *, batch_size: int = 4, raw_voxels: str | None = None,
-               keep_tokens: bool = False, device: torch.device | str = "cpu") -> dict[str, Embeddings]:
+def embed_many(
+    encoders: dict[str, torch.nn.Module],
+    root: str,
+    *,
+    batch_size: int = 4,
+    raw_voxels: str | None = None,
+    keep_tokens: bool = False,
+    device: torch.device | str = "cpu",
+) -> dict[str, Embeddings]:
     """Encode every volume of every split of a shard set once per encoder, reading the set once (centre crop to
     the encoders' common input shape); ``raw_voxels`` names an extra entry of ``raw_voxel_features``.
     ``keep_tokens`` also keeps every encoder's tokens (N x E float16 per volume: meant for small sets)."""
@@ -79,8 +87,13 @@ def embed_many(encoders: dict[str, torch.nn.Module], root: str, *, batch_size: i
         raise ValueError(f"the encoders take different input shapes {sorted(shapes)}; embed them separately")
     crop = shapes.pop()
     index = read_index(root)
-    rows: dict[str, list[str]] = {"keys": [], "participant_ids": [], "devices": [], "splits": [],
-                                  "sop_instance_uids": []}
+    rows: dict[str, list[str]] = {
+        "keys": [],
+        "participant_ids": [],
+        "devices": [],
+        "splits": [],
+        "sop_instance_uids": [],
+    }
     names = list(encoders) + ([raw_voxels] if raw_voxels else [])
     features: dict[str, list[np.ndarray]] = {name: [] for name in names}
     tokens: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
@@ -97,19 +110,29 @@ def embed_many(encoders: dict[str, torch.nn.Module], root: str, *, batch_size: i
             if raw_voxels:
                 features[raw_voxels].append(raw_voxel_features(x).float().cpu().numpy())
             for meta in batch["meta"]:
-                for field_name, key in (("keys", "key"), ("participant_ids", "participant_id"),
-                                        ("devices", "device"), ("splits", "split"),
-                                        ("sop_instance_uids", "sop_instance_uid")):
+                for field_name, key in (
+                    ("keys", "key"),
+                    ("participant_ids", "participant_id"),
+                    ("devices", "device"),
+                    ("splits", "split"),
+                    ("sop_instance_uids", "sop_instance_uid"),
+                ):
                     rows[field_name].append(meta[key])
     if not rows["keys"]:
         raise ValueError(f"{root}: the shard set holds no volumes to embed (index splits: {sorted(index['splits'])})")
-    return {name: Embeddings(**rows, features=np.concatenate(features[name]),
-                             tokens=np.concatenate(tokens[name]) if keep_tokens and name in tokens else None)
-            for name in names}
+    return {
+        name: Embeddings(
+            **rows,
+            features=np.concatenate(features[name]),
+            tokens=np.concatenate(tokens[name]) if keep_tokens and name in tokens else None,
+        )
+        for name in names
+    }
 
 
-def embed_shard_set(encoder: torch.nn.Module, root: str, *, batch_size: int = 4,
-                    device: torch.device | str = "cpu") -> Embeddings:
+def embed_shard_set(
+    encoder: torch.nn.Module, root: str, *, batch_size: int = 4, device: torch.device | str = "cpu"
+) -> Embeddings:
     """Encode every volume of every split of a shard set once (centre crop to the encoder's input shape)."""
     return embed_many({"encoder": encoder}, root, batch_size=batch_size, device=device)["encoder"]
 
@@ -122,17 +145,27 @@ def write_embeddings(emb: Embeddings, out: str) -> list[str]:
 
     stem = out.removesuffix(".npz")
     buf = io.BytesIO()
-    np.savez(buf, key=np.array(emb.keys), participant_id=np.array(emb.participant_ids),
-             device=np.array(emb.devices), split=np.array(emb.splits),
-             sop_instance_uid=np.array(emb.sop_instance_uids), embedding=emb.features)
+    np.savez(
+        buf,
+        key=np.array(emb.keys),
+        participant_id=np.array(emb.participant_ids),
+        device=np.array(emb.devices),
+        split=np.array(emb.splits),
+        sop_instance_uid=np.array(emb.sop_instance_uids),
+        embedding=emb.features,
+    )
     storage.write_bytes(stem + ".npz", buf.getvalue())
     text = io.StringIO()
     writer = csv.writer(text, delimiter="\t", lineterminator="\n")
-    writer.writerow(["key", "participant_id", "device", "split", "sop_instance_uid"]
-                    + [f"e{i}" for i in range(emb.features.shape[1])])
+    writer.writerow(
+        ["key", "participant_id", "device", "split", "sop_instance_uid"]
+        + [f"e{i}" for i in range(emb.features.shape[1])]
+    )
     for i, key in enumerate(emb.keys):
-        writer.writerow([key, emb.participant_ids[i], emb.devices[i], emb.splits[i], emb.sop_instance_uids[i]]
-                        + [f"{v:.6g}" for v in emb.features[i]])
+        writer.writerow(
+            [key, emb.participant_ids[i], emb.devices[i], emb.splits[i], emb.sop_instance_uids[i]]
+            + [f"{v:.6g}" for v in emb.features[i]]
+        )
     storage.write_bytes(stem + ".tsv", text.getvalue().encode("utf-8"))
     return [stem + ".npz", stem + ".tsv"]
 
@@ -146,8 +179,9 @@ def common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main_embed(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="octjepa embed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="octjepa embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common_args(parser)
     parser.add_argument("--out", required=True, help="output .npz (a .tsv with the same rows is written beside it)")
     parser.add_argument("--random-init", action="store_true", help="embed with a random-init encoder instead")

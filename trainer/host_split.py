@@ -6,6 +6,7 @@ not set, so the split is done here explicitly. A host whose slice holds too few 
 step count is topped up with shards resampled from the whole split (deterministically from seed/epoch/host):
 every host must run exactly the same number of steps, or a pod hangs at the first collective one host skips.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from shards import stable_hash
 @dataclass(frozen=True)
 class Shard:
     """A shard as ``index.json`` lists it: the loader checks the file against its size and sample count."""
+
     url: str
     num_samples: int
     bytes: int
@@ -65,8 +67,9 @@ def worker_quota(num_batches: int, *, worker: int, num_workers: int) -> int:
     return num_batches // num_workers + (1 if worker < num_batches % num_workers else 0)
 
 
-def worker_shards(host_list: list[Shard], *, worker: int, num_workers: int, min_samples: int,
-                  seed: int, stream: tuple) -> list[Shard]:
+def worker_shards(
+    host_list: list[Shard], *, worker: int, num_workers: int, min_samples: int, seed: int, stream: tuple
+) -> list[Shard]:
     """This worker's share of the host's shards, topped up from the host's list to ``min_samples``."""
     rng = np.random.default_rng(derive_seed("worker-topup", seed, *stream, worker))
     return top_up(host_list[worker::num_workers], pool=host_list, min_samples=min_samples, rng=rng)

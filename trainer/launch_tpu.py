@@ -18,13 +18,14 @@ The install follows the torch_xla guide for TPU VMs (Python 3.10-3.12): torch's 
 output in a log file on each host (`--log`), its process group id in a pid file beside it; bf16 comes from
 autocast in the trainer, never from the deprecated `XLA_USE_BF16`.
 """
+
 from __future__ import annotations
 
 import argparse
 import shlex
 import subprocess
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 REMOTE_DIR = "~/octjepa"
 ARCHIVE = "/tmp/octjepa-src.tgz"
@@ -42,11 +43,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--zone", required=True)
     p.add_argument("--project", required=True)
     p.add_argument("--config", help="trainer config, relative to the repository root (to start a run)")
-    p.add_argument("--ref", default=None, help="git ref to check out on every host; omit to send this checkout's "
-                                               "tracked files")
+    p.add_argument(
+        "--ref", default=None, help="git ref to check out on every host; omit to send this checkout's tracked files"
+    )
     p.add_argument("--repo", default=None, help="git URL to clone (with --ref); default: this checkout's origin")
-    p.add_argument("--include", action="append", default=[], metavar="PATH",
-                   help="an untracked file or folder to send too (without --ref; repeatable)")
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an untracked file or folder to send too (without --ref; repeatable)",
+    )
     p.add_argument("--remote-dir", default=REMOTE_DIR, help=f"checkout directory on the hosts (default {REMOTE_DIR})")
     p.add_argument("--python", default="python3", help="python on the hosts")
     p.add_argument("--archive", default=ARCHIVE, help=f"source archive path, here and on the hosts (default {ARCHIVE})")
@@ -65,8 +72,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def ssh(args: argparse.Namespace, command: str) -> list[str]:
-    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.tpu, f"--zone={args.zone}",
-            f"--project={args.project}", "--worker=all", "--command", command]
+    return [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "ssh",
+        args.tpu,
+        f"--zone={args.zone}",
+        f"--project={args.project}",
+        "--worker=all",
+        "--command",
+        command,
+    ]
 
 
 def origin_url() -> str:
@@ -81,8 +99,11 @@ def archive_command(args: argparse.Namespace) -> list[str]:
     listing = "git ls-files -z --cached"
     if args.include:
         listing = f"{{ {listing}; printf '%s\\0' {' '.join(shlex.quote(p) for p in args.include)}; }}"
-    return ["bash", "-c", f"cd \"$(git rev-parse --show-toplevel)\" && {listing} | "
-                          f"tar -czf {shlex.quote(args.archive)} --null -T -"]
+    return [
+        "bash",
+        "-c",
+        f'cd "$(git rev-parse --show-toplevel)" && {listing} | tar -czf {shlex.quote(args.archive)} --null -T -',
+    ]
 
 
 def sync_commands(args: argparse.Namespace) -> list[list[str]]:
@@ -90,22 +111,40 @@ def sync_commands(args: argparse.Namespace) -> list[list[str]]:
     if args.ref is not None:
         repo = args.repo or origin_url()
         # FETCH_HEAD works for branches, tags and commit ids alike, and never leaves a stale local branch.
-        return [ssh(args, f"set -e; if [ ! -d {d}/.git ]; then git clone {shlex.quote(repo)} {d}; fi; "
-                          f"git -C {d} fetch --tags origin {shlex.quote(args.ref)}; "
-                          f"git -C {d} checkout --force FETCH_HEAD")]
+        return [
+            ssh(
+                args,
+                f"set -e; if [ ! -d {d}/.git ]; then git clone {shlex.quote(repo)} {d}; fi; "
+                f"git -C {d} fetch --tags origin {shlex.quote(args.ref)}; "
+                f"git -C {d} checkout --force FETCH_HEAD",
+            )
+        ]
     return [
         archive_command(args),
-        ["gcloud", "compute", "tpus", "tpu-vm", "scp", args.archive, f"{args.tpu}:{args.archive}",
-         f"--zone={args.zone}", f"--project={args.project}", "--worker=all"],
+        [
+            "gcloud",
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "scp",
+            args.archive,
+            f"{args.tpu}:{args.archive}",
+            f"--zone={args.zone}",
+            f"--project={args.project}",
+            "--worker=all",
+        ],
         ssh(args, f"set -e; mkdir -p {d}; tar -xzf {a} -C {d}"),
     ]
 
 
 def install_command(args: argparse.Namespace) -> list[str]:
     py = args.python
-    return ssh(args, f"set -e; cd {args.remote_dir}; {py} -m pip install --upgrade pip; "
-                     f"{py} -m pip install {TORCH_CPU} --index-url {TORCH_CPU_INDEX}; "
-                     f"{py} -m pip install -e \".[train,tpu]\"")
+    return ssh(
+        args,
+        f"set -e; cd {args.remote_dir}; {py} -m pip install --upgrade pip; "
+        f"{py} -m pip install {TORCH_CPU} --index-url {TORCH_CPU_INDEX}; "
+        f'{py} -m pip install -e ".[train,tpu]"',
+    )
 
 
 def _pid_file(args: argparse.Namespace) -> str:
@@ -119,23 +158,32 @@ def train_command(args: argparse.Namespace) -> list[str]:
         train += ["--resume", args.resume]
     train += list(args.overrides)
     # Detached: the ssh session ends at once and takes nothing with it (setsid: a session of its own; nohup).
-    return ssh(args, f"cd {args.remote_dir} && {env} setsid nohup {shlex.join(train)} > {args.log} 2>&1 < /dev/null "
-                     f"& echo $! > {_pid_file(args)}; echo \"started $(hostname): pid $(cat {_pid_file(args)}), "
-                     f"log {args.log}\"")
+    return ssh(
+        args,
+        f"cd {args.remote_dir} && {env} setsid nohup {shlex.join(train)} > {args.log} 2>&1 < /dev/null "
+        f'& echo $! > {_pid_file(args)}; echo "started $(hostname): pid $(cat {_pid_file(args)}), '
+        f'log {args.log}"',
+    )
 
 
 def status_command(args: argparse.Namespace) -> list[str]:
     pid = _pid_file(args)
-    return ssh(args, f"if [ -f {pid} ] && kill -0 \"$(cat {pid})\" 2>/dev/null; then echo \"$(hostname): running "
-                     f"(pid $(cat {pid}))\"; else echo \"$(hostname): not running\"; fi; tail -n 5 {args.log} "
-                     f"2>/dev/null || true")
+    return ssh(
+        args,
+        f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then echo "$(hostname): running '
+        f'(pid $(cat {pid}))"; else echo "$(hostname): not running"; fi; tail -n 5 {args.log} '
+        f"2>/dev/null || true",
+    )
 
 
 def stop_command(args: argparse.Namespace) -> list[str]:
     pid = _pid_file(args)
     # SIGTERM, as a preemption would: each trainer finishes its step, writes a complete checkpoint and exits 0.
-    return ssh(args, f"if [ -f {pid} ] && kill -TERM \"$(cat {pid})\" 2>/dev/null; then echo \"$(hostname): "
-                     f"SIGTERM sent\"; else echo \"$(hostname): not running\"; fi")
+    return ssh(
+        args,
+        f'if [ -f {pid} ] && kill -TERM "$(cat {pid})" 2>/dev/null; then echo "$(hostname): '
+        f'SIGTERM sent"; else echo "$(hostname): not running"; fi',
+    )
 
 
 def commands(args: argparse.Namespace) -> list[list[str]]:

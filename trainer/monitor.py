@@ -6,6 +6,7 @@ only host sync of the loop, and it happens only on logging steps. Only the main 
 W&B modes come from `logging.wandb`: "disabled" (nothing), "offline" (files under <run_dir>/wandb, no network;
 `wandb sync` later), "online". A resumed run continues the same W&B run (its id is kept in the run directory).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,8 @@ import math
 import os
 import time
 import uuid
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,10 +36,21 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class Monitor:
-    def __init__(self, *, run_dir: str, total_steps: int, start_step: int, global_batch_size: int,
-                 enabled: bool = True, wandb_mode: str = "disabled", wandb_project: str = "octjepa",
-                 wandb_entity: str = "", run_name: str = "", config: Mapping[str, Any] | None = None,
-                 extra: Callable[[], dict[str, float]] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        run_dir: str,
+        total_steps: int,
+        start_step: int,
+        global_batch_size: int,
+        enabled: bool = True,
+        wandb_mode: str = "disabled",
+        wandb_project: str = "octjepa",
+        wandb_entity: str = "",
+        run_name: str = "",
+        config: Mapping[str, Any] | None = None,
+        extra: Callable[[], dict[str, float]] | None = None,
+    ) -> None:
         self.run_dir = run_dir
         self.total_steps = total_steps
         self.global_batch_size = global_batch_size
@@ -49,8 +62,13 @@ class Monitor:
         if enabled:
             os.makedirs(run_dir, exist_ok=True)
             if wandb_mode != "disabled":
-                self.wandb = self._init_wandb(wandb_mode, wandb_project, wandb_entity,
-                                              run_name or os.path.basename(os.path.abspath(run_dir)), config)
+                self.wandb = self._init_wandb(
+                    wandb_mode,
+                    wandb_project,
+                    wandb_entity,
+                    run_name or os.path.basename(os.path.abspath(run_dir)),
+                    config,
+                )
 
     def _init_wandb(self, mode: str, project: str, entity: str, name: str, config: Mapping | None) -> Any:
         import wandb
@@ -63,18 +81,33 @@ class Monitor:
             run_id = uuid.uuid4().hex[:12]
             with open(id_path, "w") as f:
                 f.write(run_id + "\n")
-        return wandb.init(project=project, entity=entity or None, name=name, id=run_id, resume="allow",
-                          dir=self.run_dir, mode=mode, config=dict(config or {}))
+        return wandb.init(
+            project=project,
+            entity=entity or None,
+            name=name,
+            id=run_id,
+            resume="allow",
+            dir=self.run_dir,
+            mode=mode,
+            config=dict(config or {}),
+        )
 
     def _write(self, record: dict) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({f"{record['split']}/{k}": v for k, v in record.items()
-                            if k not in ("step", "split") and isinstance(v, (int, float))}, step=record["step"])
+            self.wandb.log(
+                {
+                    f"{record['split']}/{k}": v
+                    for k, v in record.items()
+                    if k not in ("step", "split") and isinstance(v, (int, float))
+                },
+                step=record["step"],
+            )
 
-    def log_train(self, step: int, epoch: int, tensors: Mapping[str, torch.Tensor],
-                  scalars: Mapping[str, float]) -> None:
+    def log_train(
+        self, step: int, epoch: int, tensors: Mapping[str, torch.Tensor], scalars: Mapping[str, float]
+    ) -> None:
         """One training log line: tensors (loss, pred_std, target_std, grad_norm, skipped) read here."""
         if not self.enabled:
             return
@@ -84,15 +117,25 @@ class Monitor:
         elapsed = max(now - last_time, 1e-9)
         steps_per_s = (step - last_step) / elapsed
         self._last = (step, now)
-        record = {"step": step, "epoch": epoch, "split": "train", **values, **dict(scalars),
-                  "samples_per_s": steps_per_s * self.global_batch_size, "time": time.time()}
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "split": "train",
+            **values,
+            **dict(scalars),
+            "samples_per_s": steps_per_s * self.global_batch_size,
+            "time": time.time(),
+        }
         if self.extra is not None:
             record.update(self.extra())
         self._write(record)
         eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
-        print(f"step {step}/{self.total_steps} | epoch {epoch} | loss {values.get('loss', float('nan')):.4f} | "
-              f"lr {scalars.get('lr', float('nan')):.3e} | grad {values.get('grad_norm', float('nan')):.3f} | "
-              f"{record['samples_per_s']:.1f} samples/s | left {_fmt_duration(eta)}", flush=True)
+        print(
+            f"step {step}/{self.total_steps} | epoch {epoch} | loss {values.get('loss', float('nan')):.4f} | "
+            f"lr {scalars.get('lr', float('nan')):.3e} | grad {values.get('grad_norm', float('nan')):.3f} | "
+            f"{record['samples_per_s']:.1f} samples/s | left {_fmt_duration(eta)}",
+            flush=True,
+        )
 
     def log_val(self, step: int, tensors: Mapping[str, torch.Tensor]) -> None:
         if not self.enabled:
@@ -100,12 +143,21 @@ class Monitor:
         values = {k: float(v) for k, v in tensors.items()}
         self._write({"step": step, "split": "val", **values, "time": time.time()})
         nan = float("nan")
-        print(f"step {step}/{self.total_steps} | val loss {values.get('loss', nan):.4f} | fixed set: loss "
-              f"{values.get('loss_fixed', nan):.4f}, lookup {values.get('lookup_loss', nan):.4f}, effective rank "
-              f"target {values.get('rank_target', nan):.1f} pred {values.get('rank_pred', nan):.1f}", flush=True)
+        print(
+            f"step {step}/{self.total_steps} | val loss {values.get('loss', nan):.4f} | fixed set: loss "
+            f"{values.get('loss_fixed', nan):.4f}, lookup {values.get('lookup_loss', nan):.4f}, effective rank "
+            f"target {values.get('rank_target', nan):.1f} pred {values.get('rank_pred', nan):.1f}",
+            flush=True,
+        )
 
-    def log_mask_image(self, step: int, volume: np.ndarray, masks: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                       grid: tuple[int, int, int], patch_size: tuple[int, int, int]) -> str | None:
+    def log_mask_image(
+        self,
+        step: int,
+        volume: np.ndarray,
+        masks: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        grid: tuple[int, int, int],
+        patch_size: tuple[int, int, int],
+    ) -> str | None:
         """Save (and send to W&B) the middle B-scan of one sample with each configuration's context and target."""
         if not self.enabled:
             return None
@@ -117,8 +169,7 @@ class Monitor:
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({"masks": wandb.Image(image, caption="B-scan | context (green) / target (red)")},
-                           step=step)
+            self.wandb.log({"masks": wandb.Image(image, caption="B-scan | context (green) / target (red)")}, step=step)
         return path
 
     def finish(self) -> str | None:
@@ -145,9 +196,12 @@ def _series(records: list[dict], split: str, key: str) -> tuple[list[int], list[
 
 
 # (split, metric, label, style) of the loss panel, and of the effective-rank panel
-LOSS_LINES = (("train", "loss", "train", "-"), ("val", "loss", "val (every volume)", ".-"),
-              ("val", "loss_fixed", "val, fixed set", ":"),
-              ("val", "lookup_loss", "per-position lookup, fixed set", "--"))
+LOSS_LINES = (
+    ("train", "loss", "train", "-"),
+    ("val", "loss", "val (every volume)", ".-"),
+    ("val", "loss_fixed", "val, fixed set", ":"),
+    ("val", "lookup_loss", "per-position lookup, fixed set", "--"),
+)
 RANK_LINES = (("val", "rank_target", "target features", ".-"), ("val", "rank_pred", "predictor outputs", ".--"))
 
 
@@ -193,8 +247,12 @@ def write_loss_curve(metrics_path: str, out_path: str) -> str:
     return out_path
 
 
-def mask_panel(volume: np.ndarray, masks: Sequence[tuple[torch.Tensor, torch.Tensor]],
-               grid: tuple[int, int, int], patch_size: tuple[int, int, int]) -> np.ndarray:
+def mask_panel(
+    volume: np.ndarray,
+    masks: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    grid: tuple[int, int, int],
+    patch_size: tuple[int, int, int],
+) -> np.ndarray:
     """RGB uint8 image: the middle B-scan (H, W) of `volume` (D, H, W), then per mask configuration the same
     B-scan with its context tokens tinted green and its target tokens red. `masks` holds one sample's (K,) indices."""
     d = volume.shape[0] // 2

@@ -3,12 +3,13 @@
 Schedules are plain functions of the optimiser step (a python int the loop owns), so the values are known on
 the host before the step and setting them never reads anything back from the device.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import nn
@@ -83,11 +84,18 @@ class Schedules:
     def lr(self, step: int) -> float:
         c = self.cfg
         if c.lr_schedule == "wcc":
-            return warmup_constant_cooldown(step, start=c.start_lr, peak=c.lr, final=c.final_lr,
-                                            warmup=self.warmup_steps, cooldown=self.cooldown_steps,
-                                            total=self.total_steps)
-        return warmup_cosine(step, start=c.start_lr, peak=c.lr, final=c.final_lr, warmup=self.warmup_steps,
-                             total=self.total_steps)
+            return warmup_constant_cooldown(
+                step,
+                start=c.start_lr,
+                peak=c.lr,
+                final=c.final_lr,
+                warmup=self.warmup_steps,
+                cooldown=self.cooldown_steps,
+                total=self.total_steps,
+            )
+        return warmup_cosine(
+            step, start=c.start_lr, peak=c.lr, final=c.final_lr, warmup=self.warmup_steps, total=self.total_steps
+        )
 
     def weight_decay(self, step: int) -> float:
         return cosine(step, start=self.cfg.weight_decay, end=self.cfg.final_weight_decay, total=self.total_steps)
@@ -101,9 +109,14 @@ class Schedules:
 
     def state(self, step: int) -> dict:
         """What a checkpoint records: the schedule's definition and its values at `step`."""
-        return {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-                "cooldown_steps": self.cooldown_steps, "lr": self.lr(step),
-                "weight_decay": self.weight_decay(step), "momentum": self.momentum(step)}
+        return {
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "cooldown_steps": self.cooldown_steps,
+            "lr": self.lr(step),
+            "weight_decay": self.weight_decay(step),
+            "momentum": self.momentum(step),
+        }
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, *, capturable: bool = False) -> torch.optim.AdamW:

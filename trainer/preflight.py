@@ -8,6 +8,7 @@
 Every failure is an `OctjepaError` subclass (`ConfigError` for a setting, `ContractError` for the data) with a
 message naming the setting or the file, which the `octjepa` dispatcher prints as one line.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,16 +38,22 @@ def check_splits(cfg: TrainConfig, index: dict, *, host_count: int) -> None:
     micro = cfg.global_batch_size // cfg.grad_accum  # samples per micro-batch, summed over hosts
     have = _split_samples(index, cfg.data.train_split)
     if have == 0:
-        raise ConfigError(f"data.train_split={cfg.data.train_split!r}: shard set {cfg.data.shards} has no samples "
-                          f"in that split (its splits: {sorted(index['splits'])})")
+        raise ConfigError(
+            f"data.train_split={cfg.data.train_split!r}: shard set {cfg.data.shards} has no samples "
+            f"in that split (its splits: {sorted(index['splits'])})"
+        )
     if micro > have:
-        raise ConfigError(f"global_batch_size / grad_accum = {micro} samples per micro-batch ({host_count} "
-                          f"host(s)), but split {cfg.data.train_split!r} of {cfg.data.shards} holds only {have}: "
-                          "lower global_batch_size or raise grad_accum")
+        raise ConfigError(
+            f"global_batch_size / grad_accum = {micro} samples per micro-batch ({host_count} "
+            f"host(s)), but split {cfg.data.train_split!r} of {cfg.data.shards} holds only {have}: "
+            "lower global_batch_size or raise grad_accum"
+        )
     if cfg.val_every > 0 and _split_samples(index, cfg.data.val_split) == 0:
-        raise ConfigError(f"data.val_split={cfg.data.val_split!r}: shard set {cfg.data.shards} has no samples in "
-                          f"that split (its splits: {sorted(index['splits'])}), and validation is on "
-                          f"(val_every={cfg.val_every}); set val_every=0 to train without it")
+        raise ConfigError(
+            f"data.val_split={cfg.data.val_split!r}: shard set {cfg.data.shards} has no samples in "
+            f"that split (its splits: {sorted(index['splits'])}), and validation is on "
+            f"(val_every={cfg.val_every}); set val_every=0 to train without it"
+        )
 
 
 def check_shard_files(cfg: TrainConfig, index: dict) -> None:
@@ -63,13 +70,17 @@ def check_shard_files(cfg: TrainConfig, index: dict) -> None:
     missing = sorted(u for u in expected if u not in found)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ContractError(f"shard set {cfg.data.shards} is incomplete: {', '.join(missing[:3])}{more} listed in "
-                            f"index.json do not exist")
+        raise ContractError(
+            f"shard set {cfg.data.shards} is incomplete: {', '.join(missing[:3])}{more} listed in "
+            f"index.json do not exist"
+        )
     wrong = sorted(u for u in expected if found[u] != expected[u])
     if wrong:
         u = wrong[0]
-        raise ContractError(f"shard set {cfg.data.shards}: {u} holds {found[u]} bytes, index.json says "
-                            f"{expected[u]}" + (f" ({len(wrong) - 1} more shards differ)" if len(wrong) > 1 else ""))
+        raise ContractError(
+            f"shard set {cfg.data.shards}: {u} holds {found[u]} bytes, index.json says "
+            f"{expected[u]}" + (f" ({len(wrong) - 1} more shards differ)" if len(wrong) > 1 else "")
+        )
 
 
 def _listing(folder: str) -> dict[str, int]:
@@ -92,8 +103,16 @@ def effective_workers(num_workers: int, batches_per_epoch: int) -> int:
     return max(1, min(num_workers, batches_per_epoch))
 
 
-def check_resume_data_order(saved_config: dict[str, Any], saved_host_count: int | None, cfg: TrainConfig, *,
-                            step_in_epoch: int, host_count: int, batches_per_epoch: int, url: str) -> None:
+def check_resume_data_order(
+    saved_config: dict[str, Any],
+    saved_host_count: int | None,
+    cfg: TrainConfig,
+    *,
+    step_in_epoch: int,
+    host_count: int,
+    batches_per_epoch: int,
+    url: str,
+) -> None:
     """Refuse a mid-epoch resume whose loader would split the epoch differently than the run that saved it.
 
     Which samples a host reads in an epoch, and in which order, follow from the number of hosts and of loader
@@ -102,14 +121,19 @@ def check_resume_data_order(saved_config: dict[str, Any], saved_host_count: int 
     if step_in_epoch == 0:
         return
     then = saved_config.get("data", {}).get("num_workers")
-    if then is not None and (effective_workers(then, batches_per_epoch)
-                             != effective_workers(cfg.data.num_workers, batches_per_epoch)):
-        raise ConfigError(f"data.num_workers={cfg.data.num_workers}, but checkpoint {url} was saved mid-epoch by a "
-                          f"run with data.num_workers={then}; the rest of the epoch would repeat some samples and "
-                          f"skip others. Resume with data.num_workers={then} (or from a checkpoint at an epoch "
-                          "boundary)")
+    if then is not None and (
+        effective_workers(then, batches_per_epoch) != effective_workers(cfg.data.num_workers, batches_per_epoch)
+    ):
+        raise ConfigError(
+            f"data.num_workers={cfg.data.num_workers}, but checkpoint {url} was saved mid-epoch by a "
+            f"run with data.num_workers={then}; the rest of the epoch would repeat some samples and "
+            f"skip others. Resume with data.num_workers={then} (or from a checkpoint at an epoch "
+            "boundary)"
+        )
     hosts_then = saved_host_count
     if hosts_then is not None and hosts_then != host_count:
-        raise ConfigError(f"this run has {host_count} host(s)/rank(s), but checkpoint {url} was saved mid-epoch by "
-                          f"a run with {hosts_then}; the rest of the epoch would repeat some samples and skip "
-                          f"others. Resume with {hosts_then} (or from a checkpoint at an epoch boundary)")
+        raise ConfigError(
+            f"this run has {host_count} host(s)/rank(s), but checkpoint {url} was saved mid-epoch by "
+            f"a run with {hosts_then}; the rest of the epoch would repeat some samples and skip "
+            f"others. Resume with {hosts_then} (or from a checkpoint at an epoch boundary)"
+        )

@@ -14,6 +14,7 @@ with the context (blue) and target (red) tokens of one draw of each mask configu
 and the (h, w) token plane of that draw (whole columns span every B-scan, so the plane is the whole mask; the
 trimmed tokens, in neither set, stay white).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from shards import decode_sample, iter_shard, read_index, shard_urls, storage
-from shards import ROOT_INDEX_KIND, load_any_index, validate_root_index
+from shards import (
+    ROOT_INDEX_KIND,
+    decode_sample,
+    iter_shard,
+    load_any_index,
+    read_index,
+    shard_urls,
+    storage,
+    validate_root_index,
+)
 from trainer.augment import crop_or_pad, crop_starts
 
 PANEL_INCHES = (3.2, 2.6)  # (width, height) of one panel; the PNG is exactly columns x rows panels at DPI
@@ -85,8 +94,9 @@ def _figure(rows: int, columns: int) -> tuple[Any, np.ndarray]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(rows, columns, squeeze=False,
-                             figsize=(columns * PANEL_INCHES[0], rows * PANEL_INCHES[1]), dpi=DPI)
+    fig, axes = plt.subplots(
+        rows, columns, squeeze=False, figsize=(columns * PANEL_INCHES[0], rows * PANEL_INCHES[1]), dpi=DPI
+    )
     return fig, axes
 
 
@@ -107,8 +117,9 @@ def _grey(ax: Any, image: np.ndarray, title: str, aspect: float) -> None:
     ax.set_yticks([])
 
 
-def render_domains(volumes: dict[str, tuple[np.ndarray, dict[str, Any]]], out: str,
-                   crop_shape: Sequence[int] | None = None) -> list[str]:
+def render_domains(
+    volumes: dict[str, tuple[np.ndarray, dict[str, Any]]], out: str, crop_shape: Sequence[int] | None = None
+) -> list[str]:
     """The per-domain montage at ``out``; returns the row titles (one per domain, in order)."""
     fig, axes = _figure(len(volumes), DOMAIN_COLUMNS)
     titles = []
@@ -119,8 +130,12 @@ def render_domains(volumes: dict[str, tuple[np.ndarray, dict[str, Any]]], out: s
         title = f"{device}  fill {meta['fill_fraction']:.2f}"
         titles.append(title)
         # Aspect ratios in mm so a B-scan looks like the retina, not like a stretched array.
-        _grey(axes[row, 0], volume[d // 2].astype(np.float32), f"{title}\ncentral B-scan {d // 2}/{d}, {h}x{w}",
-              aspect=dy / dx)
+        _grey(
+            axes[row, 0],
+            volume[d // 2].astype(np.float32),
+            f"{title}\ncentral B-scan {d // 2}/{d}, {h}x{w}",
+            aspect=dy / dx,
+        )
         _grey(axes[row, 1], volume.mean(axis=1), f"en-face mean projection\n{spacing}", aspect=dz / dx)
         _axial_profile(axes[row, 2], volume, meta, crop_shape)
     fig.tight_layout(pad=0.4)
@@ -149,8 +164,9 @@ def _axial_profile(ax: Any, volume: np.ndarray, meta: dict[str, Any], crop_shape
     ax.tick_params(labelsize=6)
 
 
-def render_masks(volume: np.ndarray, meta: dict[str, Any], encoder_cfg: Any, mask_cfg: Any, out: str,
-                 *, seed: int = 0) -> list[str]:
+def render_masks(
+    volume: np.ndarray, meta: dict[str, Any], encoder_cfg: Any, mask_cfg: Any, out: str, *, seed: int = 0
+) -> list[str]:
     """One volume's context/target tokens for one draw of each mask configuration; returns the row titles."""
     import torch
     from matplotlib.colors import ListedColormap
@@ -170,8 +186,10 @@ def render_masks(volume: np.ndarray, meta: dict[str, Any], encoder_cfg: Any, mas
         target = to_volume_mask(tgt[0], grid).numpy()  # (d, h, w) bool
         context = to_volume_mask(ctx[0], grid).numpy()
         dropped = int(np.prod(grid)) - ctx.shape[1] - tgt.shape[1]  # trimmed blocks and context: in neither set
-        title = (f"{block.num_blocks} blocks x {block.spatial_scale:g}: context {ctx.shape[1]}, "
-                 f"target {tgt.shape[1]} tokens, neither {dropped}")
+        title = (
+            f"{block.num_blocks} blocks x {block.spatial_scale:g}: context {ctx.shape[1]}, "
+            f"target {tgt.shape[1]} tokens, neither {dropped}"
+        )
         titles.append(title)
         plane_t = target[(d_in // 2) // pd]  # (h, w) tokens of the central B-scan's tubelet
         plane_c = context[(d_in // 2) // pd]
@@ -181,10 +199,17 @@ def render_masks(volume: np.ndarray, meta: dict[str, Any], encoder_cfg: Any, mas
         _grey(axes[row, 0], bscan, f"{title}\n{meta['device']} central B-scan", aspect=1.0)
         axes[row, 0].imshow(overlay, aspect=1.0, interpolation="nearest")
         plane = context.any(axis=0) * 1 + target.any(axis=0) * 2  # (h, w): 0 neither, 1 context, 2 target
-        axes[row, 1].imshow(plane, cmap=ListedColormap(["white", (0.55, 0.65, 1.0), (1.0, 0.2, 0.2)]), vmin=0,
-                            vmax=2, interpolation="nearest")
-        axes[row, 1].set_title(f"(h, w) token plane: target red, context blue, neither white\n(grid {grid}, all "
-                               f"{grid[0]} depths)", fontsize=7)
+        axes[row, 1].imshow(
+            plane,
+            cmap=ListedColormap(["white", (0.55, 0.65, 1.0), (1.0, 0.2, 0.2)]),
+            vmin=0,
+            vmax=2,
+            interpolation="nearest",
+        )
+        axes[row, 1].set_title(
+            f"(h, w) token plane: target red, context blue, neither white\n(grid {grid}, all {grid[0]} depths)",
+            fontsize=7,
+        )
         axes[row, 1].set_xticks([])
         axes[row, 1].set_yticks([])
     fig.tight_layout(pad=0.4)
@@ -198,15 +223,23 @@ def masks_path(out: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="octjepa preview", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="octjepa preview", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shards", required=True, help="shard set root (local path or gs://) with index.json")
     parser.add_argument("--out", default="preview.png")
     parser.add_argument("--masks", action="store_true", help="also draw the mask configurations over one volume")
-    parser.add_argument("--config", default=None,
-                        help="train config YAML for the crop shape and the masks (default: model defaults)")
-    parser.add_argument("--crop-shape", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
-                        help="trainer crop to mark on the axial profiles (default: the config's input shape)")
+    parser.add_argument(
+        "--config", default=None, help="train config YAML for the crop shape and the masks (default: model defaults)"
+    )
+    parser.add_argument(
+        "--crop-shape",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("D", "H", "W"),
+        help="trainer crop to mark on the axial profiles (default: the config's input shape)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the mask draw")
     args = parser.parse_args(argv)
 

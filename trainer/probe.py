@@ -17,6 +17,7 @@ by participant with the regularisation chosen by an inner grouped CV (``trainer.
 is scored on the same folds, so ``probes.<target>.paired_difference`` (the first encoder minus random init, fold
 by fold) has an honest 95% interval. ``report.json`` holds it all, ``probe.png`` draws it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,14 +25,21 @@ import csv
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from trainer.embed import common_args, embed_many, pick_device, random_init_encoder
 from trainer.probe_stats import (
-    METRICS, CVPlan, cross_validate, interval_above_zero, outer_splits, paired, summary,
+    METRICS,
+    CVPlan,
+    cross_validate,
+    interval_above_zero,
+    outer_splits,
+    paired,
+    summary,
 )
 
 VOLUME_ID = "sop_instance_uid"  # a labels table with this column labels volumes, not participants
@@ -44,6 +52,7 @@ RANDOM, RAW = "random_init", "raw_voxels"
 @dataclass
 class LabelTable:
     """A labels table keyed by volume (``sop_instance_uid``) or participant: {key: {column: value}}."""
+
     path: str
     key_column: str
     columns: list[str]
@@ -82,6 +91,7 @@ def read_labels(path: str, *, id_column: str = "participant_id", targets: Sequen
 @dataclass
 class Target:
     """One probe target joined to the embeddings: the rows that have a value, their values and participants."""
+
     name: str
     task: str
     rows: np.ndarray  # (M,) indices into the Embeddings rows
@@ -106,9 +116,13 @@ def join_target(name: str, table: LabelTable, participant_ids: Sequence[str], vo
     task = task_of(values)
     y = np.asarray(values, dtype=np.float64 if task == "regression" else object)
     groups = np.asarray([participant_ids[i] for i in rows])
-    counts = {"volumes": len(keys), "labelled_volumes": len(rows), "volumes_without_value": len(keys) - len(rows),
-              "participants": len(set(groups.tolist())),
-              "table_keys_without_volumes": len(set(table.rows) - set(keys))}
+    counts = {
+        "volumes": len(keys),
+        "labelled_volumes": len(rows),
+        "volumes_without_value": len(keys) - len(rows),
+        "participants": len(set(groups.tolist())),
+        "table_keys_without_volumes": len(set(table.rows) - set(keys)),
+    }
     return Target(name, task, np.asarray(rows, dtype=np.int64), y, groups, counts)
 
 
@@ -127,8 +141,9 @@ def unprobeable(target: Target, plan: CVPlan) -> str | None:
     return None
 
 
-def probe_target(target: Target, features: dict[str, np.ndarray], plan: CVPlan, *,
-                 reference: str | None = None) -> dict[str, Any]:
+def probe_target(
+    target: Target, features: dict[str, np.ndarray], plan: CVPlan, *, reference: str | None = None
+) -> dict[str, Any]:
     """Every feature set on the same folds; paired differences of each encoder against each baseline.
     ``reference`` (default: the first feature set) is the one ``paired_difference`` reports against random init.
     A target that ``unprobeable`` refuses is reported as {"skipped": reason, "counts": ...}."""
@@ -136,12 +151,16 @@ def probe_target(target: Target, features: dict[str, np.ndarray], plan: CVPlan, 
     if reason is not None:
         return {"task": target.task, "skipped": reason, "counts": target.counts}
     splits = outer_splits(target.y, target.groups, target.task, plan)
-    scores = {name: cross_validate(x[target.rows], target.y, target.groups, task=target.task, plan=plan,
-                                   splits=splits) for name, x in features.items()}
+    scores = {
+        name: cross_validate(x[target.rows], target.y, target.groups, task=target.task, plan=plan, splits=splits)
+        for name, x in features.items()
+    }
     metrics = METRICS[target.task]
     primary = metrics[0]
     out: dict[str, Any] = {
-        "task": target.task, "metric": primary, "counts": target.counts,
+        "task": target.task,
+        "metric": primary,
+        "counts": target.counts,
         "scores": {name: {m: summary(s[m], plan) for m in metrics} for name, s in scores.items()},
         "paired_differences": {},
     }
@@ -152,12 +171,18 @@ def probe_target(target: Target, features: dict[str, np.ndarray], plan: CVPlan, 
         for base in (RANDOM, RAW):
             if base in scores:
                 out["paired_differences"][f"{enc} - {base}"] = {
-                    m: summary(paired(scores[enc][m], scores[base][m]), plan) for m in metrics}
+                    m: summary(paired(scores[enc][m], scores[base][m]), plan) for m in metrics
+                }
     reference = reference or (encoders[0] if encoders else None)
     if reference is not None and RANDOM in scores:
         diff = out["paired_differences"][f"{reference} - {RANDOM}"][primary]
-        out["paired_difference"] = {"encoder": reference, "baseline": RANDOM, "metric": primary, **diff,
-                                    "interval_above_zero": interval_above_zero(diff)}
+        out["paired_difference"] = {
+            "encoder": reference,
+            "baseline": RANDOM,
+            "metric": primary,
+            **diff,
+            "interval_above_zero": interval_above_zero(diff),
+        }
     return out
 
 
@@ -177,8 +202,10 @@ def format_table(probes: dict[str, dict[str, Any]]) -> str:
             lines.append(f"{name}: not probed: {p['skipped']}")
             continue
         metric = p["metric"]
-        lines.append(f"{name} ({p['task']}, {metric}, {p['counts']['labelled_volumes']} volumes of "
-                     f"{p['counts']['participants']} participants)")
+        lines.append(
+            f"{name} ({p['task']}, {metric}, {p['counts']['labelled_volumes']} volumes of "
+            f"{p['counts']['participants']} participants)"
+        )
         for enc, s in p["scores"].items():
             lines.append(f"  {enc:<26}{_fmt(s[metric])}")
         for pair, s in p["paired_differences"].items():
@@ -193,13 +220,16 @@ def plot_probes(probes: dict[str, dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    probes = {name: p for name, p in probes.items() if "skipped" not in p} or {"(no target probed)": {
-        "metric": "", "scores": {}, "paired_differences": {}}}
+    probes = {name: p for name, p in probes.items() if "skipped" not in p} or {
+        "(no target probed)": {"metric": "", "scores": {}, "paired_differences": {}}
+    }
     fig, axes = plt.subplots(len(probes), 2, figsize=(11, 1.0 + 1.3 * len(probes)), squeeze=False)
     for (name, p), (left, right) in zip(probes.items(), axes):
         metric = p["metric"]
-        for ax, entries, title in ((left, p["scores"], f"{name}: {metric}"),
-                                   (right, p["paired_differences"], "paired difference")):
+        for ax, entries, title in (
+            (left, p["scores"], f"{name}: {metric}"),
+            (right, p["paired_differences"], "paired difference"),
+        ):
             labels = list(entries)
             for i, label in enumerate(labels):
                 s = entries[label][metric]
@@ -207,8 +237,14 @@ def plot_probes(probes: dict[str, dict[str, Any]], path: str) -> None:
                     continue
                 lo, hi = s["ci95"] or (s["mean"], s["mean"])
                 above = ax is right and lo > 0
-                ax.errorbar(s["mean"], i, xerr=[[s["mean"] - lo], [hi - s["mean"]]], fmt="o", capsize=3,
-                            color="tab:green" if above else "tab:blue")
+                ax.errorbar(
+                    s["mean"],
+                    i,
+                    xerr=[[s["mean"] - lo], [hi - s["mean"]]],
+                    fmt="o",
+                    capsize=3,
+                    color="tab:green" if above else "tab:blue",
+                )
             ax.set_yticks(range(len(labels)), labels, fontsize=7)
             ax.set_ylim(-0.6, len(labels) - 0.4)
             ax.set_title(title, fontsize=9)
@@ -235,20 +271,35 @@ def load_encoders(checkpoint: str, kinds: Sequence[str]) -> tuple[dict[str, Any]
 
 
 def main_probe(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="octjepa probe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="octjepa probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common_args(parser)
-    parser.add_argument("--labels", required=True, help="TSV of targets: per volume (sop_instance_uid) or per "
-                                                        "participant (--id-column)")
-    parser.add_argument("--targets", "--label-column", dest="targets", default="study_group",
-                        help="comma-separated columns of --labels to probe")
+    parser.add_argument(
+        "--labels", required=True, help="TSV of targets: per volume (sop_instance_uid) or per participant (--id-column)"
+    )
+    parser.add_argument(
+        "--targets",
+        "--label-column",
+        dest="targets",
+        default="study_group",
+        help="comma-separated columns of --labels to probe",
+    )
     parser.add_argument("--id-column", default="participant_id")
-    parser.add_argument("--encoders", default="", help="from a checkpoint: comma-separated 'target', 'online' "
-                                                       "(the first is the paired difference's); default: the export")
+    parser.add_argument(
+        "--encoders",
+        default="",
+        help="from a checkpoint: comma-separated 'target', 'online' "
+        "(the first is the paired difference's); default: the export",
+    )
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--pooling", choices=("mean", "attentive"), default="mean",
-                        help="attentive: V-JEPA 2's attentive probe on the tokens (class targets, small sets)")
+    parser.add_argument(
+        "--pooling",
+        choices=("mean", "attentive"),
+        default="mean",
+        help="attentive: V-JEPA 2's attentive probe on the tokens (class targets, small sets)",
+    )
     parser.add_argument("--no-random-baseline", action="store_true")
     parser.add_argument("--no-raw-baseline", action="store_true")
     parser.add_argument("--out", default="probe_report", help="directory for report.json and probe.png")
@@ -260,8 +311,14 @@ def main_probe(argv: list[str] | None = None) -> int:
     if not args.no_random_baseline:
         encoders[RANDOM] = random_init_encoder(cfg, args.seed)
     attentive = args.pooling == "attentive"
-    emb = embed_many(encoders, args.shards, batch_size=args.batch_size, device=pick_device(args.device),
-                     raw_voxels=None if args.no_raw_baseline or attentive else RAW, keep_tokens=attentive)
+    emb = embed_many(
+        encoders,
+        args.shards,
+        batch_size=args.batch_size,
+        device=pick_device(args.device),
+        raw_voxels=None if args.no_raw_baseline or attentive else RAW,
+        keep_tokens=attentive,
+    )
     first = next(iter(emb.values()))
     features = {name: e.tokens if attentive else e.features for name, e in emb.items()}
     plan = CVPlan(folds=args.folds, repeats=args.repeats, seed=args.seed)
@@ -272,10 +329,20 @@ def main_probe(argv: list[str] | None = None) -> int:
         print(format_table({name: probes[name]}), flush=True)
     os.makedirs(args.out, exist_ok=True)
     report = {
-        "checkpoint": args.checkpoint, "shards": args.shards, "labels": args.labels, "key": table.key_column,
-        "pooling": args.pooling, "feature_sets": list(features),
-        "cv": {"folds": plan.folds, "repeats": plan.repeats, "inner_folds": plan.inner_folds, "seed": plan.seed,
-               "unit": "participant", "interval": "corrected resampled t (Nadeau & Bengio), 95%"},
+        "checkpoint": args.checkpoint,
+        "shards": args.shards,
+        "labels": args.labels,
+        "key": table.key_column,
+        "pooling": args.pooling,
+        "feature_sets": list(features),
+        "cv": {
+            "folds": plan.folds,
+            "repeats": plan.repeats,
+            "inner_folds": plan.inner_folds,
+            "seed": plan.seed,
+            "unit": "participant",
+            "interval": "corrected resampled t (Nadeau & Bengio), 95%",
+        },
         "probes": probes,
     }
     report_path, png_path = os.path.join(args.out, "report.json"), os.path.join(args.out, "probe.png")

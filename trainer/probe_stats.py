@@ -13,18 +13,20 @@ Interval: the folds of repeated CV share training data, so their scores are corr
 error is too small. The 95% interval is Nadeau & Bengio's corrected resampled t (Bouckaert & Frank 2004):
 mean +- t(0.975, J-1) * sqrt((1/J + n_test/n_train) * s^2) over the J = repeats * folds scores.
 """
+
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 ATTENTIVE_WD_GRID = (1e-3, 1e-2, 1e-1)  # the attentive probe's weight decay (its regularisation)
-RIDGE_ALPHAS = tuple(10.0 ** k for k in np.arange(-2.0, 5.01, 0.5))  # on standardised features
+RIDGE_ALPHAS = tuple(10.0**k for k in np.arange(-2.0, 5.01, 0.5))  # on standardised features
 LOGISTIC_CS = (1e-3, 1e-2, 1e-1, 1.0)  # larger C never won on these sizes and cost the most iterations
 TASKS = ("regression", "classification")
 METRICS = {"regression": ("r2",), "classification": ("balanced_accuracy", "auroc_macro_ovr")}
@@ -130,8 +132,10 @@ def _inner_choice(x: np.ndarray, y: np.ndarray, groups: np.ndarray, task: str, p
         else:
             if len(np.unique(y[tr])) < 2:
                 continue
-            totals += [balanced_accuracy(y[te], classes[proba.argmax(1)])
-                       for classes, proba in _class_path(x)(x[tr], y[tr], x[te])]
+            totals += [
+                balanced_accuracy(y[te], classes[proba.argmax(1)])
+                for classes, proba in _class_path(x)(x[tr], y[tr], x[te])
+            ]
     best = np.flatnonzero(totals >= totals.max() - 1e-12)
     # Ties go to the strongest regularisation: the largest alpha or weight decay, the smallest C.
     return int(best[0] if grid is LOGISTIC_CS else best[-1])
@@ -160,13 +164,23 @@ def macro_auroc(y_true: np.ndarray, proba: np.ndarray, model_classes: np.ndarray
     """Macro one-vs-rest AUROC over the classes with positives and negatives in the fold that the probe knows."""
     from sklearn.metrics import roc_auc_score
 
-    scored = [roc_auc_score(y_true == cls, proba[:, j]) for j, cls in enumerate(model_classes)
-              if (y_true == cls).any() and not (y_true == cls).all()]
+    scored = [
+        roc_auc_score(y_true == cls, proba[:, j])
+        for j, cls in enumerate(model_classes)
+        if (y_true == cls).any() and not (y_true == cls).all()
+    ]
     return float(np.mean(scored)) if scored else None
 
 
-def cross_validate(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, task: str, plan: CVPlan,
-                   splits: Sequence[tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, list[float | None]]:
+def cross_validate(
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    *,
+    task: str,
+    plan: CVPlan,
+    splits: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+) -> dict[str, list[float | None]]:
     """Per-fold test scores {metric: [one per fold of every repeat]}; ``splits`` (from ``outer_splits``) lets
     several feature sets share the same folds."""
     if task not in TASKS:
@@ -184,8 +198,18 @@ def cross_validate(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, task: st
     return scores
 
 
-def _score_fold(x: np.ndarray, y: np.ndarray, groups: np.ndarray, tr: np.ndarray, te: np.ndarray, *, task: str,
-                plan: CVPlan, repeat: int, scores: dict[str, list[float | None]]) -> None:
+def _score_fold(
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    tr: np.ndarray,
+    te: np.ndarray,
+    *,
+    task: str,
+    plan: CVPlan,
+    repeat: int,
+    scores: dict[str, list[float | None]],
+) -> None:
     """Fit on ``tr`` (regularisation from the inner CV on ``tr`` alone), score ``te`` once, append to scores.
     A class fold whose training part holds one class (tiny sets) scores None: no probe can be fitted there."""
     if task == "classification" and len(np.unique(y[tr])) < 2:
@@ -213,8 +237,12 @@ def summary(scores: Sequence[float | None], plan: CVPlan) -> dict[str, Any]:
     from scipy import stats
 
     values = np.array([s for s in scores if s is not None], dtype=np.float64)
-    out: dict[str, Any] = {"mean": None, "ci95": None, "n_folds": int(values.size), "folds": [
-        None if s is None else round(float(s), 6) for s in scores]}
+    out: dict[str, Any] = {
+        "mean": None,
+        "ci95": None,
+        "n_folds": int(values.size),
+        "folds": [None if s is None else round(float(s), 6) for s in scores],
+    }
     if values.size == 0:
         return out
     mean = float(values.mean())
@@ -235,8 +263,9 @@ class AttentiveProbe:
     """V-JEPA 2's attentive probe, minimal: one learned query cross-attends to the frozen tokens, then a linear
     classifier. sklearn-style ``fit`` / ``predict_proba`` / ``predict`` / ``classes_`` on (V, N, E) tokens."""
 
-    def __init__(self, *, weight_decay: float, epochs: int = 100, lr: float = 1e-2, num_heads: int = 4,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, *, weight_decay: float, epochs: int = 100, lr: float = 1e-2, num_heads: int = 4, seed: int = 0
+    ) -> None:
         self.weight_decay, self.epochs, self.lr, self.num_heads, self.seed = weight_decay, epochs, lr, num_heads, seed
 
     def fit(self, tokens: np.ndarray, y: np.ndarray) -> AttentiveProbe:
@@ -249,8 +278,9 @@ class AttentiveProbe:
             torch.manual_seed(self.seed)
             self.query = torch.nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
             self.attn = torch.nn.MultiheadAttention(embed_dim, heads, batch_first=True)
-            self.head = torch.nn.Sequential(torch.nn.LayerNorm(embed_dim),
-                                            torch.nn.Linear(embed_dim, len(self.classes_)))
+            self.head = torch.nn.Sequential(
+                torch.nn.LayerNorm(embed_dim), torch.nn.Linear(embed_dim, len(self.classes_))
+            )
             params = [self.query, *self.attn.parameters(), *self.head.parameters()]
             opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
             for _ in range(self.epochs):  # full batch: probe sets are small (the tokens are all in memory)

@@ -13,12 +13,13 @@ loader's only copy of its voxels. A smaller or larger stored volume is read whol
 slot. Batches hold one dtype each (a set mixing uint8 and uint16 volumes gives batches of each; voxel values are
 never rescaled); memory is the open batches plus the batches in flight.
 
-An epoch is a pass: when a worker's stream starts its next pass over its shards, ``fill_batches`` first packs the samples
-still waiting in partly filled batches into as few batches as they fill (a copy of those few volumes, once a pass),
-so every sample of a pass leaves in a batch before more than one batch's worth of the next pass does. Without it,
-samples waiting in open batches at the end of an epoch would be left out of it while samples of the next pass fill
+An epoch is a pass: when a worker's stream starts its next pass over its shards, ``fill_batches`` first packs the
+samples still waiting in partly filled batches into as few batches as they fill (a copy of those few volumes, once a
+pass), so every sample of a pass leaves in a batch before more than one batch's worth of the next pass does. Without
+it, samples waiting in open batches at the end of an epoch would be left out of it while samples of the next pass fill
 its last batches.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -62,6 +63,7 @@ class DataDamageError(OctjepaError, RuntimeError):
 @dataclass(frozen=True)
 class Drop:
     """Samples dropped as damaged, reported with the next batch (host-side, never sent to the device)."""
+
     shard: str
     key: str  # the sample's key; for samples a shard does not hold, which ones ("3 sample(s) after <key>")
     samples: int
@@ -104,8 +106,7 @@ def shard_source(shards: list[Shard], *, seed: int, stream: tuple, shuffle: bool
             # Every sample of the previous pass has been read by now (stages pull one sample at a time, and
             # fill_batches reads a sample's voxels before it pulls the next).
             if counters.good == 0:
-                raise DataDamageError(f"no decodable sample in a full pass over shards {urls}; see the warnings "
-                                      f"above")
+                raise DataDamageError(f"no decodable sample in a full pass over shards {urls}; see the warnings above")
             counters.good, current = 0, round_no
         yield {"shard": shard, "round": round_no}
 
@@ -127,8 +128,12 @@ def read_shards(source: Iterable[dict], *, counters: Counters, defer_volumes: bo
                 f.seek(0)
                 if size != shard.bytes:
                     failure = f" (the file holds {size} bytes, its index says {shard.bytes})"
-                    log.warning("shard %s holds %d bytes, its index says %d: reading it sample by sample", shard.url,
-                                size, shard.bytes)
+                    log.warning(
+                        "shard %s holds %d bytes, its index says %d: reading it sample by sample",
+                        shard.url,
+                        size,
+                        shard.bytes,
+                    )
                 for sample in iter_shard(f, name=shard.url, defer=defer):
                     seen, last = seen + 1, sample["__key__"]
                     if seen > shard.num_samples:
@@ -138,8 +143,12 @@ def read_shards(source: Iterable[dict], *, counters: Counters, defer_volumes: bo
         except (ContractError, OSError) as exc:
             failure = f": {exc}"
         if seen < shard.num_samples:
-            counters.lose(shard.url, shard.num_samples - seen, last,
-                          f"the shard ends after {seen} of the {shard.num_samples} samples its index lists{failure}")
+            counters.lose(
+                shard.url,
+                shard.num_samples - seen,
+                last,
+                f"the shard ends after {seen} of the {shard.num_samples} samples its index lists{failure}",
+            )
 
 
 def check_samples(samples: Iterable[dict], *, counters: Counters) -> Iterator[dict]:
@@ -158,8 +167,14 @@ def check_samples(samples: Iterable[dict], *, counters: Counters) -> Iterator[di
         except ContractError as exc:
             counters.drop(sample.get("__url__"), sample.get("__key__"), str(exc))
             continue
-        yield {"member": member, "offset": offset, "meta": meta, "check": check, "__url__": sample.get("__url__"),
-               "__round__": sample.get("__round__", 0)}
+        yield {
+            "member": member,
+            "offset": offset,
+            "meta": meta,
+            "check": check,
+            "__url__": sample.get("__url__"),
+            "__round__": sample.get("__round__", 0),
+        }
 
 
 def _read_checked(item: dict, dest: np.ndarray, fileobj: Any = None) -> None:
@@ -188,8 +203,9 @@ def materialize(items: Iterable[dict], *, counters: Counters) -> Iterator[dict]:
         yield item
 
 
-def balance(samples: Iterable[dict], *, weights: dict[str, float], capacity: int, patience: int,
-            rng: random.Random) -> Iterator[dict]:
+def balance(
+    samples: Iterable[dict], *, weights: dict[str, float], capacity: int, patience: int, rng: random.Random
+) -> Iterator[dict]:
     """Emit devices in proportion to ``weights``: pick a device, then a random sample from its buffer.
 
     Buffers are capped, so a dominant device is subsampled (a full buffer has a random entry replaced) instead of
@@ -215,8 +231,9 @@ def balance(samples: Iterable[dict], *, weights: dict[str, float], capacity: int
             else:
                 buf[rng.randrange(capacity)] = sample
         if not buffers[domain]:
-            log.warning("device %s: no sample in %d reads of this worker's shards; balancing without it",
-                        domain, waited)
+            log.warning(
+                "device %s: no sample in %d reads of this worker's shards; balancing without it", domain, waited
+            )
             del active[domain]
             continue
         buf = buffers[domain]
@@ -236,8 +253,9 @@ def batch_tensor(shape: Sequence[int], dtype: np.dtype) -> torch.Tensor:
     return proto.new(shared).view(tuple(shape))
 
 
-def draw_views(items: Iterable[dict], *, crop: Sequence[int], rng: np.random.Generator | None, flip: bool,
-               jitter: float) -> Iterator[dict]:
+def draw_views(
+    items: Iterable[dict], *, crop: Sequence[int], rng: np.random.Generator | None, flip: bool, jitter: float
+) -> Iterator[dict]:
     """Draw each sample's training view (``rng=None``: centre crop, no flip or jitter): ``starts`` of its crop and
     its ``view`` (key, flip, scale, shift; applied on the device). The voxels are not touched here."""
     crop = tuple(crop)
@@ -277,9 +295,14 @@ def _fill(item: dict, dest: np.ndarray, fileobj: Any = None) -> None:
 def _read_unread(open_batches: Iterable[_OpenBatch], counters: Counters) -> None:
     """Read the voxels of slots filled while skipping, their shards opened again (the stream has moved on); a
     slot whose read fails is freed again, as it would have been when first filled."""
-    todo = sorted(((item["__url__"], item["offset"], slot, batch)
-                   for batch in open_batches for slot, item in batch.unread.items()),
-                  key=lambda t: (t[0], t[1]))
+    todo = sorted(
+        (
+            (item["__url__"], item["offset"], slot, batch)
+            for batch in open_batches
+            for slot, item in batch.unread.items()
+        ),
+        key=lambda t: (t[0], t[1]),
+    )
     for url, group in itertools.groupby(todo, key=lambda t: t[0]):
         group = list(group)
         try:
@@ -306,7 +329,7 @@ def _pack(batches: list[_OpenBatch]) -> None:
     while len(partial := [b for b in batches if 0 < len(b.free) < len(b.views)]) > 1:
         partial.sort(key=lambda b: len(b.free))  # most filled first; the sort is stable, so list order breaks ties
         dest, src = partial[0], partial[-1]
-        for slot in [i for i, v in enumerate(src.views) if v is not None][:len(dest.free)]:
+        for slot in [i for i, v in enumerate(src.views) if v is not None][: len(dest.free)]:
             to = dest.free.pop(0)
             if slot in src.unread:
                 dest.unread[to] = src.unread.pop(slot)
@@ -351,9 +374,17 @@ class _OpenBatches:
                 yield full
 
 
-def fill_batches(items: Iterable[dict], *, crop: Sequence[int], batch_size: int, open_batches: int,
-                 slot_rng: random.Random | None, counters: Counters, skip_batches: int = 0,
-                 pack_passes: bool = False) -> Iterator[Batch]:
+def fill_batches(
+    items: Iterable[dict],
+    *,
+    crop: Sequence[int],
+    batch_size: int,
+    open_batches: int,
+    slot_rng: random.Random | None,
+    counters: Counters,
+    skip_batches: int = 0,
+    pack_passes: bool = False,
+) -> Iterator[Batch]:
     """The shuffle buffer and the batcher in one: each sample's voxels are read into a random free slot of
     ``open_batches`` open batches (``slot_rng=None``: slots in arrival order, one batch at a time), and a batch
     leaves as soon as its last slot is filled. Yields ``volume`` (B, 1, *crop) uint8/uint16, ``scale``, ``shift``,
@@ -419,8 +450,9 @@ def add_drops(batches: Iterable[Batch], *, counters: Counters) -> Iterator[Batch
         yield {**batch, "skipped": torch.tensor(skipped, dtype=torch.int64), "dropped": dropped}
 
 
-def augment_all(samples: Iterable[dict], *, crop: Sequence[int], rng: np.random.Generator | None, flip: bool,
-                jitter: float) -> Iterator[dict]:
+def augment_all(
+    samples: Iterable[dict], *, crop: Sequence[int], rng: np.random.Generator | None, flip: bool, jitter: float
+) -> Iterator[dict]:
     """Each in-memory sample's view applied on the host (evaluation): ``volume`` cropped, ``view``, ``meta``."""
     for s in samples:
         volume, flipped, scale, shift = augment(s["volume"], s["meta"], crop, rng=rng, flip=flip, jitter=jitter)

@@ -15,14 +15,16 @@ status 0.
 The step is XLA-clean: static shapes (mask sizes come from the config), hyperparameters computed on the host from
 the step number, metrics read only in step closures on logging steps.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from itertools import chain, islice
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import yaml
@@ -31,10 +33,10 @@ from torch import nn
 from model import VJEPA, MultiBlockMasks
 from shards import storage
 from shards.typed_config import ConfigError, to_dict
+from trainer.batch import batch_masks
 from trainer.checkpoint import CheckpointStore, export_encoder
 from trainer.config import TrainConfig, load_train_config
 from trainer.data import build_train_loader, iter_full_val, steps_per_epoch, to_model_input
-from trainer.batch import batch_masks
 from trainer.device import Device, build_device
 from trainer.diagnostics import evaluate
 from trainer.monitor import Monitor
@@ -60,6 +62,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 @dataclass
 class RunSizes:
     """Sizes derived once from the config, the index and the host count (identical on every host)."""
+
     host_batch: int
     host_index: int
     host_count: int
@@ -69,14 +72,17 @@ class RunSizes:
 
 # ---- building blocks ----------------------------------------------------------------------------------------------
 
+
 def run_sizes(cfg: TrainConfig, index: dict, device: Device) -> RunSizes:
     host_index, host_count = device.host_index_count()
     host_batch = cfg.host_batch_size(host_count, device.local_devices())
     micro = steps_per_epoch(index, cfg.data, host_batch * host_count)
     per_epoch = micro // cfg.grad_accum
     if per_epoch < 1:
-        raise ConfigError(f"split {cfg.data.train_split!r} gives {micro} micro-batches of {host_batch * host_count} "
-                          f"per epoch, fewer than grad_accum={cfg.grad_accum}: lower global_batch_size")
+        raise ConfigError(
+            f"split {cfg.data.train_split!r} gives {micro} micro-batches of {host_batch * host_count} "
+            f"per epoch, fewer than grad_accum={cfg.grad_accum}: lower global_batch_size"
+        )
     total = cfg.max_steps or cfg.epochs * per_epoch
     return RunSizes(host_batch, host_index, host_count, per_epoch, total)
 
@@ -85,10 +91,16 @@ def resolved_choices(cfg: TrainConfig, device: Device, sizes: RunSizes) -> dict[
     """What the platform decided where the config leaves it open, saved beside the config the user gave (never
     written into it): the attention kernel ("sdpa" is the Pallas flash kernel on a TPU), precision, the process
     layout and per-host batch."""
-    return {"device": device.kind, "attn_impl": device.attn_impl(cfg.model.encoder.attn_impl),
-            "autocast_dtype": str(device.dtype).removeprefix("torch.") if device.dtype else "float32",
-            "sharding": cfg.sharding, "hosts": sizes.host_count, "host_batch": sizes.host_batch,
-            "steps_per_epoch": sizes.steps_per_epoch, "total_steps": sizes.total_steps}
+    return {
+        "device": device.kind,
+        "attn_impl": device.attn_impl(cfg.model.encoder.attn_impl),
+        "autocast_dtype": str(device.dtype).removeprefix("torch.") if device.dtype else "float32",
+        "sharding": cfg.sharding,
+        "hosts": sizes.host_count,
+        "host_batch": sizes.host_batch,
+        "steps_per_epoch": sizes.steps_per_epoch,
+        "total_steps": sizes.total_steps,
+    }
 
 
 def _rng_isolated(batches: Iterable[dict]) -> Iterator[dict]:
@@ -106,19 +118,37 @@ def _rng_isolated(batches: Iterable[dict]) -> Iterator[dict]:
 def check_resume(url: str, state: dict, cfg: TrainConfig, sizes: RunSizes) -> None:
     """Before any model is built: the checkpoint can continue this run's data order (else ConfigError)."""
     saved = state["config"]
-    check_resume_data_order(saved, state.get("host_count"), cfg, step_in_epoch=state["step_in_epoch"],
-                            host_count=sizes.host_count, batches_per_epoch=sizes.steps_per_epoch * cfg.grad_accum,
-                            url=url)
+    check_resume_data_order(
+        saved,
+        state.get("host_count"),
+        cfg,
+        step_in_epoch=state["step_in_epoch"],
+        host_count=sizes.host_count,
+        batches_per_epoch=sizes.steps_per_epoch * cfg.grad_accum,
+        url=url,
+    )
     for key in ("seed", "global_batch_size", "grad_accum"):
         if saved.get(key) != getattr(cfg, key) and sizes.host_index == 0:
             # The data order of the rest of the epoch follows these: the run continues, but not as it would have.
-            print(f"train: warning: resuming with {key}={getattr(cfg, key)}, the checkpoint used {saved.get(key)}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"train: warning: resuming with {key}={getattr(cfg, key)}, the checkpoint used {saved.get(key)}",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
-def train_step(model: VJEPA, optimizer: torch.optim.Optimizer, batches: Iterator[dict], *, device: Device,
-               cfg: TrainConfig, sched: Schedules, step: int, params: list[torch.Tensor],
-               step_model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+def train_step(
+    model: VJEPA,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[dict],
+    *,
+    device: Device,
+    cfg: TrainConfig,
+    sched: Schedules,
+    step: int,
+    params: list[torch.Tensor],
+    step_model: nn.Module | None = None,
+) -> dict[str, torch.Tensor]:
     """One optimiser step over grad_accum micro-batches; returns detached device tensors (no host sync).
     `step_model` runs forward and backward when it is not `model` itself (DDP under torchrun)."""
     step_model = model if step_model is None else step_model
@@ -145,16 +175,31 @@ def train_step(model: VJEPA, optimizer: torch.optim.Optimizer, batches: Iterator
 
 
 @torch.no_grad()
-def validate(model: VJEPA, step_model: nn.Module, cfg: TrainConfig, device: Device, index: dict,
-             masks: MultiBlockMasks, sizes: RunSizes) -> dict[str, torch.Tensor]:
+def validate(
+    model: VJEPA,
+    step_model: nn.Module,
+    cfg: TrainConfig,
+    device: Device,
+    index: dict,
+    masks: MultiBlockMasks,
+    sizes: RunSizes,
+) -> dict[str, torch.Tensor]:
     """Loss over every val volume and the collapse diagnostics (`trainer.diagnostics`), as device tensors; the same
     values whatever the number of torchrun ranks (each rank computes its rows of the batches a single process would,
     see `Device.val_share`, and the sums are added over ranks)."""
     host_index, host_count, batch_size, rows = device.val_share(sizes.host_batch, sizes.host_index, sizes.host_count)
 
     def batches(limit: int | None) -> Iterator[dict]:
-        loader = iter_full_val(cfg.data, index=index, batch_size=batch_size, masks=masks, seed=cfg.seed,
-                               host_index=host_index, host_count=host_count, limit=limit)
+        loader = iter_full_val(
+            cfg.data,
+            index=index,
+            batch_size=batch_size,
+            masks=masks,
+            seed=cfg.seed,
+            host_index=host_index,
+            host_count=host_count,
+            limit=limit,
+        )
         return device.wrap_loader(_rng_isolated(loader), len(cfg.model.masks.blocks), rows=rows)
 
     return evaluate(model, batches, device=device, fixed_batches=cfg.data.val_batches, forward=step_model)
@@ -186,11 +231,14 @@ class Trace:
 
 # ---- the run ------------------------------------------------------------------------------------------------------
 
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or continue) the configured pretraining; returns a summary (steps, paths, whether SIGTERM stopped it)."""
     if storage.is_remote(cfg.run_dir):
-        raise ConfigError(f"run_dir {cfg.run_dir!r} must be a local directory (metrics.jsonl is appended to); "
-                          "put checkpoints on GCS with checkpoint.dir=gs://...")
+        raise ConfigError(
+            f"run_dir {cfg.run_dir!r} must be a local directory (metrics.jsonl is appended to); "
+            "put checkpoints on GCS with checkpoint.dir=gs://..."
+        )
     # -- device, data plan, checkpoint to resume from: every check before any model is built
     device = build_device(cfg.device, cfg.precision, cfg.sharding, cache_dir=os.path.join(cfg.run_dir, XLA_CACHE_DIR))
     say = print if device.is_main else (lambda *a, **k: None)
@@ -223,14 +271,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         resolved = yaml.safe_dump(choices, sort_keys=False).encode()
         storage.write_bytes(os.path.join(cfg.run_dir, RESOLVED_NAME), resolved)
     log = cfg.logging
-    monitor = Monitor(run_dir=cfg.run_dir, total_steps=sizes.total_steps, start_step=run.step,
-                      global_batch_size=cfg.global_batch_size, enabled=device.is_main, wandb_mode=log.wandb,
-                      wandb_project=log.wandb_project, wandb_entity=log.wandb_entity, run_name=log.run_name,
-                      config=to_dict(cfg),
-                      extra=(lambda: {"xla_compiles": device.compile_count()}) if device.kind == "xla" else None)
-    say(f"train: {cfg.run_dir} on {device.kind} ({sizes.host_count} host(s)/rank(s), {sizes.host_batch} samples/host/"
+    monitor = Monitor(
+        run_dir=cfg.run_dir,
+        total_steps=sizes.total_steps,
+        start_step=run.step,
+        global_batch_size=cfg.global_batch_size,
+        enabled=device.is_main,
+        wandb_mode=log.wandb,
+        wandb_project=log.wandb_project,
+        wandb_entity=log.wandb_entity,
+        run_name=log.run_name,
+        config=to_dict(cfg),
+        extra=(lambda: {"xla_compiles": device.compile_count()}) if device.kind == "xla" else None,
+    )
+    say(
+        f"train: {cfg.run_dir} on {device.kind} ({sizes.host_count} host(s)/rank(s), {sizes.host_batch} samples/host/"
         f"micro-batch, sharding {cfg.sharding}), {sizes.steps_per_epoch} steps/epoch, steps {run.step} -> "
-        f"{sizes.total_steps}" + (f", resumed from {resume_url}" if resume_url else ""), flush=True)
+        f"{sizes.total_steps}" + (f", resumed from {resume_url}" if resume_url else ""),
+        flush=True,
+    )
 
     # -- loop: one pass of this while per epoch (or the rest of a resumed epoch)
     mask_image_due = log.mask_images and device.is_main
@@ -240,24 +299,49 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         while run.step < sizes.total_steps and not stopped:
             # Deterministic per (seed, epoch, host): starting after the consumed micro-batches (composed again, not
             # read) resumes mid-epoch exactly.
-            loader = build_train_loader(cfg.data, index=index, batch_size=sizes.host_batch, masks=masks,
-                                        seed=cfg.seed, epoch=run.epoch, host_index=sizes.host_index,
-                                        host_count=sizes.host_count, start=run.step_in_epoch * cfg.grad_accum)
+            loader = build_train_loader(
+                cfg.data,
+                index=index,
+                batch_size=sizes.host_batch,
+                masks=masks,
+                seed=cfg.seed,
+                epoch=run.epoch,
+                host_index=sizes.host_index,
+                host_count=sizes.host_count,
+                start=run.step_in_epoch * cfg.grad_accum,
+            )
             steps = min(sizes.steps_per_epoch - run.step_in_epoch, sizes.total_steps - run.step)
             cpu_batches: Iterator[dict] = _rng_isolated(islice(loader, steps * cfg.grad_accum))
             if mask_image_due:
                 head = next(cpu_batches)
-                monitor.log_mask_image(run.step, head["volume"][0, 0].numpy(), [(c[0], t[0]) for c, t in head["masks"]],
-                                       model.grid, cfg.model.encoder.patch_size)
+                monitor.log_mask_image(
+                    run.step,
+                    head["volume"][0, 0].numpy(),
+                    [(c[0], t[0]) for c, t in head["masks"]],
+                    model.grid,
+                    cfg.model.encoder.patch_size,
+                )
                 cpu_batches, mask_image_due = chain([head], cpu_batches), False
             batches = device.wrap_loader(cpu_batches, num_masks)
             epoch = run.epoch
             for _ in range(steps):
                 trace.before_step(run.step)
-                stats = train_step(model, optimizer, batches, device=device, cfg=cfg, sched=sched, step=run.step,
-                                   params=params, step_model=step_model)
-                scalars = {"lr": sched.lr(run.step), "weight_decay": sched.weight_decay(run.step),
-                           "momentum": sched.momentum(run.step)}
+                stats = train_step(
+                    model,
+                    optimizer,
+                    batches,
+                    device=device,
+                    cfg=cfg,
+                    sched=sched,
+                    step=run.step,
+                    params=params,
+                    step_model=step_model,
+                )
+                scalars = {
+                    "lr": sched.lr(run.step),
+                    "weight_decay": sched.weight_decay(run.step),
+                    "momentum": sched.momentum(run.step),
+                }
                 run.step += 1
                 run.step_in_epoch += 1
                 if run.step_in_epoch == sizes.steps_per_epoch:
@@ -266,8 +350,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     device.add_step_closure(monitor.log_train, (run.step, epoch, device.reduce_metrics(stats), scalars))
                 device.mark_step()
                 if cfg.val_every and run.step % cfg.val_every == 0:
-                    device.add_step_closure(monitor.log_val,
-                                            (run.step, validate(model, step_model, cfg, device, index, masks, sizes)))
+                    device.add_step_closure(
+                        monitor.log_val, (run.step, validate(model, step_model, cfg, device, index, masks, sizes))
+                    )
                     device.mark_step()
                 if cfg.checkpoint.every_steps and run.step % cfg.checkpoint.every_steps == 0:
                     _save(store, model, optimizer, device, run, sched, cfg)
@@ -285,25 +370,48 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # -- the end: the last step's diagnostics (whatever val_every), final checkpoint, encoder export, loss curve
     if cfg.val_every and run.step % cfg.val_every:
-        device.add_step_closure(monitor.log_val, (run.step, validate(model, step_model, cfg, device, index, masks, sizes)))
+        device.add_step_closure(
+            monitor.log_val, (run.step, validate(model, step_model, cfg, device, index, masks, sizes))
+        )
         device.mark_step()
     if run.step != last_saved:
         _save(store, model, optimizer, device, run, sched, cfg)
     curve = monitor.finish()
     encoder_path = os.path.join(cfg.run_dir, ENCODER_NAME)
     if stopped:
-        say(f"train: stopped by SIGTERM after step {run.step} of {sizes.total_steps}; continue with --resume auto",
-            flush=True)
-        return {"step": run.step, "run_dir": cfg.run_dir, "encoder": None, "loss_curve": curve, "stopped": True,
-                "checkpoint": store.latest() if device.is_main else None}
+        say(
+            f"train: stopped by SIGTERM after step {run.step} of {sizes.total_steps}; continue with --resume auto",
+            flush=True,
+        )
+        return {
+            "step": run.step,
+            "run_dir": cfg.run_dir,
+            "encoder": None,
+            "loss_curve": curve,
+            "stopped": True,
+            "checkpoint": store.latest() if device.is_main else None,
+        }
     export_encoder(encoder_path, model, cfg, write=device.is_main)  # every rank: FSDP2 gathers the shards
     say(f"train: done at step {run.step}; encoder -> {encoder_path}", flush=True)
-    return {"step": run.step, "run_dir": cfg.run_dir, "encoder": encoder_path, "loss_curve": curve, "stopped": False,
-            "checkpoint": store.latest() if device.is_main else None}
+    return {
+        "step": run.step,
+        "run_dir": cfg.run_dir,
+        "encoder": encoder_path,
+        "loss_curve": curve,
+        "stopped": False,
+        "checkpoint": store.latest() if device.is_main else None,
+    }
 
 
-def _save(store: CheckpointStore, model: VJEPA, optimizer: torch.optim.Optimizer, device: Device, run: RunState,
-          sched: Schedules, cfg: TrainConfig) -> None:
+def _save(
+    store: CheckpointStore,
+    model: VJEPA,
+    optimizer: torch.optim.Optimizer,
+    device: Device,
+    run: RunState,
+    sched: Schedules,
+    cfg: TrainConfig,
+) -> None:
     url = save_checkpoint(store, device, model, optimizer, run, sched, cfg)
     if url is not None:
         print(f"train: checkpoint step {run.step} -> {url}", flush=True)

@@ -12,12 +12,14 @@ TPU pod's SPMD hosts loads under any of them. With "auto", a checkpoint that any
 state.pt, a cut tensor file, a missing RNG file) is skipped for the one before it, on every rank alike, with a
 warning naming it.
 """
+
 from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,6 +49,7 @@ from trainer.optim import Schedules
 @dataclass
 class RunState:
     """Where the run is: optimiser steps done, the epoch, and steps done within it (for mid-epoch resume)."""
+
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
@@ -61,8 +64,15 @@ def model_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
     return {"model": model_sd, "optim": optim_sd}
 
 
-def save_checkpoint(store: CheckpointStore, device: Device, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    run: RunState, sched: Schedules, cfg: TrainConfig) -> str | None:
+def save_checkpoint(
+    store: CheckpointStore,
+    device: Device,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    run: RunState,
+    sched: Schedules,
+    cfg: TrainConfig,
+) -> str | None:
     """Every rank writes its part of the checkpoint of `run.step`; rank 0 completes it. Returns its URL on rank 0."""
     import torch.distributed.checkpoint as dcp
 
@@ -70,15 +80,27 @@ def save_checkpoint(store: CheckpointStore, device: Device, model: nn.Module, op
     where = device.broadcast(store.begin(run.step) if rank == 0 else None)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
-        dcp.save(model_state(model, optimizer), storage_writer=dcp_writer(storage.join(where, DCP_DIR)),
-                 planner=device.save_planner(), process_group=device.checkpoint_group(), no_dist=world == 1)
+        dcp.save(
+            model_state(model, optimizer),
+            storage_writer=dcp_writer(storage.join(where, DCP_DIR)),
+            planner=device.save_planner(),
+            process_group=device.checkpoint_group(),
+            no_dist=world == 1,
+        )
     storage.write_bytes(storage.join(where, rng_name(rank)), torch_bytes(device.rng_state()))
     device.barrier()  # every rank's files are there before state.pt marks the checkpoint complete
     url = None
     if rank == 0:
-        counters = {"step": run.step, "epoch": run.epoch, "step_in_epoch": run.step_in_epoch, "seed": cfg.seed,
-                    "host_count": world, "sharding": cfg.sharding, "schedules": sched.state(run.step),
-                    "config": to_dict(cfg)}
+        counters = {
+            "step": run.step,
+            "epoch": run.epoch,
+            "step_in_epoch": run.step_in_epoch,
+            "seed": cfg.seed,
+            "host_count": world,
+            "sharding": cfg.sharding,
+            "schedules": sched.state(run.step),
+            "config": to_dict(cfg),
+        }
         url = store.commit(run.step, where, counters, to_dict(cfg))
     device.barrier()  # nobody starts the next save (which clears leftovers) before this one is published
     return url
@@ -96,8 +118,10 @@ def describe(error: BaseException) -> str:
     """One line for a checkpoint read error (DCP's collective error carries each rank's exception and traceback)."""
     failures = getattr(error, "failures", None)
     if isinstance(failures, dict):
-        return "; ".join(f"rank {rank}: {describe(exc[0] if isinstance(exc, tuple) else exc)}"
-                         for rank, exc in sorted(failures.items()))
+        return "; ".join(
+            f"rank {rank}: {describe(exc[0] if isinstance(exc, tuple) else exc)}"
+            for rank, exc in sorted(failures.items())
+        )
     lines = str(error).splitlines()
     if isinstance(error, CheckpointUnreadable):  # ours: already names the file and what is wrong with it
         return lines[0]
@@ -109,14 +133,16 @@ class Resume:
 
     `check(url, state)` runs on each chosen checkpoint's counters before anything is loaded (it raises to refuse)."""
 
-    def __init__(self, cfg: TrainConfig, store: CheckpointStore, device: Device,
-                 check: Callable[[str, dict], None]) -> None:
+    def __init__(
+        self, cfg: TrainConfig, store: CheckpointStore, device: Device, check: Callable[[str, dict], None]
+    ) -> None:
         self.device, self.check = device, check
         self.explicit = cfg.checkpoint.resume not in ("", "auto")
         self.root = store.root
         # Rank 0 lists; every rank tries the same checkpoints in the same order.
         self.candidates: list[str] = device.broadcast(
-            resume_candidates(cfg.checkpoint.resume, store) if device.is_main else None)
+            resume_candidates(cfg.checkpoint.resume, store) if device.is_main else None
+        )
         self.tried: list[str] = []
         self.url, self.state = self._next()
 
@@ -142,8 +168,11 @@ class Resume:
         if self.explicit:
             raise CheckpointUnreadable(f"checkpoint {url} cannot be read: {why}") from error
         if self.device.is_main or error is not None:
-            print(f"train: warning: {why} (checkpoint {url}); falling back to the previous checkpoint",
-                  file=sys.stderr, flush=True)
+            print(
+                f"train: warning: {why} (checkpoint {url}); falling back to the previous checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> RunState:
         """Load the chosen checkpoint's tensors into the (placed, wrapped) model and the optimiser, and this
@@ -168,14 +197,24 @@ class Resume:
 
         if self.state["format"] == LEGACY_FORMAT:
             full = legacy_full_state(self.state, model, optimizer)
-            set_state_dict(model, optimizer, model_state_dict=full["model"], optim_state_dict=full["optim"],
-                           options=StateDictOptions(full_state_dict=True))
+            set_state_dict(
+                model,
+                optimizer,
+                model_state_dict=full["model"],
+                optim_state_dict=full["optim"],
+                options=StateDictOptions(full_state_dict=True),
+            )
             self.device.after_optimizer_load(optimizer)
             return
         self.device.prepare_optimizer_for_load(optimizer)
         state = model_state(model, optimizer)
-        load_dcp(self.url, state, planner=self.device.load_planner(), process_group=self.device.checkpoint_group(),
-                 no_dist=self.device.host_index_count()[1] == 1)
+        load_dcp(
+            self.url,
+            state,
+            planner=self.device.load_planner(),
+            process_group=self.device.checkpoint_group(),
+            no_dist=self.device.host_index_count()[1] == 1,
+        )
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def _rng(self) -> dict:
@@ -190,11 +229,12 @@ class Resume:
 def legacy_full_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """A v1 checkpoint (one process, every tensor in state.pt, optimiser state keyed by position) as full state
     dicts keyed by parameter name, the form `set_state_dict(..., full_state_dict=True)` loads under any sharding."""
-    model_sd = {f"{part}.{k}": v for part in ("encoder", "target_encoder", "predictor")
-                for k, v in state[part].items()}
+    model_sd = {f"{part}.{k}": v for part in ("encoder", "target_encoder", "predictor") for k, v in state[part].items()}
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     old = state["optimizer"]
-    optim_sd = {"state": {order[int(i)]: st for i, st in old["state"].items()},
-                "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in old["param_groups"]]}
+    optim_sd = {
+        "state": {order[int(i)]: st for i, st in old["state"].items()},
+        "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in old["param_groups"]],
+    }
     return {"model": model_sd, "optim": optim_sd}

@@ -12,12 +12,14 @@ and read sharded by every host with torch_xla's SPMD planners for torch.distribu
 preemption sync point of torch_xla (the one CheckpointManager's save-on-preemption uses) stops every host at the
 same step. The persistent compilation cache lives under the run directory.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,8 +73,9 @@ class XlaDevice(Device):
         if self._preemption:
             # What CheckpointManager(chkpt_on_preemption=True) starts: the coordination service's preemption sync
             # manager, which catches the VM's SIGTERM and names one step at which every host sees it.
-            torch_xla._XLAC._ensure_xla_coordinator_initialized(xr.process_index(), xr.process_count(),
-                                                                 xr.get_master_ip())
+            torch_xla._XLAC._ensure_xla_coordinator_initialized(
+                xr.process_index(), xr.process_count(), xr.get_master_ip()
+            )
             torch_xla._XLAC._activate_preemption_sync_manager()
 
     def host_index_count(self) -> tuple[int, int]:
@@ -95,18 +98,24 @@ class XlaDevice(Device):
         if self.device_type == "TPU":
             missing = flash_kernel_missing()
             if missing:
-                print(f"train: warning: the Pallas flash-attention kernel cannot run ({missing}); using SDPA "
-                      "attention instead. Install the kernel's dependency with pip install -e '.[train,tpu]' "
-                      "(torch_xla[pallas])", file=sys.stderr, flush=True)
+                print(
+                    f"train: warning: the Pallas flash-attention kernel cannot run ({missing}); using SDPA "
+                    "attention instead. Install the kernel's dependency with pip install -e '.[train,tpu]' "
+                    "(torch_xla[pallas])",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return "sdpa"
         return "xla_flash"
 
     def check_checkpoint_dir(self, url: str) -> None:
         hosts = self.host_index_count()[1]
         if hosts > 1 and not storage.is_remote(url):
-            raise ConfigError(f"checkpoint.dir {url!r} is on this host's disk, but the run has {hosts} hosts: each "
-                              "would see only its own checkpoints and resume from a different step. Use shared "
-                              "storage, e.g. checkpoint.dir=gs://BUCKET/runs/NAME/checkpoints")
+            raise ConfigError(
+                f"checkpoint.dir {url!r} is on this host's disk, but the run has {hosts} hosts: each "
+                "would see only its own checkpoints and resume from a different step. Use shared "
+                "storage, e.g. checkpoint.dir=gs://BUCKET/runs/NAME/checkpoints"
+            )
 
     # -- the model: replicated, or sharded along the fsdp axis
     def wrap_model(self, model: nn.Module) -> nn.Module:
@@ -140,15 +149,18 @@ class XlaDevice(Device):
     def val_share(self, host_batch: int, host_index: int, host_count: int) -> tuple[int, int, int, slice | None]:
         return host_index, host_count, host_batch, None
 
-    def wrap_loader(self, loader: Iterable[dict], num_masks: int,
-                    rows: slice | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    def wrap_loader(
+        self, loader: Iterable[dict], num_masks: int, rows: slice | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
         import torch_xla.distributed.parallel_loader as pl
         import torch_xla.distributed.spmd as xs
 
         axis = self.mesh.axis_names[0]
         # minibatch=True: each host's batch is its slice of the global batch, sharded over its own devices.
-        sharding = {key: xs.ShardingSpec(self.mesh, (axis,) + (None,) * (ndim - 1), minibatch=True)
-                    for key, ndim in batch_ndims(num_masks).items()}
+        sharding = {
+            key: xs.ShardingSpec(self.mesh, (axis,) + (None,) * (ndim - 1), minibatch=True)
+            for key, ndim in batch_ndims(num_masks).items()
+        }
         flat = (flatten_batch(b) for b in loader)
         return iter(pl.MpDeviceLoader(flat, self.torch_device, input_sharding=sharding))
 

@@ -1,5 +1,6 @@
 """Submitting to Dataflow: what is refused before any job is built, job names, the custom container, and gcsfs's
 bucket-type probe turned off on the launching machine and the workers. Nothing is ever submitted."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,16 @@ import octjepa_cli
 from beam_jobs import preprocess, reshard, runner
 
 REPO = Path(runner.PROJECT_SETUP_FILE).parent
-DATAFLOW = ["--runner", "DataflowRunner", "--project", "demo-project", "--region", "us-central1",
-            "--temp_location", "gs://demo-bucket/tmp"]
+DATAFLOW = [
+    "--runner",
+    "DataflowRunner",
+    "--project",
+    "demo-project",
+    "--region",
+    "us-central1",
+    "--temp_location",
+    "gs://demo-bucket/tmp",
+]
 REMOTE = {"--manifest": "gs://b/retinal_oct/manifest.tsv", "--data-root": "gs://b", "--output": "gs://b/shards"}
 # Dataflow's rule for job names: lowercase letter first, then letters, digits and hyphens, no hyphen at the end.
 JOB_NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
@@ -31,18 +40,21 @@ def _preprocess_args(dataflow: list[str], **paths: str) -> list[str]:
 
 def _without(args: list[str], flag: str) -> list[str]:
     i = args.index(flag)
-    return args[:i] + args[i + 2:]
+    return args[:i] + args[i + 2 :]
 
 
-@pytest.mark.parametrize("dataflow, paths, named", [
-    (_without(DATAFLOW, "--project"), {}, "--project"),
-    (_without(DATAFLOW, "--region"), {}, "--region"),
-    (_without(DATAFLOW, "--temp_location"), {}, "--temp_location"),
-    (DATAFLOW, {"manifest": "data/retinal_oct/manifest.tsv"}, "--manifest"),
-    (DATAFLOW, {"data_root": "data"}, "--data-root"),
-    (DATAFLOW, {"output": "shards"}, "--output"),
-    ([*_without(DATAFLOW, "--temp_location"), "--temp_location", "/tmp/beam"], {}, "--temp_location"),
-])
+@pytest.mark.parametrize(
+    "dataflow, paths, named",
+    [
+        (_without(DATAFLOW, "--project"), {}, "--project"),
+        (_without(DATAFLOW, "--region"), {}, "--region"),
+        (_without(DATAFLOW, "--temp_location"), {}, "--temp_location"),
+        (DATAFLOW, {"manifest": "data/retinal_oct/manifest.tsv"}, "--manifest"),
+        (DATAFLOW, {"data_root": "data"}, "--data-root"),
+        (DATAFLOW, {"output": "shards"}, "--output"),
+        ([*_without(DATAFLOW, "--temp_location"), "--temp_location", "/tmp/beam"], {}, "--temp_location"),
+    ],
+)
 def test_preprocess_refuses_before_building_a_dataflow_job(dataflow, paths, named, monkeypatch):
     monkeypatch.setattr(runner, "make_pipeline", lambda options: pytest.fail("a pipeline was built"))
     with pytest.raises(runner.RunnerConfigError, match=re.escape(named)) as caught:
@@ -84,8 +96,9 @@ def test_local_runs_are_not_checked(tmp_path):
 
 
 def test_job_names_are_unique_per_run():
-    names = [runner.pipeline_options(DATAFLOW, job_name="octjepa-preprocess").get_all_options()["job_name"]
-             for _ in range(2)]
+    names = [
+        runner.pipeline_options(DATAFLOW, job_name="octjepa-preprocess").get_all_options()["job_name"] for _ in range(2)
+    ]
     assert names[0] != names[1]
     for name in names:
         assert name.startswith("octjepa-preprocess-") and JOB_NAME.fullmatch(name), name
@@ -116,8 +129,14 @@ def _gs_filesystem_class(module: str, **env: str) -> list[str]:
     """The class fsspec resolves gs:// to in a fresh interpreter that first imports ``module``."""
     environ = {k: v for k, v in os.environ.items() if k != "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"}
     environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _FILESYSTEM_CLASS, module], env={**environ, **env}, cwd=REPO,
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _FILESYSTEM_CLASS, module],
+        env={**environ, **env},
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -126,4 +145,3 @@ def test_gcsfs_bucket_type_probe_is_off_on_driver_and_workers(module):
     """The launcher and the workers (which import the job modules to run their DoFns) get gcsfs's plain
     filesystem, not the extended one that probes every bucket through the Storage Control API."""
     assert _gs_filesystem_class(module) == ["gcsfs.core", "GCSFileSystem"]
-

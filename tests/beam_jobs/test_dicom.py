@@ -1,5 +1,6 @@
 """The OCT DICOM reader: synthetic files of every device and transfer syntax, pydicom's own test files (written by
 other software, some deliberately broken), the spacing rules, and the guards that run before any pixel decode."""
+
 from __future__ import annotations
 
 import glob
@@ -13,12 +14,12 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import (
-    RLELossless,
+    JPEG2000,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    RLELossless,
 )
 
 from beam_jobs.dicom import OPT_SOP_CLASS, REASONS, DicomReadError, read_header, read_oct_dicom
@@ -34,9 +35,18 @@ def _dataset(volume=None, *, spacing=SMALL_SPACING, ts=ExplicitVRLittleEndian, d
     rng = np.random.default_rng(0)
     if volume is None:
         volume = rng.integers(0, 250, size=SMALL, dtype=np.uint8)
-    return oct_dataset(volume=volume, spacing_mm=spacing, device=DEVICES[device], participant_id="1001",
-                       laterality="L", sop_instance_uid="1.2.3.4", reference_uid="1.2.3.5", rng=rng,
-                       transfer_syntax=ts, **kw)
+    return oct_dataset(
+        volume=volume,
+        spacing_mm=spacing,
+        device=DEVICES[device],
+        participant_id="1001",
+        laterality="L",
+        sop_instance_uid="1.2.3.4",
+        reference_uid="1.2.3.5",
+        rng=rng,
+        transfer_syntax=ts,
+        **kw,
+    )
 
 
 def _read(ds: Dataset, **kw):
@@ -53,6 +63,7 @@ def _reason(ds_or_bytes, **kw) -> DicomReadError:
 
 
 # --- every device, every transfer syntax ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", sorted(DEVICES))
 def test_each_device_round_trips_with_its_geometry(name):
@@ -73,15 +84,31 @@ def test_each_device_round_trips_with_its_geometry(name):
         assert header.spacing_source[0].endswith("SliceThickness") and header.warnings == ()
 
 
-@pytest.mark.parametrize("ts,dtype", [
-    (ExplicitVRLittleEndian, np.uint8), (ExplicitVRLittleEndian, np.uint16), (ImplicitVRLittleEndian, np.uint8),
-    (ImplicitVRLittleEndian, np.uint16), (JPEG2000Lossless, np.uint8), (JPEG2000Lossless, np.uint16),
-    (RLELossless, np.uint8), (RLELossless, np.uint16), (JPEG2000, np.uint8), (JPEGBaseline8Bit, np.uint8),
-])
+@pytest.mark.parametrize(
+    "ts,dtype",
+    [
+        (ExplicitVRLittleEndian, np.uint8),
+        (ExplicitVRLittleEndian, np.uint16),
+        (ImplicitVRLittleEndian, np.uint8),
+        (ImplicitVRLittleEndian, np.uint16),
+        (JPEG2000Lossless, np.uint8),
+        (JPEG2000Lossless, np.uint16),
+        (RLELossless, np.uint8),
+        (RLELossless, np.uint16),
+        (JPEG2000, np.uint8),
+        (JPEGBaseline8Bit, np.uint8),
+    ],
+)
 def test_transfer_syntaxes_decode_to_the_source_bit_depth(ts, dtype):
     peak = np.iinfo(dtype).max
-    volume = oct_volume(SMALL, SMALL_SPACING, style=DEVICES["topcon_triton"].style, study_group="healthy",
-                        rng=np.random.default_rng(2), dtype=dtype)
+    volume = oct_volume(
+        SMALL,
+        SMALL_SPACING,
+        style=DEVICES["topcon_triton"].style,
+        study_group="healthy",
+        rng=np.random.default_rng(2),
+        dtype=dtype,
+    )
     volume = (volume.astype(np.float64) * 0.9).astype(dtype)  # headroom for lossy overshoot
     out, header = _read(_dataset(volume, ts=ts))
     assert out.dtype == dtype and out.shape == SMALL and header.transfer_syntax_uid == ts
@@ -114,6 +141,7 @@ def test_decoding_memory_stays_near_one_decoded_volume():
 
 
 # --- spacing ----------------------------------------------------------------------------------------------------
+
 
 def test_spacing_order_shared_then_per_frame_then_top_level():
     ds = _dataset()
@@ -173,13 +201,16 @@ def test_cirrus_quirk_pitch_comes_from_frame_locations():
     assert header.spacing_mm[0] / spacing[2] == pytest.approx(4.0, rel=0.03)
 
 
-@pytest.mark.parametrize("value,reason,path", [
-    (None, "missing_spacing", "PixelMeasuresSequence[0]"),
-    ("0", "implausible_spacing", "SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[1]"),
-    ("-0.01", "implausible_spacing", "PixelSpacing[1]"),
-    ("3.5", "implausible_spacing", "PixelSpacing[1]"),
-    ("0.0001", "implausible_spacing", "PixelSpacing[1]"),
-])
+@pytest.mark.parametrize(
+    "value,reason,path",
+    [
+        (None, "missing_spacing", "PixelMeasuresSequence[0]"),
+        ("0", "implausible_spacing", "SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[1]"),
+        ("-0.01", "implausible_spacing", "PixelSpacing[1]"),
+        ("3.5", "implausible_spacing", "PixelSpacing[1]"),
+        ("0.0001", "implausible_spacing", "PixelSpacing[1]"),
+    ],
+)
 def test_spacing_is_never_invented(value, reason, path):
     ds = _dataset()
     pm = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
@@ -203,6 +234,7 @@ def test_radial_and_varying_scans_are_non_raster():
 
 
 # --- guards before decoding ---------------------------------------------------------------------------------------
+
 
 def test_bomb_guard_runs_before_any_decode():
     from pydicom.encaps import encapsulate
@@ -261,6 +293,7 @@ def test_random_byte_damage_never_escapes_as_another_exception():
 
 # --- DICOM files written by other software (shipped inside pydicom) ----------------------------------------------
 
+
 def _as_oct(name: str) -> tuple[bytes, Dataset]:
     """A pydicom test file relabelled as OCT with plausible spacing, codestream untouched."""
     ds = pydicom.dcmread(get_testdata_file(name))
@@ -271,8 +304,10 @@ def _as_oct(name: str) -> tuple[bytes, Dataset]:
     return buf.getvalue(), ds
 
 
-@pytest.mark.parametrize("name", ["MR_small_jp2klossless.dcm", "MR_small_RLE.dcm", "MR_small_implicit.dcm",
-                                  "JPGExtended.dcm", "CT_small.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    ["MR_small_jp2klossless.dcm", "MR_small_RLE.dcm", "MR_small_implicit.dcm", "JPGExtended.dcm", "CT_small.dcm"],
+)
 def test_codestreams_from_other_encoders_decode_like_pydicom(name):
     data, ds = _as_oct(name)
     out, header = read_oct_dicom(data, name=name)
@@ -281,11 +316,14 @@ def test_codestreams_from_other_encoders_decode_like_pydicom(name):
     assert out.dtype == np.uint16 and header.bits_allocated == 16
 
 
-@pytest.mark.parametrize("name,reason", [
-    ("JPEG2000.dcm", "unsupported_pixel_format"),  # signed 16-bit with negative values
-    ("JPEG-lossy.dcm", "corrupt_codestream"),  # libjpeg rejects its misplaced marker
-    ("JPEG2000-embedded-sequence-delimiter.dcm", "corrupt_codestream"),
-])
+@pytest.mark.parametrize(
+    "name,reason",
+    [
+        ("JPEG2000.dcm", "unsupported_pixel_format"),  # signed 16-bit with negative values
+        ("JPEG-lossy.dcm", "corrupt_codestream"),  # libjpeg rejects its misplaced marker
+        ("JPEG2000-embedded-sequence-delimiter.dcm", "corrupt_codestream"),
+    ],
+)
 def test_broken_or_foreign_codestreams_fail_with_a_reason(name, reason):
     data, _ = _as_oct(name)
     with pytest.raises(DicomReadError) as info:
@@ -293,20 +331,23 @@ def test_broken_or_foreign_codestreams_fail_with_a_reason(name, reason):
     assert info.value.reason == reason
 
 
-@pytest.mark.parametrize("name,allow,reason", [
-    ("MR_small.dcm", False, "wrong_sop_class"),
-    ("MR_truncated.dcm", True, "truncated"),
-    ("rtplan_truncated.dcm", True, "truncated"),
-    ("no_meta.dcm", True, "not_dicom"),
-    ("ExplVR_BigEnd.dcm", True, "unsupported_transfer_syntax"),
-    ("JPEGLSNearLossless_08.dcm", True, "unsupported_transfer_syntax"),
-    ("SC_rgb_jpeg.dcm", True, "not_grayscale"),
-    ("rtdose.dcm", True, "unsupported_pixel_format"),  # multi-frame, 32-bit
-    ("liver_1frame.dcm", True, "unsupported_pixel_format"),  # functional groups, 1-bit segmentation
-    ("rtplan.dcm", True, "no_pixel_data"),
-    ("CT_small.dcm", True, "implausible_spacing"),  # 5 mm slices are not OCT
-    ("JPEG2000.dcm", True, "implausible_spacing"),  # 2.26 mm pixels (and no slice spacing)
-])
+@pytest.mark.parametrize(
+    "name,allow,reason",
+    [
+        ("MR_small.dcm", False, "wrong_sop_class"),
+        ("MR_truncated.dcm", True, "truncated"),
+        ("rtplan_truncated.dcm", True, "truncated"),
+        ("no_meta.dcm", True, "not_dicom"),
+        ("ExplVR_BigEnd.dcm", True, "unsupported_transfer_syntax"),
+        ("JPEGLSNearLossless_08.dcm", True, "unsupported_transfer_syntax"),
+        ("SC_rgb_jpeg.dcm", True, "not_grayscale"),
+        ("rtdose.dcm", True, "unsupported_pixel_format"),  # multi-frame, 32-bit
+        ("liver_1frame.dcm", True, "unsupported_pixel_format"),  # functional groups, 1-bit segmentation
+        ("rtplan.dcm", True, "no_pixel_data"),
+        ("CT_small.dcm", True, "implausible_spacing"),  # 5 mm slices are not OCT
+        ("JPEG2000.dcm", True, "implausible_spacing"),  # 2.26 mm pixels (and no slice spacing)
+    ],
+)
 def test_pydicom_test_files_fail_with_clear_reasons(name, allow, reason):
     with pytest.raises(DicomReadError) as info:
         read_oct_dicom(open(get_testdata_file(name), "rb"), name=name, allow_other_sop_classes=allow)

@@ -1,5 +1,6 @@
 """``octjepa inspect``: one JSON line per file with shape, spacing and where it came from, or the error's reason;
 exit status 1 when any file failed; folders, --header-only and gs:// URLs."""
+
 from __future__ import annotations
 
 import json
@@ -62,9 +63,17 @@ def test_folder_with_bad_files_fails_with_reasons(tmp_path, capsys):
 def test_header_only_skips_the_decode(tmp_path, capsys):
     from pydicom.encaps import encapsulate
 
-    ds = oct_dataset(volume=np.zeros((4, 32, 32), np.uint8), spacing_mm=(0.1, 0.01, 0.05),
-                     device=DEVICES["topcon_maestro2"], participant_id="1", laterality="R", sop_instance_uid="1.2",
-                     reference_uid="1.3", rng=np.random.default_rng(0), transfer_syntax="1.2.840.10008.1.2.4.90")
+    ds = oct_dataset(
+        volume=np.zeros((4, 32, 32), np.uint8),
+        spacing_mm=(0.1, 0.01, 0.05),
+        device=DEVICES["topcon_maestro2"],
+        participant_id="1",
+        laterality="R",
+        sop_instance_uid="1.2",
+        reference_uid="1.3",
+        rng=np.random.default_rng(0),
+        transfer_syntax="1.2.840.10008.1.2.4.90",
+    )
     ds.PixelData = encapsulate([b"garbage"] * 4)
     path = str(tmp_path / "x.dcm")
     with open(path, "wb") as f:

@@ -1,12 +1,21 @@
 """Manifest and participants parsing: headings, selection, device domain, malformed rows, split assignment."""
+
 from __future__ import annotations
 
 import pytest
 
 from beam_jobs import manifest as mf
 
-HEADING = ["participant_id", "manufacturer", "manufacturers_model_name", "anatomic_region", "imaging",
-           "laterality", "sop_instance_uid", "filepath"]
+HEADING = [
+    "participant_id",
+    "manufacturer",
+    "manufacturers_model_name",
+    "anatomic_region",
+    "imaging",
+    "laterality",
+    "sop_instance_uid",
+    "filepath",
+]
 
 
 def tsv(rows: list[list[str]], heading: list[str] = HEADING) -> str:

@@ -5,6 +5,7 @@ Nothing is submitted and no image is built: the sdist is built the way Beam's st
 ``--setup_file``, turned into a wheel the way a worker's ``pip install`` does, and inspected; the worker image's
 requirements are those its Dockerfile installs, resolved through the installed distributions' metadata.
 """
+
 from __future__ import annotations
 
 import email
@@ -22,17 +23,33 @@ from beam_jobs import preprocess, runner
 
 REPO = Path(runner.PROJECT_SETUP_FILE).parent
 # What the job's workers import: the job module and every module it reaches at run time (DoFn.setup included).
-WORKER_ENTRY_MODULES = ["beam_jobs.preprocess", "beam_jobs.volume_to_sample", "beam_jobs.dicom", "beam_jobs.config",
-                        "beam_jobs.manifest", "beam_jobs.runner", "beam_jobs.reshard", "beam_jobs.reshard_files",
-                        "shards"]
+WORKER_ENTRY_MODULES = [
+    "beam_jobs.preprocess",
+    "beam_jobs.volume_to_sample",
+    "beam_jobs.dicom",
+    "beam_jobs.config",
+    "beam_jobs.manifest",
+    "beam_jobs.runner",
+    "beam_jobs.reshard",
+    "beam_jobs.reshard_files",
+    "shards",
+]
 # Base requirements no import shows: pydicom loads its JPEG 2000 / JPEG decoder plugins when it first decodes, and
 # fsspec imports gcsfs at the first gs:// URL.
 LOADED_ON_USE = {"pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "gcsfs"}
 DOCKERFILE = REPO / "dataflow" / "Dockerfile"
 # Provided by the Dataflow Python SDK container itself (apache-beam[gcp] and what it depends on).
 CONTAINER_DISTRIBUTIONS = {"apache-beam", "numpy", "google-cloud-storage", "python-dateutil", "protobuf"}
-DATAFLOW_ARGS = ["--runner", "DataflowRunner", "--project", "demo-project", "--region", "us-central1",
-                 "--temp_location", "gs://demo-bucket/tmp"]
+DATAFLOW_ARGS = [
+    "--runner",
+    "DataflowRunner",
+    "--project",
+    "demo-project",
+    "--region",
+    "us-central1",
+    "--temp_location",
+    "gs://demo-bucket/tmp",
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,21 +74,42 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from apache_beam.runners.portability.stager import Stager
 
     src = tmp_path_factory.mktemp("src") / "octjepa"
-    ignore = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", "build", "dist", "tests",
-                                    "benchmarks", "*.tar", "data", "runs")
+    ignore = shutil.ignore_patterns(
+        ".venv", ".git", "__pycache__", "*.egg-info", "build", "dist", "tests", "benchmarks", "*.tar", "data", "runs"
+    )
     shutil.copytree(REPO, src, ignore=ignore)
     dist = tmp_path_factory.mktemp("dist")
     sdist = Stager._build_setup_package(str(src / "setup.py"), str(dist))
     wheel_dir = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                    "-q", "-w", str(wheel_dir), sdist], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(wheel_dir),
+            sdist,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     (wheel,) = wheel_dir.glob("*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         (meta_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         metadata = email.message_from_bytes(zf.read(meta_name))
-    return {"sdist": sdist, "names": names, "requires": metadata.get_all("Requires-Dist") or [],
-            "requires_python": metadata.get("Requires-Python", "")}
+    return {
+        "sdist": sdist,
+        "names": names,
+        "requires": metadata.get_all("Requires-Dist") or [],
+        "requires_python": metadata.get("Requires-Python", ""),
+    }
 
 
 def _requirement_name(spec: str) -> str:
@@ -167,13 +205,15 @@ def test_worker_image_is_the_pinned_beam_sdk_plus_the_base_requirements(built: d
     python, beam = match.groups()
     (beam_pin,) = [r for r in built["requires"] if _requirement_name(r) == "apache-beam"]
     assert f"=={beam}" in beam_pin, f"image Beam {beam} is not the pinned {beam_pin}"
-    assert SpecifierSet(built["requires_python"]).contains(f"{python}.0"), \
+    assert SpecifierSet(built["requires_python"]).contains(f"{python}.0"), (
         f"image Python {python} is outside the package's python_requires {built['requires_python']}"
+    )
 
     installs = [args for op, args in instructions if op == "RUN" and "pip install" in args]
     assert installs, "the Dockerfile installs nothing"
-    targets = [t for args in installs for t in args.split("pip install", 1)[1].split("&&")[0].split()
-               if not t.startswith("-")]
+    targets = [
+        t for args in installs for t in args.split("pip install", 1)[1].split("&&")[0].split() if not t.startswith("-")
+    ]
     assert targets == ["."], f"expected the package alone, no extras or other packages: {targets}"
     copied = {src.rstrip("/") for op, args in instructions if op == "COPY" for src in args.split()[:-1]}
     ours = {Path(path).resolve().relative_to(REPO).parts[0] for path in worker_imports["ours"]}
@@ -189,7 +229,8 @@ def test_worker_image_is_the_pinned_beam_sdk_plus_the_base_requirements(built: d
 
 def test_dataflow_options_as_documented():
     args, beam_args = preprocess.build_parser().parse_known_args(
-        ["--manifest", "gs://b/m.tsv", "--data-root", "gs://b", "--output", "gs://b/out", *DATAFLOW_ARGS])
+        ["--manifest", "gs://b/m.tsv", "--data-root", "gs://b", "--output", "gs://b/out", *DATAFLOW_ARGS]
+    )
     assert args.output == "gs://b/out" and "--runner" in beam_args
     options = runner.pipeline_options(beam_args, job_name="octjepa-preprocess")
     all_options = options.get_all_options()
@@ -221,14 +262,20 @@ def test_pipeline_graph_serialises_without_submitting():
     under default options: constructing a Pipeline with DataflowRunner options validates them against GCS.)"""
     import apache_beam as beam
 
-    opts, _ = preprocess.parse_options(["--manifest", "gs://b/m.tsv", "--data-root", "gs://b", "--output", "gs://b/out",
-                                        "--samples-per-shard", "4"])
+    opts, _ = preprocess.parse_options(
+        ["--manifest", "gs://b/m.tsv", "--data-root", "gs://b", "--output", "gs://b/out", "--samples-per-shard", "4"]
+    )
     pipeline = beam.Pipeline(options=runner.pipeline_options(["--direct_num_workers", "1"]))
     preprocess.build_pipeline(pipeline, opts, recommended={"1001": "test"})
     proto = pipeline.to_runner_api()
     labels = {t.unique_name for t in proto.components.transforms.values()}
-    for step in ("ReadManifest", "Preprocess/Reshuffle", "Preprocess/DecodeResample", "Preprocess/WriteShards",
-                 "Finalise"):
+    for step in (
+        "ReadManifest",
+        "Preprocess/Reshuffle",
+        "Preprocess/DecodeResample",
+        "Preprocess/WriteShards",
+        "Finalise",
+    ):
         assert step in labels, f"step {step} missing from {sorted(labels)[:20]}..."
     roundtrip = beam.Pipeline.from_runner_api(proto, beam.runners.DirectRunner(), pipeline._options)
     assert roundtrip is not None

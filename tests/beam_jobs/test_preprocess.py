@@ -3,6 +3,7 @@
 One run on two workers is shared by most assertions; a second run on one worker checks byte-identical output; a
 killed run and a re-run check that an existing output is replaced cleanly.
 """
+
 from __future__ import annotations
 
 import json
@@ -134,10 +135,12 @@ def test_shards_sorted_named_and_counted_in_the_index(first: dict[str, Any]):
     assert index["created_by"] == "beam_jobs.preprocess"
 
 
-def test_options_are_parsed_once_validated_and_are_what_the_index_records(first: dict[str, Any],
-                                                                          dataset: dict[str, Any]):
-    opts, beam_args = preprocess.parse_options(job_args(dataset, "elsewhere", "--samples-per-shard", "2",
-                                                        "--direct_num_workers", "2"))
+def test_options_are_parsed_once_validated_and_are_what_the_index_records(
+    first: dict[str, Any], dataset: dict[str, Any]
+):
+    opts, beam_args = preprocess.parse_options(
+        job_args(dataset, "elsewhere", "--samples-per-shard", "2", "--direct_num_workers", "2")
+    )
     assert beam_args == ["--direct_num_workers", "2"]
     assert opts.output == os.path.abspath("elsewhere") and opts.preprocess.target_shape == (8, 24, 24)
     assert first["index"]["config"] == opts.recorded()  # the output path is not part of it
@@ -157,8 +160,7 @@ def test_splits_follow_recommended_split(first: dict[str, Any], dataset: dict[st
     assert split_of and all(splits == {recommended[pid]} for pid, splits in split_of.items())
 
 
-def test_same_inputs_give_byte_identical_output(first: dict[str, Any], dataset: dict[str, Any],
-                                               tmp_path: Path):
+def test_same_inputs_give_byte_identical_output(first: dict[str, Any], dataset: dict[str, Any], tmp_path: Path):
     """A second run into a fresh folder, on one worker instead of two, writes the same bytes."""
     output = str(tmp_path / "second")
     preprocess.run(job_args(dataset, output, "--samples-per-shard", "2", "--direct_num_workers", "1"))
@@ -168,8 +170,9 @@ def test_same_inputs_give_byte_identical_output(first: dict[str, Any], dataset: 
     assert any(name.endswith(".tar") for name in a)
 
 
-def test_killed_run_leaves_no_index_and_a_rerun_replaces_the_output(first: dict[str, Any], dataset: dict[str, Any],
-                                                                    tmp_path: Path):
+def test_killed_run_leaves_no_index_and_a_rerun_replaces_the_output(
+    first: dict[str, Any], dataset: dict[str, Any], tmp_path: Path
+):
     output = str(tmp_path / "reused")
     shutil.copytree(first["output"], output)
     # Leftovers of an earlier, differently sharded run and of an interrupted write.
@@ -177,8 +180,12 @@ def test_killed_run_leaves_no_index_and_a_rerun_replaces_the_output(first: dict[
     Path(output, "val", ".shard-000000.tar.tmp-0123abcd").write_bytes(b"partial")
 
     args = job_args(dataset, output, "--samples-per-shard", "2", "--direct_num_workers", "1", "--overwrite")
-    proc = subprocess.Popen([sys.executable, "-m", "beam_jobs.preprocess", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "beam_jobs.preprocess", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while Path(output, "index.json").exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -192,8 +199,9 @@ def test_killed_run_leaves_no_index_and_a_rerun_replaces_the_output(first: dict[
         read_index(output)
 
     # Re-run over the partial output: bigger shards, hash splits (no participants.tsv).
-    report = preprocess.run(job_args(dataset, output, "--samples-per-shard", "100", "--direct_num_workers", "1",
-                                     participants=False))
+    report = preprocess.run(
+        job_args(dataset, output, "--samples-per-shard", "100", "--direct_num_workers", "1", participants=False)
+    )
     index = report["index"]
     listed = {s["path"] for e in index["splits"].values() for s in e["shards"]}
     assert set(files_under(output)) == listed | {"index.json", "errors.jsonl"}

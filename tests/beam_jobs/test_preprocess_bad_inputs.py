@@ -1,4 +1,5 @@
 """Bad input never stops the job: every kind lands in errors.jsonl with its own reason, the rest is sharded."""
+
 from __future__ import annotations
 
 from pathlib import Path

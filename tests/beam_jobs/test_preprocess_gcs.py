@@ -3,6 +3,7 @@
 The ``gcs`` fixture (tests/conftest.py) serves 127.0.0.1 only and sets STORAGE_EMULATOR_HOST, which the Beam worker
 processes inherit; they create their gcsfs client in ``DoFn.setup``. No credentials, no other network.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,9 @@ def test_gcs_in_gcs_out(gcs: str, tmp_path: Path):
     assert storage.read_bytes(f"{output}/index.json") == b"{}"
 
     with counting_workers():
-        report = preprocess.run(job_args(dataset, output, "--samples-per-shard", "3", "--direct_num_workers", "2",
-                                         "--overwrite"))
+        report = preprocess.run(
+            job_args(dataset, output, "--samples-per-shard", "3", "--direct_num_workers", "2", "--overwrite")
+        )
 
     index = read_index(output)
     assert index == report["index"]

@@ -1,6 +1,7 @@
 """A good set is never replaced by mistake: inputs are checked before --output is touched, a complete set needs
 --overwrite, a run in which every row fails is an error that leaves the earlier set whole, one job per output (the
 lease), and a killed driver takes its local worker processes with it."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,12 @@ IN_PROCESS = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
 
 def argv(dataset: dict[str, Any], output: str, *extra: str, **paths: str) -> list[str]:
     """preprocess arguments; ``paths`` replace --manifest / --data_root / --participants."""
-    given = {"manifest": dataset["manifest"], "data_root": dataset["root"], "participants": dataset["participants_tsv"],
-             **paths}
+    given = {
+        "manifest": dataset["manifest"],
+        "data_root": dataset["root"],
+        "participants": dataset["participants_tsv"],
+        **paths,
+    }
     flags = [part for name, value in given.items() for part in (f"--{name.replace('_', '-')}", value)]
     return [*flags, "--output", output, *TINY, "--samples-per-shard", "3", *extra]
 
@@ -55,17 +60,21 @@ def no_pipeline(*_: Any) -> Any:
     raise AssertionError("a pipeline was built although the inputs are wrong")
 
 
-@pytest.mark.parametrize("paths, extra, message", [
-    ({"data_root": "/nowhere"}, (), "--data-root /nowhere: not a readable folder"),
-    ({"data_root": "MANIFEST"}, (), "not a readable folder"),             # a file, not a folder
-    ({"manifest": "/nowhere/manifest.tsv"}, (), "/nowhere/manifest.tsv: file not found"),
-    ({"manifest": "ROOT"}, (), "cannot be read (IsADirectoryError"),      # a folder, not a file
-    ({"participants": "/nowhere/participants.tsv"}, (), "/nowhere/participants.tsv: file not found"),
-    ({"participants": "MANIFEST"}, (), "no 'recommended_split' column"),
-    ({}, ("--anatomic-regions", "elbow"), "none of its N rows is selected"),
-])
-def test_wrong_inputs_are_one_line_errors_and_never_touch_a_good_set(complete, dataset, monkeypatch, capsys,
-                                                                     paths, extra, message):
+@pytest.mark.parametrize(
+    "paths, extra, message",
+    [
+        ({"data_root": "/nowhere"}, (), "--data-root /nowhere: not a readable folder"),
+        ({"data_root": "MANIFEST"}, (), "not a readable folder"),  # a file, not a folder
+        ({"manifest": "/nowhere/manifest.tsv"}, (), "/nowhere/manifest.tsv: file not found"),
+        ({"manifest": "ROOT"}, (), "cannot be read (IsADirectoryError"),  # a folder, not a file
+        ({"participants": "/nowhere/participants.tsv"}, (), "/nowhere/participants.tsv: file not found"),
+        ({"participants": "MANIFEST"}, (), "no 'recommended_split' column"),
+        ({}, ("--anatomic-regions", "elbow"), "none of its N rows is selected"),
+    ],
+)
+def test_wrong_inputs_are_one_line_errors_and_never_touch_a_good_set(
+    complete, dataset, monkeypatch, capsys, paths, extra, message
+):
     monkeypatch.setattr(runner, "make_pipeline", no_pipeline)
     paths = {k: {"MANIFEST": dataset["manifest"], "ROOT": dataset["root"]}.get(v, v) for k, v in paths.items()}
     err = one_line_error(capsys, ["preprocess", *argv(dataset, complete["output"], "--overwrite", *extra, **paths)], 2)
@@ -83,8 +92,11 @@ def test_a_complete_set_is_replaced_only_with_overwrite(complete, dataset, monke
 def test_a_run_in_which_every_row_fails_is_an_error_and_leaves_the_earlier_set(complete, dataset, tmp_path, capsys):
     empty_root = tmp_path / "empty_root"  # readable, but holds none of the manifest's files
     empty_root.mkdir()
-    err = one_line_error(capsys, ["preprocess", *argv(dataset, complete["output"], "--overwrite", *IN_PROCESS,
-                                                      data_root=str(empty_root))], 1)
+    err = one_line_error(
+        capsys,
+        ["preprocess", *argv(dataset, complete["output"], "--overwrite", *IN_PROCESS, data_root=str(empty_root))],
+        1,
+    )
     n = dataset["volumes"]
     assert f"every one of the {n} selected rows failed ({{'missing_file': {n}}})" in err, err
     assert "the set already there is unchanged" in err
@@ -155,9 +167,13 @@ def test_killing_the_driver_stops_its_workers_and_frees_the_output(dataset, tmp_
     (patches / "sitecustomize.py").write_text(SLOW_VOLUMES)
     repo = Path(preprocess.__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(patches), str(repo), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "beam_jobs.preprocess",
-                             *argv(dataset, str(output), "--direct_num_workers", "2")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "beam_jobs.preprocess", *argv(dataset, str(output), "--direct_num_workers", "2")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not list(output.glob("_staging/*.tar")) and proc.poll() is None and time.monotonic() < deadline:
@@ -181,8 +197,13 @@ def test_killing_the_driver_stops_its_workers_and_frees_the_output(dataset, tmp_
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("extra, message", [(("--samples-per-shard", "0"), "--samples-per-shard must be >= 1"),
-                                            (("--val-fraction", "1.5"), "--val-fraction must be in [0, 1)")])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--samples-per-shard", "0"), "--samples-per-shard must be >= 1"),
+        (("--val-fraction", "1.5"), "--val-fraction must be in [0, 1)"),
+    ],
+)
 def test_bad_options_are_one_line_errors(dataset, tmp_path, monkeypatch, capsys, extra, message):
     monkeypatch.setattr(runner, "make_pipeline", no_pipeline)
     assert message in one_line_error(capsys, ["preprocess", *argv(dataset, str(tmp_path / "out"), *extra)], 2)

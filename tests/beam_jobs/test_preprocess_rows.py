@@ -4,6 +4,7 @@ reason, one file gives one sample, a file that contradicts its row is reported, 
 One run (in-process runner, so that a decoder failure can be injected by monkeypatching) over a small synthetic
 dataset plus rows built here; the bad-input corpus of ``synth.bad_inputs`` is exercised elsewhere.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -61,8 +62,9 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     first, second = manifest_rows(manifest)[:2]  # Spectralis macula scans of participant 1001: good files
     good, folder = first["filepath"], posixpath.dirname(first["filepath"])
     participants = Path(root, "participants_with_1003.tsv")
-    participants.write_text(Path(dataset["participants_tsv"]).read_text().rstrip("\n") + "\n1003\tUCSD\thealthy\t"
-                            "60\tval\tTRUE\n")
+    participants.write_text(
+        Path(dataset["participants_tsv"]).read_text().rstrip("\n") + "\n1003\tUCSD\thealthy\t60\tval\tTRUE\n"
+    )
 
     def row(name: str, filepath: str, uid: str | None = None, **fields: str) -> dict[str, str]:
         return {**first, "filepath": filepath, "sop_instance_uid": uid or next(_uids), **fields, "_name": name}
@@ -72,8 +74,9 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     shutil.copyfile(Path(root, good.lstrip("/")), Path(root, folder.lstrip("/"), "copy_of_row_1.dcm"))
     file_uid, row_uid, patient_uid = next(_uids), next(_uids), next(_uids)
     rewrite_dicom(root, good, f"{folder}/other_uid.dcm", SOPInstanceUID=file_uid)
-    rewrite_dicom(root, second["filepath"], f"{folder}/other_patient.dcm", SOPInstanceUID=patient_uid,
-                  PatientID="P-9999")
+    rewrite_dicom(
+        root, second["filepath"], f"{folder}/other_patient.dcm", SOPInstanceUID=patient_uid, PatientID="P-9999"
+    )
     added = [
         row("directory", folder),
         row("not_a_directory", f"{good}/inner.dcm"),
@@ -90,8 +93,11 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ]
     numbers = dict(zip((r.pop("_name") for r in added), append_rows(manifest, added)))
 
-    real_cat, real_read, real_resample = (fsspec.implementations.local.LocalFileSystem.cat_file,
-                                          volume_to_sample.read_oct_dicom, volume_to_sample.resample_to_grid)
+    real_cat, real_read, real_resample = (
+        fsspec.implementations.local.LocalFileSystem.cat_file,
+        volume_to_sample.read_oct_dicom,
+        volume_to_sample.resample_to_grid,
+    )
     reading: list[str] = []
 
     def cat_file(self: Any, path: str, *args: Any, **kwargs: Any) -> bytes:
@@ -117,21 +123,45 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         patch.setattr(fsspec.implementations.local.LocalFileSystem, "cat_file", cat_file)
         patch.setattr(volume_to_sample, "read_oct_dicom", read)
         patch.setattr(volume_to_sample, "resample_to_grid", resample)
-        report = preprocess.run(["--manifest", manifest, "--data-root", root, "--output", output, *TINY,
-                                 "--participants", str(participants), "--samples-per-shard", "4", *IN_PROCESS])
+        report = preprocess.run(
+            [
+                "--manifest",
+                manifest,
+                "--data-root",
+                root,
+                "--output",
+                output,
+                *TINY,
+                "--participants",
+                str(participants),
+                "--samples-per-shard",
+                "4",
+                *IN_PROCESS,
+            ]
+        )
     errors = read_errors(output)
-    return {"dataset": dataset, "output": output, "report": report, "numbers": numbers, "row_uid": row_uid,
-            "file_uid": file_uid, "errors": {e["row"]: e for e in errors}}
+    return {
+        "dataset": dataset,
+        "output": output,
+        "report": report,
+        "numbers": numbers,
+        "row_uid": row_uid,
+        "file_uid": file_uid,
+        "errors": {e["row"]: e for e in errors},
+    }
 
 
-@pytest.mark.parametrize("name, reason, exception", [
-    ("directory", "io_error", "IsADirectoryError"),
-    ("not_a_directory", "io_error", "NotADirectoryError"),
-    ("denied", "io_error", "PermissionError"),
-    ("os_error_in_decoder", "decode_error", "OSError: [Errno 5] Input/output error"),
-    ("memory_error_in_decoder", "decode_error", "MemoryError: cannot allocate 4294967296 bytes"),
-    ("resampler_fails", "decode_error", "ZeroDivisionError: float division by zero"),
-])
+@pytest.mark.parametrize(
+    "name, reason, exception",
+    [
+        ("directory", "io_error", "IsADirectoryError"),
+        ("not_a_directory", "io_error", "NotADirectoryError"),
+        ("denied", "io_error", "PermissionError"),
+        ("os_error_in_decoder", "decode_error", "OSError: [Errno 5] Input/output error"),
+        ("memory_error_in_decoder", "decode_error", "MemoryError: cannot allocate 4294967296 bytes"),
+        ("resampler_fails", "decode_error", "ZeroDivisionError: float division by zero"),
+    ],
+)
 def test_a_row_that_cannot_be_read_or_decoded_is_dead_lettered(edge, name, reason, exception):
     record = edge["errors"][edge["numbers"][name]]
     assert record["reason"] == reason and exception in record["message"], record
@@ -146,15 +176,20 @@ def test_every_row_is_a_sample_or_an_error(edge):
     assert sum(len(v) for v in samples.values()) == edge["dataset"]["volumes"] - len(radial) + 1  # + other patient
 
 
-@pytest.mark.parametrize("name, stage", [("dot_path", "manifest"), ("double_slash_path", "manifest"),
-                                         ("same_file_other_path", "identity")])
+@pytest.mark.parametrize(
+    "name, stage", [("dot_path", "manifest"), ("double_slash_path", "manifest"), ("same_file_other_path", "identity")]
+)
 def test_one_file_gives_one_sample_and_the_first_row_keeps_it(edge, name, stage):
     record = edge["errors"][edge["numbers"][name]]
     assert record["reason"] == "duplicate_file" and record["stage"] == stage, record
     assert "row 1 " in record["message"] and record["key"]
     first_uid = manifest_rows(edge["dataset"]["manifest"])[0]["sop_instance_uid"]
-    kept = [meta for items in read_samples(edge["output"]).values() for _, meta in items
-            if meta["source_path"] == manifest_rows(edge["dataset"]["manifest"])[0]["filepath"]]
+    kept = [
+        meta
+        for items in read_samples(edge["output"]).values()
+        for _, meta in items
+        if meta["source_path"] == manifest_rows(edge["dataset"]["manifest"])[0]["filepath"]
+    ]
     assert [meta["sop_instance_uid"] for meta in kept] == [first_uid]
     assert kept[0]["participant_id"] == "1001" and kept[0]["split"] == "train"
 
@@ -182,9 +217,16 @@ def test_the_job_itself_counts_no_worker_processes(edge):
 
 
 def _decoded(row_number: int, file_uid: str, manifest_uid: str | None = None) -> dl.Decoded:
-    row = mf.Row(row_number=row_number, participant_id="1001", device="topcon_triton", laterality="L",
-                 anatomic_region="macula", sop_instance_uid=manifest_uid or file_uid,
-                 filepath=f"/r/{row_number}.dcm", split="train")
+    row = mf.Row(
+        row_number=row_number,
+        participant_id="1001",
+        device="topcon_triton",
+        laterality="L",
+        anatomic_region="macula",
+        sop_instance_uid=manifest_uid or file_uid,
+        filepath=f"/r/{row_number}.dcm",
+        split="train",
+    )
     return dl.Decoded(row, "1001")
 
 
@@ -197,15 +239,21 @@ def test_the_first_row_in_manifest_order_wins_whatever_order_the_workers_finishe
         assert [(e["row"], e["reason"]) for e in errors] == [(7, "duplicate_file"), (12, "duplicate_file")]
         assert all("row 3 (/r/3.dcm)" in e["message"] for e in errors)
     kept, errors, _ = dl.one_sample_per_file("1.2.3", [_decoded(4, "1.2.3", "1.2.4"), _decoded(9, "1.2.3")])
-    assert kept is None and sorted((e["row"], e["reason"]) for e in errors) == [(4, "manifest_mismatch"),
-                                                                                (9, "duplicate_file")]
+    assert kept is None and sorted((e["row"], e["reason"]) for e in errors) == [
+        (4, "manifest_mismatch"),
+        (9, "duplicate_file"),
+    ]
 
 
 def test_storage_errors_are_told_apart_from_file_errors():
     assert dl.read_failure_reason(FileNotFoundError("gone")) == "missing_file"
-    for exc in (IsADirectoryError(21, "Is a directory"), PermissionError(13, "Permission denied"),
-                NotADirectoryError(20, "Not a directory"), OSError("Forbidden: b/x.dcm"),
-                HttpError({"code": 400, "message": "bad request"})):
+    for exc in (
+        IsADirectoryError(21, "Is a directory"),
+        PermissionError(13, "Permission denied"),
+        NotADirectoryError(20, "Not a directory"),
+        OSError("Forbidden: b/x.dcm"),
+        HttpError({"code": 400, "message": "bad request"}),
+    ):
         assert dl.read_failure_reason(exc) == "io_error", exc
     for exc in (HttpError({"code": 503, "message": "backend error"}), HttpError({"code": 429, "message": "slow"})):
         assert dl.read_failure_reason(exc) == "storage_unavailable", exc

@@ -1,6 +1,7 @@
 """The resampler on analytic volumes: ramps stay ramps, physical extent and centre are kept, the retina stays in
 the axial window, padding is 0 and counted, the source dtype is kept, memory stays near the input's size, and a
 shrinking axis is low-pass filtered (noise averages down, a thin layer keeps its intensity whatever the phase)."""
+
 from __future__ import annotations
 
 import tracemalloc
@@ -168,12 +169,15 @@ def test_memory_stays_within_a_few_times_the_input():
     assert peak < 3 * volume.nbytes
 
 
-@pytest.mark.parametrize("args", [
-    (np.zeros((2, 2), np.uint8), (1, 1, 1), (1, 1, 1), (2, 2, 2)),
-    (np.zeros((2, 2, 2), np.float32), (1, 1, 1), (1, 1, 1), (2, 2, 2)),
-    (np.zeros((2, 2, 2), np.uint8), (1, 0, 1), (1, 1, 1), (2, 2, 2)),
-    (np.zeros((2, 2, 2), np.uint8), (1, 1, 1), (1, 1, 1), (2, 0, 2)),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        (np.zeros((2, 2), np.uint8), (1, 1, 1), (1, 1, 1), (2, 2, 2)),
+        (np.zeros((2, 2, 2), np.float32), (1, 1, 1), (1, 1, 1), (2, 2, 2)),
+        (np.zeros((2, 2, 2), np.uint8), (1, 0, 1), (1, 1, 1), (2, 2, 2)),
+        (np.zeros((2, 2, 2), np.uint8), (1, 1, 1), (1, 1, 1), (2, 0, 2)),
+    ],
+)
 def test_bad_arguments_are_rejected(args):
     with pytest.raises(ValueError):
         resample_to_grid(*args)

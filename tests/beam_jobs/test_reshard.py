@@ -1,4 +1,5 @@
 """``octjepa reshard``: per-domain shard sets whose samples are exactly the input's, byte for byte."""
+
 from __future__ import annotations
 
 import hashlib
@@ -109,13 +110,13 @@ def test_sample_bytes_are_identical_to_the_input(source, by_device):
 
 def test_shards_are_sorted_and_balanced_within_one_sample(by_device):
     out, _ = by_device
-    for domain_dir in sorted(p for p in out.iterdir() if p.is_dir()):
-        index = shards.read_index(str(domain_dir))
-        for split, entry in index["splits"].items():
+    for folder in sorted(p for p in out.iterdir() if p.is_dir()):
+        index = shards.read_index(str(folder))
+        for entry in index["splits"].values():
             counts = [s["num_samples"] for s in entry["shards"]]
             assert max(counts) - min(counts) <= 1 and max(counts) <= 2
             for shard in entry["shards"]:
-                with open(domain_dir / shard["path"], "rb") as f:
+                with open(folder / shard["path"], "rb") as f:
                     keys = [r["__key__"] for r in shards.iter_shard(f)]
                 assert keys == sorted(keys)
 
@@ -150,11 +151,20 @@ def test_same_input_gives_the_same_bytes_and_reruns_replace_stale_output(source,
 
 
 # ---------------------------------------------------------------------------------------------- shard counts
-@pytest.mark.parametrize("count, per_shard, k, expected", [
-    (10, 3, 1, 4), (10, 3, 4, 4), (10, 3, 3, 6), (12, 3, 4, 4), (13, 3, 4, 8),
-    (2, 5, 4, 4),   # fewer samples than K: K shards, two of them empty
-    (0, 5, 1, 1), (1, 1, 1, 1), (7, 100, 8, 8),
-])
+@pytest.mark.parametrize(
+    "count, per_shard, k, expected",
+    [
+        (10, 3, 1, 4),
+        (10, 3, 4, 4),
+        (10, 3, 3, 6),
+        (12, 3, 4, 4),
+        (13, 3, 4, 8),
+        (2, 5, 4, 4),  # fewer samples than K: K shards, two of them empty
+        (0, 5, 1, 1),
+        (1, 1, 1, 1),
+        (7, 100, 8, 8),
+    ],
+)
 def test_shard_count_arithmetic(count, per_shard, k, expected):
     n = shard_count(count, 0, per_shard, k)
     assert n == expected and n % k == 0
@@ -201,7 +211,7 @@ def test_single_domain_with_fewer_samples_than_k(source, tmp_path):
     assert list(report["index"]["domains"]) == ["topcon_triton"]
     assert sorted(p.name for p in out.iterdir()) == ["index.json", "topcon_triton"]
     index = shards.read_index(str(out / "topcon_triton"))
-    for split, entry in index["splits"].items():
+    for entry in index["splits"].values():
         assert sorted(s["num_samples"] for s in entry["shards"]) == [0, 0, 1, 1]  # 2 samples dealt to 4 shards
     assert verify.verify_shard_set(str(out)).ok
     triton = {k for k, r in samples.items() if json.loads(r["json"])["device"] == "topcon_triton"}
@@ -233,7 +243,7 @@ def test_a_corrupt_or_truncated_input_shard_fails_the_job_naming_it(source, tmp_
     elif damage == "truncate":
         data = data[: len(data) // 2 // 512 * 512]  # on a block boundary: a tar reader alone sees a clean end
     else:
-        data[: 512] = b"\x07" * 512
+        data[:512] = b"\x07" * 512
     shard.write_bytes(bytes(data))
     out = tmp_path / "out"
     with pytest.raises(shards.ContractError, match=str(shard)):
@@ -255,8 +265,11 @@ def test_every_source_shard_is_checked_even_one_without_a_kept_sample(source, tm
     with open(shard, "rb") as f:
         assert {json.loads(r["json"])["device"] for r in shards.iter_shard(f)} == {"zeiss_cirrus"}
     good = run_reshard(src, tmp_path / "good", "--domains", "topcon_triton")
-    assert good["counters"]["source_shards_checked"] == good["counters"]["source_shards_scanned"] == \
-        sum(len(e["shards"]) for e in source[1]["splits"].values())
+    assert (
+        good["counters"]["source_shards_checked"]
+        == good["counters"]["source_shards_scanned"]
+        == sum(len(e["shards"]) for e in source[1]["splits"].values())
+    )
     data = bytearray(shard.read_bytes())
     data[_first_volume_offset(shard)] ^= 0x01
     shard.write_bytes(bytes(data))
@@ -290,13 +303,17 @@ def test_a_resharded_root_is_refused_as_input_but_its_domain_sets_are_not(by_dev
     assert octjepa_cli.main(["reshard", "--input", str(out), "--output", str(tmp_path / "x"), *FAST]) == 1
     assert "re-sharded root" in capsys.readouterr().err
     again = run_reshard(out / "zeiss_cirrus", tmp_path / "lat", "--by", "laterality")
-    assert sum(d["num_samples"] for d in again["index"]["domains"].values()) == \
-        shards.read_index(str(out / "zeiss_cirrus"))["counts"]["by_device"]["zeiss_cirrus"]
+    assert (
+        sum(d["num_samples"] for d in again["index"]["domains"].values())
+        == shards.read_index(str(out / "zeiss_cirrus"))["counts"]["by_device"]["zeiss_cirrus"]
+    )
 
 
 def test_bad_options_are_refused(source, tmp_path, capsys):
-    assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(tmp_path),
-                             "--shards-multiple-of", "0"]) == 2
+    assert (
+        octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(tmp_path), "--shards-multiple-of", "0"])
+        == 2
+    )
     assert "--shards-multiple-of" in capsys.readouterr().err
     assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(source[0])]) == 2
 
@@ -307,8 +324,9 @@ def test_local_runs_default_to_threads_and_dataflow_gets_the_preprocessing_flags
     assert reshard.pipeline_options([]).view_as(DirectOptions).direct_running_mode == "multi_threading"
     given = reshard.pipeline_options(["--direct_running_mode=multi_processing"])
     assert given.view_as(DirectOptions).direct_running_mode == "multi_processing"
-    dataflow = reshard.pipeline_options(["--runner=DataflowRunner", "--project=p", "--region=r",
-                                         "--temp_location=gs://b/tmp"])
+    dataflow = reshard.pipeline_options(
+        ["--runner=DataflowRunner", "--project=p", "--region=r", "--temp_location=gs://b/tmp"]
+    )
     assert dataflow.view_as(SetupOptions).setup_file.endswith("setup.py")
 
 
@@ -333,8 +351,11 @@ def test_gcs_in_and_out_through_the_emulator(source, gcs):
     report = run_reshard(src, out, "--domains", "zeiss_cirrus,heidelberg_spectralis")
     assert sorted(report["index"]["domains"]) == ["heidelberg_spectralis", "zeiss_cirrus"]
     got = read_domain_sets(out)
-    wanted = {g: keys for g, keys in expected_groups(samples, "device").items()
-              if g[0] in ("zeiss_cirrus", "heidelberg_spectralis")}
+    wanted = {
+        g: keys
+        for g, keys in expected_groups(samples, "device").items()
+        if g[0] in ("zeiss_cirrus", "heidelberg_spectralis")
+    }
     assert {g: set(r) for g, r in got.items()} == wanted
     for records in got.values():
         for key, record in records.items():
@@ -350,8 +371,9 @@ def test_gcs_in_and_out_through_the_emulator(source, gcs):
 def test_cli_with_the_default_local_runner(source, tmp_path, capsys):
     _, _, samples = source
     out = tmp_path / "out"
-    assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(out),
-                             "--by", "anatomic_region"]) == 0
+    assert (
+        octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(out), "--by", "anatomic_region"]) == 0
+    )
     assert "reshard by anatomic_region" in capsys.readouterr().out
     got = read_domain_sets(str(out))
     assert {g: set(r) for g, r in got.items()} == expected_groups(samples, "anatomic_region")
@@ -364,24 +386,30 @@ def test_an_output_equal_to_inside_or_above_the_input_is_refused_before_anything
     src = tmp_path / "sets" / "zeiss_cirrus"  # named like a domain: --output sets/ would write over it
     shutil.copytree(source[0], src)
     before = all_files(tmp_path)
-    for output, relation in ((src, "is"), (src / "by_device", "is inside"), (tmp_path / "sets", "is a parent of"),
-                             (tmp_path, "is a parent of")):
+    for output, relation in (
+        (src, "is"),
+        (src / "by_device", "is inside"),
+        (tmp_path / "sets", "is a parent of"),
+        (tmp_path, "is a parent of"),
+    ):
         assert octjepa_cli.main(["reshard", "--input", str(src), "--output", str(output), *FAST]) == 2
         err = capsys.readouterr().err
         assert f"--output {output} {relation} --input {src}" in err and err.count("\n") == 1, err
         assert all_files(tmp_path) == before
 
 
-def test_a_complete_output_is_replaced_only_with_overwrite_and_no_earlier_domain_is_left(source, by_device, tmp_path,
-                                                                                         capsys):
+def test_a_complete_output_is_replaced_only_with_overwrite_and_no_earlier_domain_is_left(
+    source, by_device, tmp_path, capsys
+):
     out = tmp_path / "out"
     shutil.copytree(by_device[0], out)
     (out / "notes").mkdir()
     (out / "notes" / "readme.txt").write_text("not reshard's")
     (out / "zeiss_cirrus" / "notes.txt").write_text("not reshard's either")
     before = all_files(out)
-    assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(out), "--by", "laterality",
-                             *FAST]) == 2
+    assert (
+        octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(out), "--by", "laterality", *FAST]) == 2
+    )
     assert "already holds a complete set" in capsys.readouterr().err and all_files(out) == before
 
     report = run_reshard(source[0], out, "--by", "laterality", "--overwrite")
@@ -410,8 +438,12 @@ def test_an_output_holding_a_set_reshard_did_not_write_is_refused(source, tmp_pa
     assert "holds shard set(s) not written by octjepa reshard (mine)" in capsys.readouterr().err
     assert all_files(out) == before
     shutil.copytree(source[0], tmp_path / "plain")  # and a plain set at the top
-    assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(tmp_path / "plain"),
-                             "--overwrite", *FAST]) == 2
+    assert (
+        octjepa_cli.main(
+            ["reshard", "--input", str(source[0]), "--output", str(tmp_path / "plain"), "--overwrite", *FAST]
+        )
+        == 2
+    )
     assert "holds a shard set, not a re-sharded root" in capsys.readouterr().err
 
 
@@ -420,7 +452,6 @@ def test_reshard_takes_the_output_lease(source, by_device, tmp_path, capsys):
     shutil.copytree(by_device[0], out)
     before = all_files(out)
     with lease.hold(str(out), job="reshard"):
-        assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(out), "--overwrite",
-                                 *FAST]) == 1
+        assert octjepa_cli.main(["reshard", "--input", str(source[0]), "--output", str(out), "--overwrite", *FAST]) == 1
         assert "is being written by octjepa reshard on" in capsys.readouterr().err
     assert all_files(out) == before

@@ -1,5 +1,6 @@
 """``octjepa reshard``: a contract problem a worker finds is data (a tagged output), which Finalise records instead of
 an index and the driver raises, whatever runner ran the workers."""
+
 from __future__ import annotations
 
 import json
@@ -49,9 +50,17 @@ def test_a_volume_failing_its_crc_while_copied_is_a_problem_not_a_shard(source, 
         record = next(shards.iter_shard(f, name=str(path)))
     offset = _first_volume_offset(path) + 1 - len(record[shards.VOLUME_EXT])
     meta = json.loads(record[shards.META_EXT])
-    ref = SampleRef(record["__key__"], meta["device"], "train", meta["device"], str(path), offset,
-                    len(record[shards.VOLUME_EXT]), record[shards.META_EXT],
-                    b'{"json": "00000000", "npy": "00000000"}')
+    ref = SampleRef(
+        record["__key__"],
+        meta["device"],
+        "train",
+        meta["device"],
+        str(path),
+        offset,
+        len(record[shards.VOLUME_EXT]),
+        record[shards.META_EXT],
+        b'{"json": "00000000", "npy": "00000000"}',
+    )
     task = ShardWrite(meta["device"], "train", 0, (ref,))
     (out,) = reshard.WriteShardFn(str(tmp_path / "out")).process((("write",), [task]))
     assert out.tag == reshard.PROBLEMS_TAG and out.value["stage"] == "copy"

@@ -9,12 +9,14 @@ subclass of the preprocessing job's DoFn, so the job itself carries no counter t
 The local runner's worker processes unpickle the subclass by reference to this module, which they import from the
 repository root (their working directory, as the test run's).
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 from unittest import mock
 
 import apache_beam as beam

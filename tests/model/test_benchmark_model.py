@@ -12,7 +12,24 @@ def test_benchmark_runs_and_reports_consistent_figures(capsys):
     spec = importlib.util.spec_from_file_location("benchmark_model", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    argv = ["--size", "tiny", "--shape", "8", "32", "32", "--batch", "1", "--steps", "1", "--warmup", "0", "--matmul-n", "128", "--threads", "1"]
+    argv = [
+        "--size",
+        "tiny",
+        "--shape",
+        "8",
+        "32",
+        "32",
+        "--batch",
+        "1",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--matmul-n",
+        "128",
+        "--threads",
+        "1",
+    ]
     result = bench.main(argv)
     assert result["gflop_per_step"] > 0 and result["step_s"] > 0
     assert 0 < result["utilisation"] < 10

@@ -111,8 +111,9 @@ def test_param_groups_skip_biases_norms_mask_tokens_and_the_target(setup):
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.requires_grad for p in decay["params"])
-    assert math.isclose(sum(p.numel() for g in (decay, no_decay) for p in g["params"]),
-                        sum(p.numel() for p in trainable))
+    assert math.isclose(
+        sum(p.numel() for g in (decay, no_decay) for p in g["params"]), sum(p.numel() for p in trainable)
+    )
 
 
 def test_wrong_number_of_mask_pairs_is_rejected(setup):

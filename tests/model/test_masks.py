@@ -59,14 +59,15 @@ def test_trimmed_block_tokens_never_become_context():
     # the targets' bounding box; before, the block columns cut to reach the target count became context.
     cfg = MaskConfig(blocks=(MaskBlockConfig(1, 0.3, (0.5, 2.0)),))
     masks = MultiBlockMasks(GRID, cfg)
-    (ctx, tgt), = masks(400, gen(2))
+    ((ctx, tgt),) = masks(400, gen(2))
     h, w = GRID[1:]
     trimmed = 0
     for c, t in zip(ctx, tgt):
         t_rows, t_cols = (t % (h * w)) // w, t % w
         c_rows, c_cols = (c % (h * w)) // w, c % w
-        inside = ((c_rows >= t_rows.min()) & (c_rows <= t_rows.max())
-                  & (c_cols >= t_cols.min()) & (c_cols <= t_cols.max()))
+        inside = (
+            (c_rows >= t_rows.min()) & (c_rows <= t_rows.max()) & (c_cols >= t_cols.min()) & (c_cols <= t_cols.max())
+        )
         assert not inside.any()
         box = int((t_rows.max() - t_rows.min() + 1) * (t_cols.max() - t_cols.min() + 1))
         trimmed += box > t.numel() // GRID[0]
@@ -80,7 +81,9 @@ def test_same_seed_same_masks_and_different_seed_different_masks():
     assert not all(torch.equal(x[1], y[1]) for x, y in zip(a, c))
 
 
-@pytest.mark.parametrize("cfg", [MaskBlockConfig(8, 0.15), MaskBlockConfig(2, 0.70), MaskBlockConfig(3, 0.3, (0.5, 2.0))])
+@pytest.mark.parametrize(
+    "cfg", [MaskBlockConfig(8, 0.15), MaskBlockConfig(2, 0.70), MaskBlockConfig(3, 0.3, (0.5, 2.0))]
+)
 def test_block_shapes_follow_scale_and_aspect_ratio(cfg):
     plane = (24, 24)
     rows, cols = block_shapes(plane, cfg, 2000, gen(0))
@@ -127,7 +130,7 @@ def test_no_bias_toward_low_indices():
     # a fixed count (V-JEPA 2's idx[:min_keep]) would starve the bottom rows and last columns.
     masks = MultiBlockMasks(GRID, DEFAULT)
     draws = 3000
-    for i, (ctx, tgt) in enumerate(masks(draws, gen(5))):
+    for i, (_, tgt) in enumerate(masks(draws, gen(5))):
         freq = torch.zeros(math.prod(GRID))
         freq.index_add_(0, tgt.flatten(), torch.ones(tgt.numel()))
         freq = (freq / draws).view(GRID)

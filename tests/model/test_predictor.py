@@ -79,7 +79,7 @@ def test_last_block_computes_only_the_targets_and_equals_the_full_forward(predic
             rope = None if predictor.pos_table is not None else RotaryCache(rope_angles(idx, predictor.grid, 12))
             for blk in predictor.blocks:
                 x = blk(x, rope)
-            outs.append(predictor.predictor_proj(predictor.norm(x[:, c.shape[1]:])))
+            outs.append(predictor.predictor_proj(predictor.norm(x[:, c.shape[1] :])))
         return outs
 
     grads = []

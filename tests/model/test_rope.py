@@ -40,8 +40,11 @@ def test_rotary_pairs_adjacent_channels_with_one_frequency_each_and_keeps_leftov
         expected[a] = xa * math.cos(angle) - xb * math.sin(angle)
         expected[b] = xa * math.sin(angle) + xb * math.cos(angle)
     assert torch.allclose(out, expected, atol=1e-5)
+
     # Each pair is a rotation: its norm is kept (V-JEPA 2's repeat bug gives a pair two angles and breaks this).
-    pair_norms = lambda t: t[:12].view(6, 2).norm(dim=1)
+    def pair_norms(t):
+        return t[:12].view(6, 2).norm(dim=1)
+
     assert torch.allclose(pair_norms(out), pair_norms(x.flatten()), atol=1e-5)
 
 

@@ -1,7 +1,8 @@
 """Records altered on purpose, for the checksum and verify tests (valid sets come from ``shards.synthetic``).
 
-    from tests.shards.helpers import rewritten
+from tests.shards.helpers import rewritten
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,5 @@
 """The writer<->reader contract: a real tar read back by WebDataset's own reader, and the validators' refusals."""
+
 from __future__ import annotations
 
 import copy
@@ -120,13 +121,30 @@ def test_make_key_is_dot_free_and_keeps_uids_apart():
     assert len(set(keys)) == len(keys)
 
 
-ADVERSARIAL_PARTICIPANTS = ["1001", "1001.", "1001-", "1001-2e-", "1001_", "10 01", "10/01", "ü1001", "1001__x",
-                            "__", "-", "_-_", ".", "1001__topcon_triton"]
+ADVERSARIAL_PARTICIPANTS = [
+    "1001",
+    "1001.",
+    "1001-",
+    "1001-2e-",
+    "1001_",
+    "10 01",
+    "10/01",
+    "ü1001",
+    "1001__x",
+    "__",
+    "-",
+    "_-_",
+    ".",
+    "1001__topcon_triton",
+]
 
 
 def test_make_key_is_unique_over_adversarial_participant_ids():
-    combos = list(itertools.product(["topcon_triton", "zeiss_cirrus"], ADVERSARIAL_PARTICIPANTS,
-                                     ["1.2.3", "1.2.3.4", "uid.with.letters"]))
+    combos = list(
+        itertools.product(
+            ["topcon_triton", "zeiss_cirrus"], ADVERSARIAL_PARTICIPANTS, ["1.2.3", "1.2.3.4", "uid.with.letters"]
+        )
+    )
     keys = [shards.make_key(*c) for c in combos]
     assert all("." not in k and "/" not in k and " " not in k for k in keys)
     assert len(set(keys)) == len(keys)
@@ -148,14 +166,17 @@ def _index(tmp_path):
     return index
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda ix: ix.update(format_version=99), "format_version"),
-    (lambda ix: ix.pop("splits"), "'splits'"),
-    (lambda ix: ix.pop("counts"), "'counts'"),
-    (lambda ix: ix["splits"].update(holdout=ix["splits"]["train"]), "'holdout'"),
-    (lambda ix: ix["splits"]["train"]["shards"][0].pop("sha256"), "'sha256'"),
-    (lambda ix: ix["splits"]["train"].update(num_samples=ix["splits"]["train"]["num_samples"] + 1), "'train'"),
-])
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda ix: ix.update(format_version=99), "format_version"),
+        (lambda ix: ix.pop("splits"), "'splits'"),
+        (lambda ix: ix.pop("counts"), "'counts'"),
+        (lambda ix: ix["splits"].update(holdout=ix["splits"]["train"]), "'holdout'"),
+        (lambda ix: ix["splits"]["train"]["shards"][0].pop("sha256"), "'sha256'"),
+        (lambda ix: ix["splits"]["train"].update(num_samples=ix["splits"]["train"]["num_samples"] + 1), "'train'"),
+    ],
+)
 def test_validate_index_refuses_naming_the_set_and_field(tmp_path, mutate, expected):
     index = copy.deepcopy(_index(tmp_path))
     shards.validate_index(index, where="SET-X")
@@ -208,8 +229,10 @@ def test_every_record_carries_the_crc32c_of_its_members_and_decode_checks_them()
     metadata_digit = record["json"].replace(b'"intensity_mean":127.5', b'"intensity_mean":128.5')
     assert json.loads(metadata_digit) == {**meta, "intensity_mean": 128.5}  # one digit, still valid metadata
     voxel = len(record["npy"]) - 1
-    for damaged, member in ((dict(record, json=metadata_digit), "json"),
-                            (dict(record, npy=_flip(record["npy"], voxel)), "npy")):
+    for damaged, member in (
+        (dict(record, json=metadata_digit), "json"),
+        (dict(record, npy=_flip(record["npy"], voxel)), "npy"),
+    ):
         with pytest.raises(shards.ContractError, match=f"{meta['key']}: member '{member}' fails its CRC32C check"):
             shards.decode_sample(damaged)
 
@@ -253,6 +276,9 @@ def test_a_set_of_the_previous_format_version_is_refused_with_what_to_do(tmp_pat
     root = tmp_path / "set"
     index = _index(tmp_path)
     (root / shards.INDEX_NAME).write_bytes(shards.encode_index({**index, "format_version": 1}))
-    with pytest.raises(shards.ContractError, match=r"format_version' is 1, this code reads 2.*re-run `octjepa "
-                                                   r"preprocess`"):
+    with pytest.raises(
+        shards.ContractError,
+        match=r"format_version' is 1, this code reads 2.*re-run `octjepa "
+        r"preprocess`",
+    ):
         shards.read_index(str(root))

@@ -1,5 +1,6 @@
 """``shards.lease``: one job per output, locally (flock) and on gs:// (heartbeat + expiry, on the GCS emulator);
 and the path relations a job refuses."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,10 @@ def test_a_local_lease_is_exclusive_and_released(tmp_path):
 def test_a_local_lease_dies_with_its_holder(tmp_path):
     """A process killed while holding the lease (no release, no cleanup) does not block the next run."""
     output = str(tmp_path / "out")
-    code = (f"import os, sys; from shards import lease; lease.acquire({output!r}, job='preprocess'); "
-            f"print('held', flush=True); os.kill(os.getpid(), 9)")
+    code = (
+        f"import os, sys; from shards import lease; lease.acquire({output!r}, job='preprocess'); "
+        f"print('held', flush=True); os.kill(os.getpid(), 9)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "held" and proc.returncode == -9
     assert os.path.exists(os.path.join(output, lease.LEASE_NAME))  # left behind, but nobody holds it
@@ -50,8 +53,7 @@ def test_a_gcs_lease_is_exclusive_kept_alive_and_released(gcs):
 def test_an_expired_gcs_lease_is_taken_over_and_its_holder_learns_it(gcs):
     output = f"{gcs}/out"
     url = storage.join(output, lease.LEASE_NAME)
-    dead = {"job": "preprocess", "holder": "elsewhere pid 1", "token": "x", "heartbeat": time.time() - 10,
-            "ttl_s": 5.0}
+    dead = {"job": "preprocess", "holder": "elsewhere pid 1", "token": "x", "heartbeat": time.time() - 10, "ttl_s": 5.0}
     storage.write_bytes(url, json.dumps(dead).encode())  # a run killed 10 s ago, with a 5 s ttl
     first = lease.acquire(output, job="reshard", ttl_s=0.5, heartbeat_s=10.0)  # no beat before its ttl runs out
     time.sleep(1.0)
@@ -62,10 +64,17 @@ def test_an_expired_gcs_lease_is_taken_over_and_its_holder_learns_it(gcs):
     assert not storage.exists(url)
 
 
-@pytest.mark.parametrize("output, relation", [
-    ("{src}", "is"), ("{src}/", "is"), ("{src}/./", "is"), ("{src}/by_device", "is inside"),
-    ("{parent}", "is a parent of"), ("{parent}/../{parent_name}", "is a parent of"),
-])
+@pytest.mark.parametrize(
+    "output, relation",
+    [
+        ("{src}", "is"),
+        ("{src}/", "is"),
+        ("{src}/./", "is"),
+        ("{src}/by_device", "is inside"),
+        ("{parent}", "is a parent of"),
+        ("{parent}/../{parent_name}", "is a parent of"),
+    ],
+)
 def test_an_output_equal_to_inside_or_above_the_input_is_refused(tmp_path, output, relation):
     src = tmp_path / "set"
     src.mkdir()
@@ -74,8 +83,15 @@ def test_an_output_equal_to_inside_or_above_the_input_is_refused(tmp_path, outpu
         lease.check_separate(str(src), output)
 
 
-@pytest.mark.parametrize("output, relation", [("gs://b/sets/set", "is"), ("gs://b/sets/./set/", "is"),
-                                              ("gs://b//sets/set/x", "is inside"), ("gs://b/sets", "is a parent of")])
+@pytest.mark.parametrize(
+    "output, relation",
+    [
+        ("gs://b/sets/set", "is"),
+        ("gs://b/sets/./set/", "is"),
+        ("gs://b//sets/set/x", "is inside"),
+        ("gs://b/sets", "is a parent of"),
+    ],
+)
 def test_gcs_urls_are_compared_normalised(output, relation):
     with pytest.raises(ConfigError, match=f" {relation} --input"):
         lease.check_separate("gs://b/sets/set", output)

@@ -98,8 +98,10 @@ def test_members_carry_no_per_member_pax_header(tmp_path):
     with tarfile.open(fileobj=buf) as tar:
         members = tar.getmembers()
     assert len(members) == 3 * len(samples) and all(not m.pax_headers for m in members)
-    assert buf.getbuffer().nbytes <= sum(512 + -(-len(r[e]) // 512) * 512 for r in samples.values()
-                                         for e in shards.MEMBER_EXTS) + 10240
+    assert (
+        buf.getbuffer().nbytes
+        <= sum(512 + -(-len(r[e]) // 512) * 512 for r in samples.values() for e in shards.MEMBER_EXTS) + 10240
+    )
 
 
 def test_complete_set_writes_errors_then_drops_an_earlier_runs_shards_then_writes_the_index(tmp_path):
@@ -110,8 +112,16 @@ def test_complete_set_writes_errors_then_drops_an_earlier_runs_shards_then_write
     (root / "train" / "notes.txt").write_text("not a shard")
     entry = shards.write_shard_file(str(root), "train", 0, [samples[k] for k in sorted(samples)])
     entry["by_device"] = shards.device_counts(["topcon_triton"] * entry["num_samples"])
-    index = shards.complete_set(str(root), [entry], errors=b'{"row": 1}\n', config={"made_by": "test"},
-                                errors_by_reason={"missing_file": 1}, manifest_rows=3, selected=3, created_by="test")
+    index = shards.complete_set(
+        str(root),
+        [entry],
+        errors=b'{"row": 1}\n',
+        config={"made_by": "test"},
+        errors_by_reason={"missing_file": 1},
+        manifest_rows=3,
+        selected=3,
+        created_by="test",
+    )
     assert sorted(p.name for p in (root / "train").iterdir()) == ["notes.txt", "shard-000000.tar"]
     assert (root / shards.ERRORS_NAME).read_bytes() == b'{"row": 1}\n'
     assert shards.read_index(str(root)) == index

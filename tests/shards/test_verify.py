@@ -1,4 +1,5 @@
 """``octjepa verify``: a clean set passes; a flipped byte, a missing shard and a wrong count are each caught."""
+
 from __future__ import annotations
 
 import json
@@ -62,10 +63,10 @@ def test_each_sample_that_fails_its_checksum_is_reported_by_key(shard_set, capsy
     volume = members[f"{voxel_key}.npy"]
     data[volume.offset_data + volume.size - 1] ^= 0x01  # a voxel: the tar and the .npy header still parse
     meta = members[f"{meta_key}.json"]
-    text = bytes(data[meta.offset_data:meta.offset_data + meta.size])
+    text = bytes(data[meta.offset_data : meta.offset_data + meta.size])
     changed = text.replace(b'"intensity_mean":127.5', b'"intensity_mean":128.5')  # a digit: still valid JSON
     assert changed != text and json.loads(changed)["intensity_mean"] == 128.5
-    data[meta.offset_data:meta.offset_data + meta.size] = changed
+    data[meta.offset_data : meta.offset_data + meta.size] = changed
     path.write_bytes(bytes(data))
     report = verify.verify_shard_set(str(root))
     per_sample = [p for p in report.problems if "CRC32C" in p]

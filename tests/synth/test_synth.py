@@ -1,5 +1,6 @@
 """The synthetic AI-READI-like dataset: layout, manifest and participants columns, agreement between the manifest
 and the DICOM headers, determinism, the study-group signal, the bad-input corpus, and the per-volume sample."""
+
 from __future__ import annotations
 
 import csv
@@ -52,8 +53,12 @@ def test_layout_and_manifest_columns(dataset):
         eyes = {(r["filepath"].split("/")[3], r["laterality"]) for r in macula if r["participant_id"] == pid}
         assert {lat for _, lat in eyes} == {"L", "R"}
     onh = [r for r in records if r["anatomic_region"] == "Optic Disc"]
-    assert onh and all(r["pixel_spacing"] == "Varies by frame" and r["slice_thickness"] == "Not reported"
-                       and r["number_of_frames"] == "27" for r in onh)
+    assert onh and all(
+        r["pixel_spacing"] == "Varies by frame"
+        and r["slice_thickness"] == "Not reported"
+        and r["number_of_frames"] == "27"
+        for r in onh
+    )
 
 
 def test_manifest_agrees_with_the_dicom_headers(dataset):
@@ -73,7 +78,10 @@ def test_manifest_agrees_with_the_dicom_headers(dataset):
         assert header.sop_instance_uid == r["sop_instance_uid"]
         assert header.shape == (int(r["number_of_frames"]), int(r["height"]), int(r["width"]))
         assert (header.manufacturer, header.model, header.laterality) == (
-            r["manufacturer"], r["manufacturers_model_name"], r["laterality"])
+            r["manufacturer"],
+            r["manufacturers_model_name"],
+            r["laterality"],
+        )
         dy, dx = (float(v) for v in r["pixel_spacing"].strip("[]").split(","))
         assert header.spacing_mm[1:] == pytest.approx((dy, dx), rel=1e-4)
         device = DEVICES[r["filepath"].split("/")[3]]
@@ -178,8 +186,9 @@ def _at_demo_grid(anatomy, path, monkeypatch):
     preprocesses it."""
     monkeypatch.setattr(synth_volumes, "make_pathology", lambda anatomy, extent, rng: path)
     shape, spacing = scaled_geometry((61, 496, 768), (0.1208, 0.003872, 0.01136), 0.15)
-    volume, _ = render_volume(shape, spacing, style=DEVICES["heidelberg_spectralis"].style, anatomy=anatomy,
-                              rng=np.random.default_rng(7))
+    volume, _ = render_volume(
+        shape, spacing, style=DEVICES["heidelberg_spectralis"].style, anatomy=anatomy, rng=np.random.default_rng(7)
+    )
     return resample_to_grid(volume, spacing, DEMO_SPACING, DEMO_SHAPE).volume.astype(np.float64)
 
 
@@ -195,13 +204,14 @@ def test_study_group_signal_is_visible_at_the_demo_grid(monkeypatch):
     # Foci and cysts away from the fovea: each changes the demo-grid voxels where it lies.
     spots = np.array([[zc, xc, 0.6] for zc in (-2.4, -0.8, 0.8, 2.4) for xc in (-2.0, 2.0)])
     foci = _at_demo_grid(anatomy, replace(none, foci=spots), monkeypatch)
-    cysts = _at_demo_grid(anatomy, replace(none, cysts=np.array([[1.6, -1.6, 0.2, 0.5], [-1.6, 1.6, 0.2, 0.5]])),
-                          monkeypatch)
+    cysts = _at_demo_grid(
+        anatomy, replace(none, cysts=np.array([[1.6, -1.6, 0.2, 0.5], [-1.6, 1.6, 0.2, 0.5]])), monkeypatch
+    )
     for changed, where in ((foci, spots[:, :2]), (cysts, np.array([[1.6, -1.6], [-1.6, 1.6]]))):
         for zc, xc in where:
             d = int(round(zc / DEMO_SPACING[0] + (DEMO_SHAPE[0] - 1) / 2))
             w = int(round(xc / DEMO_SPACING[2] + (DEMO_SHAPE[2] - 1) / 2))
-            patch = np.abs(changed - healthy)[max(d - 1, 0):d + 2, :, max(w - 1, 0):w + 2]
+            patch = np.abs(changed - healthy)[max(d - 1, 0) : d + 2, :, max(w - 1, 0) : w + 2]
             assert patch.max() > 40, (zc, xc)  # of 255: a visible spot, not a rounding difference
 
 
@@ -210,9 +220,20 @@ def test_bad_inputs_fail_each_with_its_reason(tmp_path):
     summary = generate_dataset(root, participants=1, scale=SCALE, seed=1, devices=("topcon_maestro2",), broken=True)
     expected = summary["bad_inputs"]
     assert set(expected.values()) == {
-        "missing_file", "malformed_row", "truncated", "not_dicom", "no_pixel_data", "wrong_sop_class",
-        "missing_spacing", "implausible_spacing", "corrupt_codestream", "too_large", "zero_frames",
-        "not_grayscale", "non_raster_scan"}
+        "missing_file",
+        "malformed_row",
+        "truncated",
+        "not_dicom",
+        "no_pixel_data",
+        "wrong_sop_class",
+        "missing_spacing",
+        "implausible_spacing",
+        "corrupt_codestream",
+        "too_large",
+        "zero_frames",
+        "not_grayscale",
+        "non_raster_scan",
+    }
     rows = _tsv(os.path.join(root, "retinal_oct", "manifest.tsv"))
     seen = {}
     for n, values in enumerate(rows[1:], start=1):
@@ -239,9 +260,14 @@ def test_dicom_to_sample_fills_the_contract(dataset):
     root, _ = dataset
     rows = _tsv(os.path.join(root, "retinal_oct", "manifest.tsv"))
     r = next(dict(zip(rows[0], v)) for v in rows[1:] if "topcon_triton" in v[12])
-    row = {"participant_id": r["participant_id"], "device": "topcon_triton", "laterality": r["laterality"],
-           "anatomic_region": r["anatomic_region"], "sop_instance_uid": r["sop_instance_uid"],
-           "filepath": r["filepath"]}
+    row = {
+        "participant_id": r["participant_id"],
+        "device": "topcon_triton",
+        "laterality": r["laterality"],
+        "anatomic_region": r["anatomic_region"],
+        "sop_instance_uid": r["sop_instance_uid"],
+        "filepath": r["filepath"],
+    }
     config = load_preprocess_config(None, ["target_shape=[16,64,64]"])
     data = open(root + r["filepath"], "rb").read()
     volume, meta = decode_sample(dicom_to_sample(data, row=row, config=config, split="val"))
@@ -252,14 +278,29 @@ def test_dicom_to_sample_fills_the_contract(dataset):
     assert meta["target_spacing_mm"] == [0.05, 0.02, 0.02] and meta["source_path"] == r["filepath"]
     assert 0 < meta["fill_fraction"] <= 1 and meta["intensity_mean"] > 0
     assert {k: meta[k] for k in ("participant_id", "device", "laterality", "sop_instance_uid")} == {
-        k: row[k] for k in ("participant_id", "device", "laterality", "sop_instance_uid")}
+        k: row[k] for k in ("participant_id", "device", "laterality", "sop_instance_uid")
+    }
     with pytest.raises(DicomReadError):
         dicom_to_sample(b"not a dicom", row=row, config=config, split="val")
 
 
 def test_cli_writes_a_dataset(tmp_path, capsys):
-    assert main(["--out", str(tmp_path), "--participants", "1", "--scale", str(SCALE), "--devices",
-                 "heidelberg_spectralis", "--no-onh"]) == 0
+    assert (
+        main(
+            [
+                "--out",
+                str(tmp_path),
+                "--participants",
+                "1",
+                "--scale",
+                str(SCALE),
+                "--devices",
+                "heidelberg_spectralis",
+                "--no-onh",
+            ]
+        )
+        == 0
+    )
     assert '"volumes": 2' in capsys.readouterr().out
     assert len(_tsv(tmp_path / "retinal_oct" / "manifest.tsv")) == 3
 
@@ -268,8 +309,9 @@ def test_writes_to_gcs(gcs):
     from shards import storage
 
     root = storage.join(gcs, "aireadi")
-    summary = generate_dataset(root, participants=1, scale=SCALE, seed=0, devices=("topcon_maestro2",),
-                               onh_radial=False)
+    summary = generate_dataset(
+        root, participants=1, scale=SCALE, seed=0, devices=("topcon_maestro2",), onh_radial=False
+    )
     assert summary["manifest"] == storage.join(root, "retinal_oct", "manifest.tsv")
     lines = storage.read_bytes(summary["manifest"]).decode().splitlines()
     assert len(lines) == 1 + summary["volumes"] == 3

@@ -7,6 +7,7 @@ Every sample is a valid contract sample: a uint8 volume of ``shape`` whose voxel
 ``sample_number % 200 + 20`` plus small noise, so a test can tell samples apart from the pixels alone, and
 metadata whose intensity mean/std are the volume's own.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,10 +24,18 @@ DEVICES = ("heidelberg_spectralis", "topcon_triton", "zeiss_cirrus")
 def make_meta(*, split: str, number: int, device: str, shape: Sequence[int], volume: np.ndarray) -> dict[str, Any]:
     """Contract metadata for fake sample ``number`` of ``split`` (UIDs differ per split, so keys never collide)."""
     return fake_meta(
-        device, number, "L" if number % 2 else "R", shape, split,
+        device,
+        number,
+        "L" if number % 2 else "R",
+        shape,
+        split,
         uid=f"1.2.826.0.1.{shards.SPLITS.index(split) + 1}.{number}",
-        anatomic_region="macula", source_spacing_mm=[0.1, 0.004, 0.01], target_spacing_mm=[0.1, 0.004, 0.01],
-        dtype=str(volume.dtype), intensity_mean=float(volume.mean()), intensity_std=float(max(volume.std(), 1e-3)),
+        anatomic_region="macula",
+        source_spacing_mm=[0.1, 0.004, 0.01],
+        target_spacing_mm=[0.1, 0.004, 0.01],
+        dtype=str(volume.dtype),
+        intensity_mean=float(volume.mean()),
+        intensity_std=float(max(volume.std(), 1e-3)),
     )
 
 
@@ -83,5 +92,9 @@ def make_shard_set(
                 encoded.append(shards.encode_sample(volume, meta))
                 number += 1
             shards_by_split.setdefault(split, []).append(encoded)
-    return write_set(root, shards_by_split, config={"fixture": "tests.trainer.shardset_fixture", "shape": list(shape),
-                                                    "seed": seed}, created_by="tests.trainer.shardset_fixture")
+    return write_set(
+        root,
+        shards_by_split,
+        config={"fixture": "tests.trainer.shardset_fixture", "shape": list(shape), "seed": seed},
+        created_by="tests.trainer.shardset_fixture",
+    )

@@ -1,4 +1,5 @@
 """The run configuration is typed and closed, and the presets hold the seed's settings and their launch command."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,10 +15,13 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEVICES = ["heidelberg_spectralis", "topcon_maestro2", "topcon_triton", "zeiss_cirrus"]
 
 
-@pytest.mark.parametrize("name, epochs, weights", [
-    ("pretrain_vjepa_single_domain", 120, None),
-    ("pretrain_vjepa_multi_domain", 150, DEVICES),
-])
+@pytest.mark.parametrize(
+    "name, epochs, weights",
+    [
+        ("pretrain_vjepa_single_domain", 120, None),
+        ("pretrain_vjepa_multi_domain", 150, DEVICES),
+    ],
+)
 def test_pretrain_presets_hold_the_seed_settings(name: str, epochs: int, weights: list[str] | None) -> None:
     path = CONFIGS / f"{name}.yaml"
     cfg = load_train_config(str(path))
@@ -47,22 +51,27 @@ def test_smoke_preset_is_tiny_and_on_the_cpu() -> None:
 
 
 def test_overrides_are_typed_and_keep_the_file_siblings() -> None:
-    cfg = load_train_config(str(CONFIGS / "smoke.yaml"), ["optim.lr=0.0003", "model.encoder.patch_size=[2,8,8]",
-                                                          "data.domain_weights={a: 1, b: 0.5}"])
+    cfg = load_train_config(
+        str(CONFIGS / "smoke.yaml"),
+        ["optim.lr=0.0003", "model.encoder.patch_size=[2,8,8]", "data.domain_weights={a: 1, b: 0.5}"],
+    )
     assert cfg.optim.lr == 0.0003 and cfg.optim.start_lr == 1.0e-4  # sibling from the file kept
     assert cfg.model.encoder.patch_size == (2, 8, 8) and cfg.data.domain_weights == {"a": 1.0, "b": 0.5}
 
 
-@pytest.mark.parametrize("override, named", [
-    ("optim.lrr=1e-3", "lrr"),                        # unknown nested key
-    ("learning_rate=1e-3", "learning_rate"),          # unknown top-level key
-    ("optim.lr=fast", "optim.lr"),                    # wrong type
-    ("grad_accum=1.5", "grad_accum"),
-    ("logging.wandb=maybe", "logging.wandb"),         # not one of the choices
-    ("model.encoder.sise=base", "sise"),
-    ("grad_accum=3", "grad_accum"),                   # 4 samples do not split into 3 micro-batches
-    ("data.crop_shape=[8,32,32]", "crop_shape"),      # the encoder would not see the loader's crops
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("optim.lrr=1e-3", "lrr"),  # unknown nested key
+        ("learning_rate=1e-3", "learning_rate"),  # unknown top-level key
+        ("optim.lr=fast", "optim.lr"),  # wrong type
+        ("grad_accum=1.5", "grad_accum"),
+        ("logging.wandb=maybe", "logging.wandb"),  # not one of the choices
+        ("model.encoder.sise=base", "sise"),
+        ("grad_accum=3", "grad_accum"),  # 4 samples do not split into 3 micro-batches
+        ("data.crop_shape=[8,32,32]", "crop_shape"),  # the encoder would not see the loader's crops
+    ],
+)
 def test_bad_keys_and_values_are_errors_naming_the_key(override: str, named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_train_config(str(CONFIGS / "smoke.yaml"), [override])

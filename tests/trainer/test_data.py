@@ -1,4 +1,5 @@
 """Behaviour of the streaming loader: equal steps on every host, skipped samples, balancing, val, eval, gs://."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,14 @@ from tests.shards.helpers import rewritten
 from tests.trainer.shardset_fixture import make_shard_set
 from trainer import augment, stages
 from trainer.data import (
-    DataConfig, DataDamageError, build_train_loader, build_val_loader, iter_eval_batches, split_shards,
-    steps_per_epoch, to_model_input,
+    DataConfig,
+    DataDamageError,
+    build_train_loader,
+    build_val_loader,
+    iter_eval_batches,
+    split_shards,
+    steps_per_epoch,
+    to_model_input,
 )
 from trainer.host_split import Shard, epoch_order, host_shards, worker_quota
 
@@ -36,10 +43,14 @@ def _cfg(root: str, **kw) -> DataConfig:
     return DataConfig(shards=root, crop_shape=CROP, shuffle_buffer=4, num_workers=0, **kw)
 
 
-def _train(cfg: DataConfig, index: dict, *, host: int = 0, hosts: int = 1, epoch: int = 0, batch: int = 2,
-           seed: int = 0) -> list[dict]:
-    return list(build_train_loader(cfg, index=index, batch_size=batch, masks=MASKS, seed=seed, epoch=epoch,
-                                   host_index=host, host_count=hosts))
+def _train(
+    cfg: DataConfig, index: dict, *, host: int = 0, hosts: int = 1, epoch: int = 0, batch: int = 2, seed: int = 0
+) -> list[dict]:
+    return list(
+        build_train_loader(
+            cfg, index=index, batch_size=batch, masks=MASKS, seed=seed, epoch=epoch, host_index=host, host_count=hosts
+        )
+    )
 
 
 def _number(key: str) -> int:
@@ -54,6 +65,7 @@ def uneven(tmp_path_factory) -> tuple[str, dict]:
 
 
 # ---- host split ------------------------------------------------------------------------------------------------
+
 
 def test_epoch_order_depends_only_on_seed_and_epoch():
     shards_ = [Shard(f"s{i}", i + 1, 0) for i in range(20)]
@@ -75,6 +87,7 @@ def test_host_slices_partition_the_shards_then_top_up_short_hosts():
 
 # ---- training stream -------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("hosts", [3, 9])  # 9 hosts > 7 shards: some hosts own no shard at all
 def test_every_host_runs_exactly_steps_per_epoch_batches(uneven, hosts):
     root, index = uneven
@@ -89,14 +102,16 @@ def test_every_host_runs_exactly_steps_per_epoch_batches(uneven, hosts):
                 assert b["volume"].shape == (2, 1, *CROP) and b["volume"].dtype == torch.uint8
                 assert b["scale"].shape == b["shift"].shape == (2,) and len(b["keys"]) == 2
                 assert [tuple(m.shape) for pair in b["masks"] for m in pair] == [
-                    (2, k) for kc, kt in zip(MASKS.num_context, MASKS.num_target) for k in (kc, kt)]
+                    (2, k) for kc, kt in zip(MASKS.num_context, MASKS.num_target) for k in (kc, kt)
+                ]
 
 
 def test_worker_processes_together_yield_exactly_steps_batches(uneven):
     root, index = uneven
     cfg = DataConfig(shards=root, crop_shape=CROP, shuffle_buffer=4, num_workers=2)
-    loader = build_train_loader(cfg, index=index, batch_size=3, masks=MASKS, seed=0, epoch=0, host_index=1,
-                                host_count=2)
+    loader = build_train_loader(
+        cfg, index=index, batch_size=3, masks=MASKS, seed=0, epoch=0, host_index=1, host_count=2
+    )
     batches = list(loader)
     assert len(batches) == len(loader) == steps_per_epoch(index, cfg, 6) == 4
     assert all(b["volume"].shape == (3, 1, *CROP) for b in batches)
@@ -150,8 +165,11 @@ def test_volumes_stored_at_the_crop_shape_reach_batches_byte_for_byte(tmp_path, 
         return
     # The open batches are the shuffle buffer: samples land at random slots of 2 open batches, so the stream is
     # reordered, but only within a window of about shuffle_buffer samples of the read order (shuffle_buffer=1).
-    read_order = [k for b in _train(DataConfig(shards=root, crop_shape=CROP, shuffle_buffer=1, num_workers=0),
-                                    index, batch=3) for k in b["keys"]]
+    read_order = [
+        k
+        for b in _train(DataConfig(shards=root, crop_shape=CROP, shuffle_buffer=1, num_workers=0), index, batch=3)
+        for k in b["keys"]
+    ]
     shuffled = [k for b in batches for k in b["keys"]]
     common = set(shuffled) & set(read_order)  # the epoch ends with some samples still in open batches
     assert shuffled != read_order and len(common) >= len(read_order) - 6
@@ -226,6 +244,7 @@ def test_a_set_with_no_decodable_sample_raises_instead_of_hanging(tmp_path):
 
 # ---- damage: checksums, shards held to the index, the budget ------------------------------------------------
 
+
 def _tar_members(path: str) -> list[tarfile.TarInfo]:
     with tarfile.open(path) as tar:
         return tar.getmembers()
@@ -295,7 +314,8 @@ def test_a_shard_truncated_on_a_member_boundary_counts_its_lost_samples_and_stop
 
 @pytest.mark.parametrize("stored", [CROP, (6, 20, 20)])  # read straight into its slot; read whole, then cropped
 def test_a_flipped_voxel_byte_is_detected_and_the_sample_dropped_and_logged_with_shard_and_key(
-        tmp_path, caplog, stored):
+    tmp_path, caplog, stored
+):
     root = str(tmp_path / "set")
     index = make_shard_set(root, n_train=16, n_val=2, shape=stored, samples_per_shard=8)
     path = _shard_path(root, 1)
@@ -378,8 +398,9 @@ def test_a_budget_of_zero_stops_at_the_first_damaged_sample(tmp_path, workers):
     path = _shard_path(root, 2)
     _flip_voxel(path, 0)
     cfg = DataConfig(shards=root, crop_shape=CROP, shuffle_buffer=4, num_workers=workers, max_skipped_fraction=0.0)
-    loader = build_train_loader(cfg, index=index, batch_size=2, masks=MASKS, seed=0, epoch=0, host_index=0,
-                                host_count=1)
+    loader = build_train_loader(
+        cfg, index=index, batch_size=2, masks=MASKS, seed=0, epoch=0, host_index=0, host_count=1
+    )
     seen = []
     with pytest.raises(DataDamageError, match=rf"1 damaged sample\(s\).*{path} \(1\)") as info:
         for batch in loader:
@@ -401,8 +422,11 @@ def test_a_resumed_epoch_over_damaged_metadata_is_still_the_rest_of_the_uninterr
     full = _train(cfg, index, batch=2, epoch=1)
     assert {d.key for d in _drops(full)} == damaged
     for start in (3, len(full) - 1):
-        rest = list(build_train_loader(cfg, index=index, batch_size=2, masks=MASKS, seed=0, epoch=1, host_index=0,
-                                       host_count=1, start=start))
+        rest = list(
+            build_train_loader(
+                cfg, index=index, batch_size=2, masks=MASKS, seed=0, epoch=1, host_index=0, host_count=1, start=start
+            )
+        )
         assert [b["keys"] for b in rest] == [b["keys"] for b in full[start:]]
         assert all(torch.equal(a["volume"], b["volume"]) for a, b in zip(rest, full[start:]))
 
@@ -412,11 +436,22 @@ def test_train_stops_with_one_line_naming_the_shard_or_counts_the_drops_in_its_m
     make_shard_set(root, n_train=8, n_val=4, shape=(8, 32, 32), samples_per_shard=4)
     path = _shard_path(root, 1)
     key = _flip_voxel(path, 2)
-    args = ["train", "--config", SMOKE, f"data.shards={root}", "model.encoder.input_shape=[8,32,32]",
-            "data.crop_shape=[8,32,32]", "max_steps=2", "val_every=0", "logging.log_every=1",
-            "checkpoint.every_steps=0",
-            # A narrow model: the same code, less CPU.
-            "model.encoder.embed_dim=48", "model.encoder.depth=2", "model.encoder.num_heads=2"]
+    args = [
+        "train",
+        "--config",
+        SMOKE,
+        f"data.shards={root}",
+        "model.encoder.input_shape=[8,32,32]",
+        "data.crop_shape=[8,32,32]",
+        "max_steps=2",
+        "val_every=0",
+        "logging.log_every=1",
+        "checkpoint.every_steps=0",
+        # A narrow model: the same code, less CPU.
+        "model.encoder.embed_dim=48",
+        "model.encoder.depth=2",
+        "model.encoder.num_heads=2",
+    ]
     assert octjepa_cli.main([*args, f"run_dir={tmp_path / 'stop'}", "data.max_skipped_fraction=0"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("octjepa train: training epoch") and f"{path} (1)" in err[-1]
@@ -434,8 +469,18 @@ def test_a_resharded_set_keeps_valid_checksums_through_reshard_and_the_loader(tm
     root, out = str(tmp_path / "set"), str(tmp_path / "by_device")
     make_shard_set(root, n_train=12, n_val=3, shape=CROP, samples_per_shard=5)
     stored = _stored_volumes(root, shards.read_index(root))
-    reshard.run(["--input", root, "--output", out, "--samples-per-shard", "2", "--direct_running_mode=in_memory",
-                 "--direct_num_workers=1"])
+    reshard.run(
+        [
+            "--input",
+            root,
+            "--output",
+            out,
+            "--samples-per-shard",
+            "2",
+            "--direct_running_mode=in_memory",
+            "--direct_num_workers=1",
+        ]
+    )
     assert verify.verify_shard_set(out).ok
     seen = set()
     for device in ("heidelberg_spectralis", "topcon_triton", "zeiss_cirrus"):
@@ -450,11 +495,20 @@ def test_a_resharded_set_keeps_valid_checksums_through_reshard_and_the_loader(tm
     # A damaged source sample fails the copy, named, instead of being copied into a sound-looking set.
     key = _flip_voxel(_shard_path(root, 1), 0)
     with pytest.raises(shards.ContractError, match=f"{key}|shard-000001"):
-        reshard.run(["--input", root, "--output", str(tmp_path / "again"), "--direct_running_mode=in_memory",
-                     "--direct_num_workers=1"])
+        reshard.run(
+            [
+                "--input",
+                root,
+                "--output",
+                str(tmp_path / "again"),
+                "--direct_running_mode=in_memory",
+                "--direct_num_workers=1",
+            ]
+        )
 
 
 # ---- domain balancing ------------------------------------------------------------------------------------------
+
 
 def _fraction_b(cfg: DataConfig, index: dict) -> float:
     keys = [k for b in _train(cfg, index, batch=4) for k in b["keys"]]
@@ -463,8 +517,9 @@ def _fraction_b(cfg: DataConfig, index: dict) -> float:
 
 def test_domain_weights_balance_a_dominant_device(tmp_path):
     root = str(tmp_path / "set")
-    index = make_shard_set(root, n_train=120, n_val=2, shape=(4, 16, 16), devices=("a",) * 5 + ("b",),
-                           samples_per_shard=10)
+    index = make_shard_set(
+        root, n_train=120, n_val=2, shape=(4, 16, 16), devices=("a",) * 5 + ("b",), samples_per_shard=10
+    )
     natural = _fraction_b(_cfg(root), index)
     balanced = _fraction_b(_cfg(root, domain_weights={"a": 1.0, "b": 1.0}), index)
     assert natural < 0.3 and 0.35 < balanced < 0.65, (natural, balanced)
@@ -478,13 +533,16 @@ def test_domain_weights_balance_a_dominant_device(tmp_path):
 
 # ---- validation and evaluation ---------------------------------------------------------------------------------
 
+
 def test_val_loader_is_identical_on_every_call_and_has_val_batches_on_every_host(uneven):
     root, index = uneven
     cfg = DataConfig(shards=root, crop_shape=CROP, num_workers=2, val_batches=3)
     seen = set()
     for host in range(3):
-        first, again = (list(build_val_loader(cfg, index=index, batch_size=2, masks=MASKS, seed=1, host_index=host,
-                                              host_count=3)) for _ in range(2))
+        first, again = (
+            list(build_val_loader(cfg, index=index, batch_size=2, masks=MASKS, seed=1, host_index=host, host_count=3))
+            for _ in range(2)
+        )
         assert len(first) == len(again) == 3
         for x, y in zip(first, again):
             assert x["keys"] == y["keys"] and torch.equal(x["volume"], y["volume"])
@@ -515,6 +573,7 @@ def test_eval_batches_cover_the_split_once_and_keep_the_partial_batch(uneven):
 
 # ---- augmentation and config -----------------------------------------------------------------------------------
 
+
 def test_crop_pads_short_axes_and_flip_mirrors_lateral():
     vol = np.arange(3 * 6 * 10, dtype=np.uint8).reshape(3, 6, 10)
     rng = np.random.default_rng(0)
@@ -522,7 +581,7 @@ def test_crop_pads_short_axes_and_flip_mirrors_lateral():
     out = augment.crop_or_pad(vol, (4, 4, 4), starts)
     assert out.shape == (4, 4, 4) and starts[0] == 0
     h0, w0 = starts[1:]
-    assert np.array_equal(out[:3], vol[:, h0:h0 + 4, w0:w0 + 4]) and not out[3].any()  # D: 3 -> 4, zero-padded
+    assert np.array_equal(out[:3], vol[:, h0 : h0 + 4, w0 : w0 + 4]) and not out[3].any()  # D: 3 -> 4, zero-padded
     assert augment.crop_starts(vol.shape, (2, 4, 4), None) == (0, 1, 3)  # centre crop
     assert np.array_equal(augment.flip_lateral(vol)[..., 0], vol[..., -1])
     scale, shift = augment.scale_shift(100.0, 20.0, 0.0, rng)
@@ -548,14 +607,16 @@ def test_data_config_is_closed_and_checked():
 
 # ---- gs:// -----------------------------------------------------------------------------------------------------
 
+
 def test_train_loader_reads_gcs_in_worker_processes(gcs):
     root = f"{gcs}/set"
     make_shard_set(root, n_train=12, n_val=4, samples_per_shard=3)
     index = shards.read_index(root)  # the parent creates a gcsfs instance before the workers fork
     assert [s.url for s in split_shards(root, index, "train")][0].startswith("gs://")
     cfg = DataConfig(shards=root, crop_shape=CROP, shuffle_buffer=4, num_workers=2)
-    batches = list(build_train_loader(cfg, index=index, batch_size=2, masks=MASKS, seed=0, epoch=0, host_index=0,
-                                      host_count=2))
+    batches = list(
+        build_train_loader(cfg, index=index, batch_size=2, masks=MASKS, seed=0, epoch=0, host_index=0, host_count=2)
+    )
     assert len(batches) == 3 and all(b["volume"].shape == (2, 1, *CROP) for b in batches)
 
 
@@ -573,19 +634,25 @@ def test_an_epoch_is_a_pass_every_sample_once_whatever_the_shuffle_buffer(tmp_pa
         assert len(batches) == 8 and sorted(keys) == every, f"epoch {epoch}: {len(set(keys))} of 24 samples"
         assert [_number(k) for k in keys] != sorted(_number(k) for k in keys)  # still shuffled
         for b in batches:  # a packed slot moved its voxels with its key
-            assert all(int(v.float().mean()) - 20 - _number(k) % 200 in range(8) for v, k in zip(b["volume"], b["keys"]))
+            assert all(
+                int(v.float().mean()) - 20 - _number(k) % 200 in range(8) for v, k in zip(b["volume"], b["keys"])
+            )
     # Resuming at each batch of an epoch whose end was packed gives the same rest.
     full = _train(cfg, index, batch=3, epoch=0, seed=0)
     for start in range(1, 8):
-        rest = list(build_train_loader(cfg, index=index, batch_size=3, masks=MASKS, seed=0, epoch=0, host_index=0,
-                                       host_count=1, start=start))
+        rest = list(
+            build_train_loader(
+                cfg, index=index, batch_size=3, masks=MASKS, seed=0, epoch=0, host_index=0, host_count=1, start=start
+            )
+        )
         assert [b["keys"] for b in rest] == [b["keys"] for b in full[start:]]
         assert all(torch.equal(a["volume"], b["volume"]) for a, b in zip(rest, full[start:]))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_resumed_epoch_yields_the_rest_of_the_uninterrupted_epoch_without_reading_the_skipped_batches(
-        tmp_path, monkeypatch, workers):
+    tmp_path, monkeypatch, workers
+):
     root = str(tmp_path / "set")
     index = make_shard_set(root, n_train=30, n_val=2, shape=CROP, samples_per_shard=[7, 5, 9, 9])
     cfg = DataConfig(shards=root, crop_shape=CROP, shuffle_buffer=6, num_workers=workers)
@@ -593,19 +660,34 @@ def test_a_resumed_epoch_yields_the_rest_of_the_uninterrupted_epoch_without_read
     reads = []
     if not workers:  # count voxel reads in this process
         original = shards.MemberReader.readinto
-        monkeypatch.setattr(shards.MemberReader, "readinto",
-                            lambda self, *a, **kw: (reads.append(self.name), original(self, *a, **kw))[1])
+        monkeypatch.setattr(
+            shards.MemberReader,
+            "readinto",
+            lambda self, *a, **kw: (reads.append(self.name), original(self, *a, **kw))[1],
+        )
     for start in (0, 5, len(full) - 1, len(full)):
-        loader = build_train_loader(cfg, index=index, batch_size=2, masks=MASKS, seed=0, epoch=1, host_index=0,
-                                    host_count=1, start=start)
+        loader = build_train_loader(
+            cfg, index=index, batch_size=2, masks=MASKS, seed=0, epoch=1, host_index=0, host_count=1, start=start
+        )
         reads.clear()
         rest = list(loader)
         assert len(rest) == len(loader) == len(full) - start
         for a, b in zip(rest, full[start:]):
-            assert a["keys"] == b["keys"] and torch.equal(a["volume"], b["volume"]) and torch.equal(a["flip"], b["flip"])
+            assert (
+                a["keys"] == b["keys"] and torch.equal(a["volume"], b["volume"]) and torch.equal(a["flip"], b["flip"])
+            )
             assert all(torch.equal(x, y) for ma, mb in zip(a["masks"], b["masks"]) for x, y in zip(ma, mb))
         if not workers:  # the skipped batches' voxels are not read: at most the open batches' slots on top
             assert len(rest) * 2 <= len(reads) <= len(rest) * 2 + 6
     with pytest.raises(ValueError, match="outside the epoch"):
-        build_train_loader(cfg, index=index, batch_size=2, masks=MASKS, seed=0, epoch=1, host_index=0, host_count=1,
-                           start=len(full) + 1)
+        build_train_loader(
+            cfg,
+            index=index,
+            batch_size=2,
+            masks=MASKS,
+            seed=0,
+            epoch=1,
+            host_index=0,
+            host_count=1,
+            start=len(full) + 1,
+        )

@@ -1,4 +1,5 @@
 """The README's first command, end to end on the reduced setting, and what a failing stage reports."""
+
 from __future__ import annotations
 
 import json
@@ -25,11 +26,17 @@ def test_demo_runs_end_to_end_on_the_reduced_setting(tmp_path, capsys):
     index = json.loads((out["shards"] / "index.json").read_text())
     assert index["errors"]["count"] > 0
     assert sum(1 for _ in out["errors"].read_text().splitlines()) == index["errors"]["count"]
-    assert set(index["counts"]["by_device"]) == {"heidelberg_spectralis", "topcon_maestro2", "topcon_triton",
-                                                 "zeiss_cirrus"}
+    assert set(index["counts"]["by_device"]) == {
+        "heidelberg_spectralis",
+        "topcon_maestro2",
+        "topcon_triton",
+        "zeiss_cirrus",
+    }
     # One shard set per device domain, together holding every sample.
-    per_domain = sum(json.loads((out["shards_by_device"] / d / "index.json").read_text())["counts"]["by_device"][d]
-                     for d in index["counts"]["by_device"])
+    per_domain = sum(
+        json.loads((out["shards_by_device"] / d / "index.json").read_text())["counts"]["by_device"][d]
+        for d in index["counts"]["by_device"]
+    )
     assert per_domain == sum(index["counts"]["by_split"].values())
     # The probes: every known answer of synth's anatomy table, the exported encoder first, both baselines.
     probe_report = json.loads(out["probe_report"].read_text())

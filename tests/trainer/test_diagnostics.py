@@ -1,5 +1,6 @@
 """The trainer's collapse diagnostics: the effective rank on matrices of known rank, the full validation set in
 static padded batches, and the weighted val loss / lookup baseline against a brute-force computation."""
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,9 @@ def test_effective_rank_of_known_matrices():
     # Two singular values in ratio 3:1: exp(entropy of (0.75, 0.25)).
     x = torch.zeros(2, e)
     x[0, 0], x[1, 1] = 3.0, 1.0
-    assert effective_rank(x).item() == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))),
-                                                     rel=1e-4)
+    assert effective_rank(x).item() == pytest.approx(
+        math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))), rel=1e-4
+    )
     # The Gram route agrees with the singular values of the rows themselves.
     x = torch.tensor(rng.normal(size=(300, e)) * np.linspace(0.1, 3.0, e), dtype=torch.float32)
     s = torch.linalg.svdvals(x.double())
@@ -49,8 +51,9 @@ def test_full_val_holds_every_val_volume_once_in_static_padded_batches(tmp_path,
     assert total == (4 if host_count == 1 else 3)  # 11 volumes; two hosts hold 7 and 4 of them
     keys, levels = [], []
     for host in range(host_count):
-        batches = list(iter_full_val(cfg, index=index, batch_size=3, masks=masks, seed=0, host_index=host,
-                                     host_count=host_count))
+        batches = list(
+            iter_full_val(cfg, index=index, batch_size=3, masks=masks, seed=0, host_index=host, host_count=host_count)
+        )
         assert len(batches) == total  # every host runs the same number of steps
         for batch in batches:
             assert batch["volume"].shape == (3, 1, 8, 32, 32) and len(batch["masks"]) == 2
@@ -59,8 +62,11 @@ def test_full_val_holds_every_val_volume_once_in_static_padded_batches(tmp_path,
             assert (batch["volume"][pad] == 0).all() and (batch["shift"][pad] == 0).all()
             keys += [k for k, w in zip(batch["keys"], weight) if w]
             levels += [int(v.float().mean()) for v, w in zip(batch["volume"], weight) if w]
-        again = list(iter_full_val(cfg, index=index, batch_size=3, masks=masks, seed=0, host_index=host,
-                                   host_count=host_count, limit=1))
+        again = list(
+            iter_full_val(
+                cfg, index=index, batch_size=3, masks=masks, seed=0, host_index=host, host_count=host_count, limit=1
+            )
+        )
         assert len(again) == 1 and torch.equal(again[0]["masks"][0][1], batches[0]["masks"][0][1])  # fixed masks
     assert len(keys) == len(set(keys)) == 11
     assert sorted(levels) == [n + 20 + 3 for n in range(11)]  # sample n's level is n + 20, plus noise mean 3.5
@@ -68,8 +74,9 @@ def test_full_val_holds_every_val_volume_once_in_static_padded_batches(tmp_path,
 
 def _tiny_model() -> VJEPA:
     torch.manual_seed(0)
-    encoder = EncoderConfig(size="tiny", embed_dim=32, depth=2, num_heads=2, patch_size=(4, 16, 16),
-                            input_shape=(8, 32, 32))
+    encoder = EncoderConfig(
+        size="tiny", embed_dim=32, depth=2, num_heads=2, patch_size=(4, 16, 16), input_shape=(8, 32, 32)
+    )
     return VJEPA(ModelConfig(encoder=encoder, predictor=PredictorConfig(depth=1, embed_dim=16, num_heads=2)))
 
 
@@ -82,8 +89,9 @@ def test_evaluate_weights_out_padding_and_matches_a_brute_force_computation(tmp_
     device = Device("cpu", "fp32")
 
     def make_batches(limit, batch_size=3):
-        loader = iter_full_val(cfg, index=index, batch_size=batch_size, masks=masks, seed=0, host_index=0,
-                               host_count=1, limit=limit)
+        loader = iter_full_val(
+            cfg, index=index, batch_size=batch_size, masks=masks, seed=0, host_index=0, host_count=1, limit=limit
+        )
         return device.wrap_loader(loader, 2)
 
     out = evaluate(net, make_batches, device=device, fixed_batches=2)
@@ -98,8 +106,8 @@ def test_evaluate_weights_out_padding_and_matches_a_brute_force_computation(tmp_
     with torch.no_grad():
         per_sample, targets = [], []
         for b, i in real:
-            x = to_model_input(b["volume"][i:i + 1], b["scale"][i:i + 1], b["shift"][i:i + 1])
-            m = [(b[f"context_{k}"][i:i + 1], b[f"target_{k}"][i:i + 1]) for k in range(2)]
+            x = to_model_input(b["volume"][i : i + 1], b["scale"][i : i + 1], b["shift"][i : i + 1])
+            m = [(b[f"context_{k}"][i : i + 1], b[f"target_{k}"][i : i + 1]) for k in range(2)]
             per_sample.append(net(x, m)["loss"])
             targets.append((net.target_features(x)[0], m))
     table = torch.stack([t for t, _ in targets]).mean(0)  # (N, E): per-position mean over the 7 volumes
@@ -113,7 +121,9 @@ def test_evaluate_weights_out_padding_and_matches_a_brute_force_computation(tmp_
     # Counted as samples, the two padding rows would move the mean.
     last = batches[-1]
     with torch.no_grad():
-        padded = net(to_model_input(last["volume"], last["scale"], last["shift"]),
-                     [(last[f"context_{k}"], last[f"target_{k}"]) for k in range(2)])["sample_loss"]
+        padded = net(
+            to_model_input(last["volume"], last["scale"], last["shift"]),
+            [(last[f"context_{k}"], last[f"target_{k}"]) for k in range(2)],
+        )["sample_loss"]
     unweighted = (torch.stack(per_sample).sum() + padded[1:].sum()) / 9
     assert unweighted.item() != pytest.approx(out["loss"].item(), rel=1e-3)

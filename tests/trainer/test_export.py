@@ -1,23 +1,35 @@
 """encoder.pt carries the encoder the config names (checkpoint.export_encoder: the EMA target or the online
 encoder), and a checkpoint yields either of its two encoders on request."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from model import SIZES, VJEPA
-from shards.typed_config import ConfigError, to_dict
+from shards.typed_config import ConfigError
 from trainer.checkpoint import (
-    CheckpointNotFound, CheckpointStore, export_encoder, load_encoder, load_torch, torch_bytes,
+    CheckpointNotFound,
+    CheckpointStore,
+    export_encoder,
+    load_encoder,
+    load_torch,
+    torch_bytes,
 )
 from trainer.config import load_train_config
 from trainer.device import build_device
 from trainer.optim import Schedules, build_optimizer
 from trainer.train_state import RunState, save_checkpoint
 
-TINY = ["model.encoder.size=tiny", "model.encoder.input_shape=[8,32,32]", "model.encoder.patch_size=[4,16,16]",
-        "data.crop_shape=[8,32,32]", "model.predictor.depth=1", "model.predictor.embed_dim=32",
-        "model.predictor.num_heads=2"]
+TINY = [
+    "model.encoder.size=tiny",
+    "model.encoder.input_shape=[8,32,32]",
+    "model.encoder.patch_size=[4,16,16]",
+    "data.crop_shape=[8,32,32]",
+    "model.predictor.depth=1",
+    "model.predictor.embed_dim=32",
+    "model.predictor.num_heads=2",
+]
 
 
 def trained_apart(overrides=()):
@@ -51,8 +63,15 @@ def test_the_export_holds_the_encoder_the_config_names(tmp_path, which):
 def test_a_checkpoint_gives_either_encoder_and_defaults_to_the_exported_one(tmp_path):
     cfg, net = trained_apart(["checkpoint.export_encoder=online"])
     store = CheckpointStore(str(tmp_path / "ckpt"))
-    save_checkpoint(store, build_device("cpu"), net, build_optimizer(net, cfg.optim), RunState(step=3),
-                    Schedules(cfg.optim, 10), cfg)  # as a run saves it (torch.distributed.checkpoint)
+    save_checkpoint(
+        store,
+        build_device("cpu"),
+        net,
+        build_optimizer(net, cfg.optim),
+        RunState(step=3),
+        Schedules(cfg.optim, 10),
+        cfg,
+    )  # as a run saves it (torch.distributed.checkpoint)
     root = str(tmp_path / "ckpt")
     assert same_weights(load_encoder(root, "target")[0], net.target_encoder)
     assert same_weights(load_encoder(root, "online")[0], net.encoder)

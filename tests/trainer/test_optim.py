@@ -1,5 +1,6 @@
 """Optimisation by config: the lr / weight-decay / EMA schedules, weight decay only where it belongs, gradient
 clipping, and gradient accumulation equal to one large batch."""
+
 from __future__ import annotations
 
 import math
@@ -9,12 +10,17 @@ import torch
 
 from model import VJEPA, EncoderConfig, ModelConfig, MultiBlockMasks, PredictorConfig
 from shards.typed_config import ConfigError
+from trainer.batch import flatten_batch
 from trainer.config import OptimConfig, TrainConfig
 from trainer.data import DataConfig
-from trainer.batch import flatten_batch
 from trainer.device import Device
 from trainer.optim import (
-    Schedules, build_optimizer, clip_gradients, set_hparams, warmup_constant_cooldown, warmup_cosine,
+    Schedules,
+    build_optimizer,
+    clip_gradients,
+    set_hparams,
+    warmup_constant_cooldown,
+    warmup_cosine,
 )
 from trainer.train import train_step
 
@@ -31,8 +37,9 @@ def test_warmup_cosine_shape() -> None:
 
 
 def test_warmup_constant_cooldown_shape() -> None:
-    f = lambda s: warmup_constant_cooldown(s, start=0.0, peak=1.0, final=0.1, warmup=10, cooldown=20,  # noqa: E731
-                                           total=100)
+    def f(s):
+        return warmup_constant_cooldown(s, start=0.0, peak=1.0, final=0.1, warmup=10, cooldown=20, total=100)
+
     assert f(0) == 0.0 and f(10) == 1.0
     assert {f(s) for s in range(10, 81)} == {1.0}
     assert f(90) == pytest.approx(0.55)  # linear cooldown
@@ -40,8 +47,17 @@ def test_warmup_constant_cooldown_shape() -> None:
 
 
 def test_schedules_from_config() -> None:
-    cfg = OptimConfig(lr=1e-3, start_lr=1e-4, final_lr=1e-6, warmup_fraction=0.1, weight_decay=0.04,
-                      final_weight_decay=0.4, ema_schedule="cosine", ema_start=0.996, ema_end=1.0)
+    cfg = OptimConfig(
+        lr=1e-3,
+        start_lr=1e-4,
+        final_lr=1e-6,
+        warmup_fraction=0.1,
+        weight_decay=0.04,
+        final_weight_decay=0.4,
+        ema_schedule="cosine",
+        ema_start=0.996,
+        ema_end=1.0,
+    )
     s = Schedules(cfg, total_steps=200)
     assert s.warmup_steps == 20
     assert s.lr(0) == pytest.approx(1e-4) and s.lr(20) == pytest.approx(1e-3) and s.lr(200) == pytest.approx(1e-6)
@@ -93,10 +109,20 @@ def test_ema_horizon_schedule_moves_the_target_to_the_online_weights_over_a_run(
 
 def _tiny_model(drop_path: float = 0.0) -> VJEPA:
     torch.manual_seed(0)
-    return VJEPA(ModelConfig(
-        encoder=EncoderConfig(size="tiny", embed_dim=32, depth=2, num_heads=2, patch_size=(4, 16, 16),
-                              input_shape=(8, 32, 32), drop_path=drop_path),
-        predictor=PredictorConfig(depth=1, embed_dim=16, num_heads=2)))
+    return VJEPA(
+        ModelConfig(
+            encoder=EncoderConfig(
+                size="tiny",
+                embed_dim=32,
+                depth=2,
+                num_heads=2,
+                patch_size=(4, 16, 16),
+                input_shape=(8, 32, 32),
+                drop_path=drop_path,
+            ),
+            predictor=PredictorConfig(depth=1, embed_dim=16, num_heads=2),
+        )
+    )
 
 
 def test_weight_decay_skips_biases_norms_and_mask_tokens() -> None:
@@ -108,7 +134,8 @@ def test_weight_decay_skips_biases_norms_and_mask_tokens() -> None:
     assert any("mask_token" in n for n in plain_names)
     assert all(p.ndim >= 2 for p in decayed["params"])
     assert {n for n in plain_names if n.endswith("bias") or "norm" in n} == {
-        n for n, p in vjepa.named_parameters() if p.requires_grad and (n.endswith("bias") or "norm" in n)}
+        n for n, p in vjepa.named_parameters() if p.requires_grad and (n.endswith("bias") or "norm" in n)
+    }
     target = {id(p) for p in vjepa.target_encoder.parameters()}
     assert not target & {id(p) for g in opt.param_groups for p in g["params"]}  # the EMA target is not optimised
 
@@ -133,15 +160,21 @@ def test_clip_gradients_returns_the_preclip_norm_and_clips() -> None:
     assert float(clip_gradients(params, 0.0)) == pytest.approx(5.0)  # 0 = off: norm reported, grads untouched
     assert float(params[1].grad[1]) == 4.0
     assert float(clip_gradients(params, 1.0)) == pytest.approx(5.0)
-    total = math.sqrt(sum(float((p.grad ** 2).sum()) for p in params))
+    total = math.sqrt(sum(float((p.grad**2).sum()) for p in params))
     assert total == pytest.approx(1.0, rel=1e-4)
 
 
 def _batch(vjepa: VJEPA, rows: slice, volume: torch.Tensor, masks: list) -> dict:
-    return flatten_batch({"volume": volume[rows], "scale": torch.full((volume[rows].shape[0],), 0.05),
-                          "shift": torch.full((volume[rows].shape[0],), -1.0),
-                          "flip": torch.zeros(volume[rows].shape[0], dtype=torch.bool),
-                          "masks": [(c[rows], t[rows]) for c, t in masks], "skipped": torch.tensor(0)})
+    return flatten_batch(
+        {
+            "volume": volume[rows],
+            "scale": torch.full((volume[rows].shape[0],), 0.05),
+            "shift": torch.full((volume[rows].shape[0],), -1.0),
+            "flip": torch.zeros(volume[rows].shape[0], dtype=torch.bool),
+            "masks": [(c[rows], t[rows]) for c, t in masks],
+            "skipped": torch.tensor(0),
+        }
+    )
 
 
 def test_gradient_accumulation_equals_one_large_batch() -> None:
@@ -149,16 +182,32 @@ def test_gradient_accumulation_equals_one_large_batch() -> None:
     volume = torch.randint(0, 255, (4, 1, 8, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     masks = MultiBlockMasks(vjepa.grid, vjepa.cfg.masks)(4, torch.Generator().manual_seed(2))
     results = []
-    for accum, batches in ((1, [_batch(vjepa, slice(0, 4), volume, masks)]),
-                           (2, [_batch(vjepa, slice(0, 2), volume, masks), _batch(vjepa, slice(2, 4), volume, masks)])):
+    for accum, batches in (
+        (1, [_batch(vjepa, slice(0, 4), volume, masks)]),
+        (2, [_batch(vjepa, slice(0, 2), volume, masks), _batch(vjepa, slice(2, 4), volume, masks)]),
+    ):
         m = _tiny_model()
         # SGD, lr 1, no decay or clipping: the parameter change is exactly the (accumulated) gradient.
-        cfg = TrainConfig(global_batch_size=4, grad_accum=accum, model=m.cfg, data=DataConfig(crop_shape=(8, 32, 32)),
-                          optim=OptimConfig(lr=1.0, start_lr=1.0, final_lr=1.0, weight_decay=0.0,
-                                            final_weight_decay=0.0, clip_grad=0.0))
+        cfg = TrainConfig(
+            global_batch_size=4,
+            grad_accum=accum,
+            model=m.cfg,
+            data=DataConfig(crop_shape=(8, 32, 32)),
+            optim=OptimConfig(
+                lr=1.0, start_lr=1.0, final_lr=1.0, weight_decay=0.0, final_weight_decay=0.0, clip_grad=0.0
+            ),
+        )
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1.0)
-        stats = train_step(m, opt, iter(batches), device=Device("cpu"), cfg=cfg, sched=Schedules(cfg.optim, 10),
-                           step=0, params=[p for p in m.parameters() if p.requires_grad])
+        stats = train_step(
+            m,
+            opt,
+            iter(batches),
+            device=Device("cpu"),
+            cfg=cfg,
+            sched=Schedules(cfg.optim, 10),
+            step=0,
+            params=[p for p in m.parameters() if p.requires_grad],
+        )
         results.append((stats, dict(m.named_parameters())))
     (s1, p1), (s2, p2) = results
     assert float(s1["loss"]) == pytest.approx(float(s2["loss"]), rel=1e-5)

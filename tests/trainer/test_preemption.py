@@ -1,6 +1,7 @@
 """SIGTERM (a preempted VM, a scheduler's stop) in the middle of a run: the trainer finishes the step it is in,
 writes a complete checkpoint at the step reached, exits 0, and `--resume auto` continues from there exactly.
 (Under torchrun, with SIGTERM on one rank of two: tests/trainer/test_torchrun.py; on XLA: test_xla_pod.py.)"""
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,21 @@ REPO = Path(__file__).resolve().parents[2]
 HARNESS = str(REPO / "tests/trainer/torchrun_harness.py")
 SMOKE = str(REPO / "configs/smoke.yaml")
 ENV = {"PYTHONPATH": str(REPO), "MKL_CBWR": "COMPATIBLE"}
-ARGS = ["model.encoder.input_shape=[8,32,32]", "data.crop_shape=[8,32,32]", "model.predictor.depth=1",
-        "model.predictor.embed_dim=32", "model.predictor.num_heads=2", "global_batch_size=4", "val_every=0",
-        "logging.log_every=1", "logging.mask_images=false", "max_steps=6", "checkpoint.every_steps=4",
-        "data.num_workers=1", *NARROW_TINY]
+ARGS = [
+    "model.encoder.input_shape=[8,32,32]",
+    "data.crop_shape=[8,32,32]",
+    "model.predictor.depth=1",
+    "model.predictor.embed_dim=32",
+    "model.predictor.num_heads=2",
+    "global_batch_size=4",
+    "val_every=0",
+    "logging.log_every=1",
+    "logging.mask_images=false",
+    "max_steps=6",
+    "checkpoint.every_steps=4",
+    "data.num_workers=1",
+    *NARROW_TINY,
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +47,14 @@ def shard_set(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _run(args: list[str], **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, HARNESS, "train", "--config", SMOKE, *args], cwd=REPO,
-                            env={**os.environ, **ENV, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, HARNESS, "train", "--config", SMOKE, *args],
+        cwd=REPO,
+        env={**os.environ, **ENV, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _finish(proc: subprocess.Popen) -> str:

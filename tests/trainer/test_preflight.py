@@ -1,6 +1,7 @@
 """Bad settings and inputs stop `octjepa train` with one line before the first step (before any model is built),
 and a resume either continues exactly or says why not: a cut latest checkpoint falls back to the previous one,
 a mid-epoch checkpoint of a run with another loader-worker count is refused."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,13 @@ SHAPE = "[8,32,32]"
 # ViT-Tiny narrowed to 48 wide, 2 blocks, 2 heads, for the tests that train.
 NARROW_TINY = ["model.encoder.embed_dim=48", "model.encoder.depth=2", "model.encoder.num_heads=2"]
 # Tiny everything: these tests are about what happens around the steps, not in them.
-FAST = ["model.predictor.depth=1", "model.predictor.embed_dim=32", "model.predictor.num_heads=2",
-        "logging.mask_images=false", "logging.log_every=1"]
+FAST = [
+    "model.predictor.depth=1",
+    "model.predictor.embed_dim=32",
+    "model.predictor.num_heads=2",
+    "logging.mask_images=false",
+    "logging.log_every=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +40,7 @@ def shard_set(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture
 def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if the run gets as far as building a model."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built before the inputs were checked")
 
@@ -41,8 +48,16 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _args(shards: str, run_dir: Path, *extra: str) -> list[str]:
-    return ["--config", SMOKE, f"data.shards={shards}", f"run_dir={run_dir}", f"model.encoder.input_shape={SHAPE}",
-            f"data.crop_shape={SHAPE}", *FAST, *extra]
+    return [
+        "--config",
+        SMOKE,
+        f"data.shards={shards}",
+        f"run_dir={run_dir}",
+        f"model.encoder.input_shape={SHAPE}",
+        f"data.crop_shape={SHAPE}",
+        *FAST,
+        *extra,
+    ]
 
 
 def _one_line(capsys: pytest.CaptureFixture, argv: list[str], code: int) -> str:
@@ -77,8 +92,7 @@ def test_a_batch_larger_than_the_split_is_refused(shard_set: str, tmp_path: Path
         main(_args(shard_set, tmp_path / "run", "global_batch_size=24", "val_every=0"))
 
 
-def test_a_missing_unset_or_incomplete_shard_set_is_one_line(shard_set: str, tmp_path: Path, capsys,
-                                                             no_model) -> None:
+def test_a_missing_unset_or_incomplete_shard_set_is_one_line(shard_set: str, tmp_path: Path, capsys, no_model) -> None:
     err = _one_line(capsys, _args(str(tmp_path / "nowhere"), tmp_path / "run"), 1)
     assert "nowhere" in err and "index.json" in err
     err = _one_line(capsys, ["--config", SMOKE, f"run_dir={tmp_path / 'run'}"], 2)
@@ -103,7 +117,7 @@ def test_a_cut_latest_checkpoint_falls_back_to_the_previous_one(shard_set: str, 
     store = CheckpointStore(str(run_dir / "checkpoints"))
     assert store.steps() == [2, 4]
     state = run_dir / "checkpoints/step-000000004/state.pt"
-    state.write_bytes(state.read_bytes()[:len(state.read_bytes()) // 2])
+    state.write_bytes(state.read_bytes()[: len(state.read_bytes()) // 2])
     capsys.readouterr()
 
     assert main(_args(shard_set, run_dir, "max_steps=4", *common, "--resume", "auto")) == 0
@@ -120,8 +134,9 @@ def test_a_mid_epoch_resume_with_another_worker_count_is_refused(shard_set: str,
     common = ["val_every=0", "checkpoint.every_steps=2", "max_steps=2", *NARROW_TINY]
     assert main(_args(shard_set, run_dir, *common, "data.num_workers=1")) == 0
     assert load_checkpoint(str(run_dir / "checkpoints/step-000000002"))["step_in_epoch"] == 2
-    err = _one_line(capsys, _args(shard_set, run_dir, *common, "max_steps=3", "data.num_workers=2", "--resume",
-                                  "auto"), 2)
+    err = _one_line(
+        capsys, _args(shard_set, run_dir, *common, "max_steps=3", "data.num_workers=2", "--resume", "auto"), 2
+    )
     assert "data.num_workers=2" in err and "data.num_workers=1" in err and "step-000000002" in err
     # 0 workers is the same single in-process stream as 1: that resume continues.
     assert main(_args(shard_set, run_dir, *common, "max_steps=3", "data.num_workers=0", "--resume", "auto")) == 0

@@ -1,4 +1,5 @@
 """Preview pictures: one row per device domain, exact PNG size, and the mask overlay from a train config."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,13 @@ def row_has_ink(png: str, rows: int) -> list[bool]:
     return [bool((band < 100).any()) for band in np.array_split(grey, rows, axis=0)]
 
 
-@pytest.mark.parametrize("devices", [("heidelberg_spectralis", "topcon_triton", "zeiss_cirrus"),
-                                     ("topcon_maestro2", "topcon_maestro2", "zeiss_cirrus")])
+@pytest.mark.parametrize(
+    "devices",
+    [
+        ("heidelberg_spectralis", "topcon_triton", "zeiss_cirrus"),
+        ("topcon_maestro2", "topcon_maestro2", "zeiss_cirrus"),
+    ],
+)
 def test_preview_has_one_row_per_domain_at_the_expected_size(tmp_path, devices):
     root = str(tmp_path / "set")
     make_shard_set(root, n_train=9, n_val=3, shape=(8, 32, 48), devices=devices)
@@ -37,8 +43,7 @@ def test_preview_has_one_row_per_domain_at_the_expected_size(tmp_path, devices):
 
 
 def test_preview_of_a_resharded_root_has_one_row_per_domain_set(tmp_path):
-    from shards import storage
-    from shards import build_root_index
+    from shards import build_root_index, storage
 
     root = tmp_path / "by_laterality"
     domains = {}

@@ -1,5 +1,6 @@
 """The frozen-encoder probe: targets joined per volume or per participant, probes on features with a planted
 answer (a real difference is found, a null one is not), the attentive probe, and the CLI end to end."""
+
 from __future__ import annotations
 
 import json
@@ -21,18 +22,34 @@ def write_table(path, header, rows):
 def test_a_per_volume_table_joins_on_the_volume_and_a_per_participant_one_on_the_participant(tmp_path):
     pids = ["1001", "1001", "1002", "1003"]
     uids = ["1.1", "1.2", "2.1", "3.1"]
-    volumes = write_table(tmp_path / "anatomy.tsv", ("participant_id", "sop_instance_uid", "thickness", "group"),
-                          [("1001", "1.1", "0.30", "a"), ("1001", "1.2", "0.32", "a"), ("1002", "2.1", "", "b"),
-                           ("1003", "3.1", "0.28", "b"), ("9999", "9.9", "0.5", "c")])
+    volumes = write_table(
+        tmp_path / "anatomy.tsv",
+        ("participant_id", "sop_instance_uid", "thickness", "group"),
+        [
+            ("1001", "1.1", "0.30", "a"),
+            ("1001", "1.2", "0.32", "a"),
+            ("1002", "2.1", "", "b"),
+            ("1003", "3.1", "0.28", "b"),
+            ("9999", "9.9", "0.5", "c"),
+        ],
+    )
     table = probe.read_labels(volumes, targets=["thickness", "group"])
     assert table.key_column == "sop_instance_uid"
     t = probe.join_target("thickness", table, pids, uids)
     assert t.task == "regression" and t.rows.tolist() == [0, 1, 3] and t.y.tolist() == [0.30, 0.32, 0.28]
     assert t.groups.tolist() == ["1001", "1001", "1003"]  # the folds still split participants, not volumes
-    assert t.counts == {"volumes": 4, "labelled_volumes": 3, "volumes_without_value": 1, "participants": 2,
-                        "table_keys_without_volumes": 1}
-    people = write_table(tmp_path / "participants.tsv", ("participant_id", "study_group", "age"),
-                         [("1001", "healthy", "61"), ("1003", "insulin_dependent", "70"), ("1002", "healthy", "52")])
+    assert t.counts == {
+        "volumes": 4,
+        "labelled_volumes": 3,
+        "volumes_without_value": 1,
+        "participants": 2,
+        "table_keys_without_volumes": 1,
+    }
+    people = write_table(
+        tmp_path / "participants.tsv",
+        ("participant_id", "study_group", "age"),
+        [("1001", "healthy", "61"), ("1003", "insulin_dependent", "70"), ("1002", "healthy", "52")],
+    )
     table = probe.read_labels(people, targets=["study_group", "age"])
     g = probe.join_target("study_group", table, pids, uids)
     assert table.key_column == "participant_id" and g.task == "classification"
@@ -44,8 +61,9 @@ def test_label_table_errors_name_the_problem(tmp_path):
     path = write_table(tmp_path / "p.tsv", ("participant_id", "study_group"), [("1001", "healthy")])
     with pytest.raises(ValueError, match="no column 'diagnosis'"):
         probe.read_labels(path, targets=["diagnosis"])
-    path = write_table(tmp_path / "q.tsv", ("participant_id", "study_group"),
-                       [("1001", "healthy"), ("1001", "insulin")])
+    path = write_table(
+        tmp_path / "q.tsv", ("participant_id", "study_group"), [("1001", "healthy"), ("1001", "insulin")]
+    )
     with pytest.raises(ValueError, match="two 'study_group' values"):
         probe.read_labels(path, targets=["study_group"])
 
@@ -65,8 +83,9 @@ def planted_target(n_people=50, seed=0):
     n = len(y)
     pretrained = rng.normal(size=(n, 12))
     pretrained[:, 0] = y + 0.5 * rng.normal(size=n)
-    target = probe.Target("thickness", "regression", np.arange(n), y, groups,
-                          {"labelled_volumes": n, "participants": n_people})
+    target = probe.Target(
+        "thickness", "regression", np.arange(n), y, groups, {"labelled_volumes": n, "participants": n_people}
+    )
     return target, pretrained, rng
 
 
@@ -79,8 +98,12 @@ def test_probe_target_finds_a_planted_difference_and_no_null_one():
     assert diff["interval_above_zero"] and diff["ci95"][0] > 0.3 and len(diff["folds"]) == 15
     null = out["paired_differences"]["online - random_init"]["r2"]
     assert null["ci95"][0] < 0 < null["ci95"][1]
-    assert set(out["paired_differences"]) == {"target - random_init", "target - raw_voxels",
-                                              "online - random_init", "online - raw_voxels"}
+    assert set(out["paired_differences"]) == {
+        "target - random_init",
+        "target - raw_voxels",
+        "online - random_init",
+        "online - raw_voxels",
+    }
     # The same folds for every feature set: an encoder compared with itself differs by exactly zero.
     same = probe.probe_target(target, {"target": pretrained, probe.RANDOM: pretrained}, PLAN)["paired_difference"]
     assert same["mean"] == 0.0 and not same["interval_above_zero"]
@@ -120,10 +143,18 @@ def export_tiny_encoder(path: str) -> None:
     from trainer.checkpoint import export_encoder
     from trainer.config import load_train_config
 
-    cfg = load_train_config(None, ["model.encoder.size=tiny", "model.encoder.input_shape=[8,32,32]",
-                                   "model.encoder.patch_size=[4,16,16]", "data.crop_shape=[8,32,32]",
-                                   "model.predictor.depth=1", "model.predictor.embed_dim=32",
-                                   "model.predictor.num_heads=2"])
+    cfg = load_train_config(
+        None,
+        [
+            "model.encoder.size=tiny",
+            "model.encoder.input_shape=[8,32,32]",
+            "model.encoder.patch_size=[4,16,16]",
+            "data.crop_shape=[8,32,32]",
+            "model.predictor.depth=1",
+            "model.predictor.embed_dim=32",
+            "model.predictor.num_heads=2",
+        ],
+    )
     export_encoder(path, VJEPA(cfg.model), cfg)
 
 
@@ -138,12 +169,31 @@ def test_probe_and_embed_commands_end_to_end(tmp_path, capsys):
     # 5555 has a label and no volume. A volume's level is its number + 20 (participant - 1000 + 20): "level" is a
     # known answer the raw voxels see; "group" splits the participants in two.
     rows = [(str(p), "ab"[p % 2], p - 1000) for p in range(1000, 1020)]
-    labels = write_table(tmp_path / "participants.tsv", ("participant_id", "group", "level"),
-                         rows + [("5555", "a", 3)])
+    labels = write_table(tmp_path / "participants.tsv", ("participant_id", "group", "level"), rows + [("5555", "a", 3)])
     out = tmp_path / "report"
-    assert probe.main_probe(["--checkpoint", checkpoint, "--shards", shards_root, "--labels", labels,
-                             "--targets", "group,level", "--folds", "3", "--repeats", "2", "--out", str(out),
-                             "--device", "cpu"]) == 0
+    assert (
+        probe.main_probe(
+            [
+                "--checkpoint",
+                checkpoint,
+                "--shards",
+                shards_root,
+                "--labels",
+                labels,
+                "--targets",
+                "group,level",
+                "--folds",
+                "3",
+                "--repeats",
+                "2",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["feature_sets"] == ["pretrained", "random_init", "raw_voxels"]
     group, level = report["probes"]["group"], report["probes"]["level"]

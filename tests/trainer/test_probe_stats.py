@@ -1,6 +1,7 @@
 """Probe statistics on synthetic features with a known answer: repeated grouped CV by participant detects a
 planted difference between two encoders and not a null one, never splits a participant, and chooses its
 regularisation without the test fold."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -63,7 +64,7 @@ def test_folds_keep_participants_whole_and_stratify_classes():
         splits = outer_splits(y, groups, task, PLAN)
         assert len(splits) == PLAN.folds * PLAN.repeats
         for r in range(PLAN.repeats):
-            tests = [te for _, te in splits[r * PLAN.folds:(r + 1) * PLAN.folds]]
+            tests = [te for _, te in splits[r * PLAN.folds : (r + 1) * PLAN.folds]]
             assert sorted(np.concatenate(tests).tolist()) == list(range(len(y)))  # each volume tested once a repeat
         for tr, te in splits:
             assert not set(groups[tr]) & set(groups[te])
@@ -88,9 +89,9 @@ def test_the_regularisation_is_chosen_without_the_test_fold(monkeypatch):
     per_fold = plan.inner_folds + 1  # the inner fits, then the outer one
     for k, (tr, _) in enumerate(splits):
         train_values = set(y[tr].tolist())
-        for fit in seen[k * per_fold:(k + 1) * per_fold]:
+        for fit in seen[k * per_fold : (k + 1) * per_fold]:
             assert fit <= train_values
-    assert all(len(fit) < len(tr) for fit in seen[:plan.inner_folds])  # the inner fits hold part of it out
+    assert all(len(fit) < len(tr) for fit in seen[: plan.inner_folds])  # the inner fits hold part of it out
 
 
 def test_the_ridge_path_equals_sklearns_ridge_on_standardised_features():

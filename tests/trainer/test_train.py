@@ -1,5 +1,6 @@
 """The trainer end to end on a tiny fake shard set (CPU): outputs of a smoke run, resume equivalence after a
 process killed mid-checkpoint, and checkpoints on gs:// (the local GCS emulator)."""
+
 from __future__ import annotations
 
 import json
@@ -36,28 +37,55 @@ def shard_set(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _args(shards: str, run_dir: Path, *extra: str) -> list[str]:
-    return ["--config", SMOKE, f"data.shards={shards}", f"run_dir={run_dir}", f"model.encoder.input_shape={SHAPE}",
-            f"data.crop_shape={SHAPE}", *NARROW_TINY, *extra]
+    return [
+        "--config",
+        SMOKE,
+        f"data.shards={shards}",
+        f"run_dir={run_dir}",
+        f"model.encoder.input_shape={SHAPE}",
+        f"data.crop_shape={SHAPE}",
+        *NARROW_TINY,
+        *extra,
+    ]
 
 
 def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_smoke_run_writes_every_output(shard_set: str, tmp_path: Path, gcs: str,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_smoke_run_writes_every_output(
+    shard_set: str, tmp_path: Path, gcs: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run_dir = tmp_path / "run"
     monkeypatch.setenv("WANDB_SILENT", "true")
     ckpt_dir = f"{gcs}/runs/smoke/checkpoints"
-    assert main(_args(shard_set, run_dir, "max_steps=6", "val_every=3", "checkpoint.every_steps=2",
-                      "checkpoint.keep_last=2", f"checkpoint.dir={ckpt_dir}", "logging.log_every=2",
-                      "logging.wandb=offline")) == 0
+    assert (
+        main(
+            _args(
+                shard_set,
+                run_dir,
+                "max_steps=6",
+                "val_every=3",
+                "checkpoint.every_steps=2",
+                "checkpoint.keep_last=2",
+                f"checkpoint.dir={ckpt_dir}",
+                "logging.log_every=2",
+                "logging.wandb=offline",
+            )
+        )
+        == 0
+    )
 
     # The resolved config: loadable as a TrainConfig, with the overrides in it.
     saved = from_dict(TrainConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
     assert saved.max_steps == 6 and saved.model.encoder.input_shape == (8, 32, 32) and saved.checkpoint.dir == ckpt_dir
     resolved = yaml.safe_load((run_dir / "resolved.yaml").read_text())
-    assert (resolved["device"], resolved["attn_impl"], resolved["hosts"], resolved["total_steps"]) == ("cpu", "sdpa", 1, 6)
+    assert (resolved["device"], resolved["attn_impl"], resolved["hosts"], resolved["total_steps"]) == (
+        "cpu",
+        "sdpa",
+        1,
+        6,
+    )
 
     records = _records(run_dir)
     train = [r for r in records if r["split"] == "train"]
@@ -108,7 +136,8 @@ sys.exit(main(sys.argv[1:]))
 TRAIN_ENV = {"PYTHONPATH": str(REPO), "MKL_CBWR": "COMPATIBLE"}
 # The same, with the publishing of one checkpoint stalled after its files are written: the script touches the
 # marker file (first argument) and sleeps, so the test can SIGKILL a process that is provably mid-save.
-PAUSED_SAVE_SCRIPT = """
+PAUSED_SAVE_SCRIPT = (
+    """
 import sys, time
 import trainer.checkpoint
 _publish = trainer.checkpoint.CheckpointStore._publish_local
@@ -119,12 +148,19 @@ def stalled_publish(self, tmp, final):
         time.sleep(600)
     return _publish(self, tmp, final)
 trainer.checkpoint.CheckpointStore._publish_local = stalled_publish
-""" + TRAIN_SCRIPT
+"""
+    + TRAIN_SCRIPT
+)
 
 
 def _train_process(args: list[str], script: str = TRAIN_SCRIPT) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO,
-                            env={**os.environ, **TRAIN_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        cwd=REPO,
+        env={**os.environ, **TRAIN_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -155,10 +191,20 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 def test_resume_after_a_kill_mid_checkpoint_matches_an_uninterrupted_run(shard_set: str, tmp_path: Path) -> None:
     # 8 steps of 2 micro-batches over 6 steps/epoch: the checkpoint at step 4 is mid-epoch, the run crosses an
     # epoch, drop path draws from the RNG, and two loader workers feed it.
-    common = ["max_steps=8", "grad_accum=2", "checkpoint.every_steps=4", "checkpoint.keep_last=3",
-              "model.encoder.drop_path=0.2", "data.num_workers=2", "val_every=0", "logging.log_every=1",
-              "logging.mask_images=false", "model.predictor.depth=1", "model.predictor.embed_dim=32",
-              "model.predictor.num_heads=2"]
+    common = [
+        "max_steps=8",
+        "grad_accum=2",
+        "checkpoint.every_steps=4",
+        "checkpoint.keep_last=3",
+        "model.encoder.drop_path=0.2",
+        "data.num_workers=2",
+        "val_every=0",
+        "logging.log_every=1",
+        "logging.mask_images=false",
+        "model.predictor.depth=1",
+        "model.predictor.embed_dim=32",
+        "model.predictor.num_heads=2",
+    ]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     reference = _train_process(_args(shard_set, straight, *common))
 
@@ -186,8 +232,10 @@ def test_resume_after_a_kill_mid_checkpoint_matches_an_uninterrupted_run(shard_s
     a = load_checkpoint(str(straight / "checkpoints/step-000000008"))
     b = load_checkpoint(str(ckpts / "step-000000008"))
     assert (a["step"], a["epoch"], a["step_in_epoch"]) == (b["step"], b["epoch"], b["step_in_epoch"]) == (8, 1, 2)
-    assert_same_tensors(checkpoint_tensors(straight / "checkpoints/step-000000008", tmp_path),
-                        checkpoint_tensors(ckpts / "step-000000008", tmp_path))
+    assert_same_tensors(
+        checkpoint_tensors(straight / "checkpoints/step-000000008", tmp_path),
+        checkpoint_tensors(ckpts / "step-000000008", tmp_path),
+    )
     loss_a = {r["step"]: r["loss"] for r in _records(straight)}
     loss_b = {r["step"]: r["loss"] for r in _records(killed)}  # steps 5-8 logged twice: the rerun's count
     assert [loss_a[s] for s in range(5, 9)] == [loss_b[s] for s in range(5, 9)]

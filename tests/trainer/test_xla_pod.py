@@ -5,6 +5,7 @@ hosts make one resume decision, refuse a host-local checkpoint dir, and split th
 
 Every run is a fresh subprocess (tests/trainer/torchrun_harness.py) so the XLA runtime does not leak between tests.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,23 +32,49 @@ REPO = Path(__file__).resolve().parents[2]
 HARNESS = str(REPO / "tests/trainer/torchrun_harness.py")
 SMOKE = str(REPO / "configs/smoke.yaml")
 # 8 steps of 4 samples (6 per epoch: the run crosses an epoch), validation at 3 and 6, checkpoints every 2 steps.
-ARGS = ["device=xla", "precision=fp32", "max_steps=8", "val_every=3", "data.val_batches=2", "checkpoint.every_steps=2",
-        "checkpoint.keep_last=10", "logging.log_every=1", "logging.mask_images=false", "global_batch_size=4",
-        "model.encoder.input_shape=[8,32,32]", "data.crop_shape=[8,32,32]", "model.predictor.depth=1",
-        "model.predictor.embed_dim=32", "model.predictor.num_heads=2", "data.num_workers=0", *NARROW_TINY]
+ARGS = [
+    "device=xla",
+    "precision=fp32",
+    "max_steps=8",
+    "val_every=3",
+    "data.val_batches=2",
+    "checkpoint.every_steps=2",
+    "checkpoint.keep_last=10",
+    "logging.log_every=1",
+    "logging.mask_images=false",
+    "global_batch_size=4",
+    "model.encoder.input_shape=[8,32,32]",
+    "data.crop_shape=[8,32,32]",
+    "model.predictor.depth=1",
+    "model.predictor.embed_dim=32",
+    "model.predictor.num_heads=2",
+    "data.num_workers=0",
+    *NARROW_TINY,
+]
 
 
 def _env(devices: int = 4, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "PJRT_", "TPU_"))}
-    env.update(PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices), PYTHONPATH=str(REPO),
-               XLA_FLAGS="--xla_backend_optimization_level=0", **extra)  # the tests count graphs, not their speed
+    env.update(
+        PJRT_DEVICE="CPU",
+        CPU_NUM_DEVICES=str(devices),
+        PYTHONPATH=str(REPO),
+        XLA_FLAGS="--xla_backend_optimization_level=0",
+        **extra,
+    )  # the tests count graphs, not their speed
     return env
 
 
 def _xla(run_dir: Path, *extra: str, **env: str) -> subprocess.Popen:
     args = [HARNESS, "train", "--config", SMOKE, f"run_dir={run_dir}", *ARGS, *extra]
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _finish(proc: subprocess.Popen, code: int = 0) -> str:
@@ -80,22 +107,35 @@ def shard_set(tmp_path_factory: pytest.TempPathFactory) -> str:
 def fsdp_run(shard_set: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted `sharding=fsdp` run (the reference of the resume tests), with its sharding report."""
     root = tmp_path_factory.mktemp("fsdp")
-    _finish(_xla(root / "run", f"data.shards={shard_set}", "sharding=fsdp", "profile.steps=2", "profile.start_step=4",
-                 HARNESS_REPORT=str(root / "report")))
+    _finish(
+        _xla(
+            root / "run",
+            f"data.shards={shard_set}",
+            "sharding=fsdp",
+            "profile.steps=2",
+            "profile.start_step=4",
+            HARNESS_REPORT=str(root / "report"),
+        )
+    )
     return root
 
 
-def test_fsdp_matches_replicated_with_sharded_state_and_a_fixed_set_of_graphs(shard_set: str, fsdp_run: Path,
-                                                                              tmp_path: Path) -> None:
-    _finish(_xla(tmp_path / "run", f"data.shards={shard_set}", "sharding=replicated",
-                 HARNESS_REPORT=str(tmp_path / "report")))
+def test_fsdp_matches_replicated_with_sharded_state_and_a_fixed_set_of_graphs(
+    shard_set: str, fsdp_run: Path, tmp_path: Path
+) -> None:
+    _finish(
+        _xla(
+            tmp_path / "run", f"data.shards={shard_set}", "sharding=replicated", HARNESS_REPORT=str(tmp_path / "report")
+        )
+    )
     fsdp, replicated = _records(fsdp_run / "run"), _records(tmp_path / "run")
     assert sorted(fsdp) == sorted(replicated) == list(range(1, 9))
     for step in range(1, 9):
         assert fsdp[step]["loss"] == pytest.approx(replicated[step]["loss"], rel=1e-5, abs=1e-6), step
     for step in (3, 6):
         assert _records(fsdp_run / "run", "val")[step]["loss"] == pytest.approx(
-            _records(tmp_path / "run", "val")[step]["loss"], rel=1e-5)
+            _records(tmp_path / "run", "val")[step]["loss"], rel=1e-5
+        )
 
     # Params and AdamW state are split over the 4 devices along the fsdp axis (dim 0, or the first that divides);
     # replicated keeps them whole.
@@ -153,8 +193,10 @@ def test_sharded_checkpoints_survive_a_kill_and_sigterm(shard_set: str, fsdp_run
     _finish(_xla(run_dir, *common, "--resume", "auto"))
     reference, resumed = _records(fsdp_run / "run"), _records(run_dir)
     assert [reference[s]["loss"] for s in range(1, 9)] == [resumed[s]["loss"] for s in range(1, 9)]
-    assert_same_tensors(checkpoint_tensors(fsdp_run / "run/checkpoints/step-000000008", tmp_path),
-                        checkpoint_tensors(ckpt / "step-000000008", tmp_path))
+    assert_same_tensors(
+        checkpoint_tensors(fsdp_run / "run/checkpoints/step-000000008", tmp_path),
+        checkpoint_tensors(ckpt / "step-000000008", tmp_path),
+    )
 
 
 def _as_v1(url: Path, out: Path, scratch: Path) -> None:
@@ -163,23 +205,43 @@ def _as_v1(url: Path, out: Path, scratch: Path) -> None:
     tensors = checkpoint_tensors(url, scratch)
     state = load_checkpoint(str(url))
     order = [n for g in tensors["optim"]["param_groups"] for n in g["params"]]
-    optimizer = {"state": {i: tensors["optim"]["state"][n] for i, n in enumerate(order)},
-                 "param_groups": [{**g, "params": [order.index(n) for n in g["params"]]}
-                                  for g in tensors["optim"]["param_groups"]]}
-    parts = {part: {k[len(part) + 1:]: v for k, v in tensors["model"].items() if k.startswith(part + ".")}
-             for part in ("encoder", "target_encoder", "predictor")}
-    v1 = {**{k: state[k] for k in ("step", "epoch", "step_in_epoch", "seed", "schedules", "config")},
-          "format": LEGACY_FORMAT, **parts, "optimizer": optimizer, "rng": load_torch(str(url / rng_name(0)))}
+    optimizer = {
+        "state": {i: tensors["optim"]["state"][n] for i, n in enumerate(order)},
+        "param_groups": [
+            {**g, "params": [order.index(n) for n in g["params"]]} for g in tensors["optim"]["param_groups"]
+        ],
+    }
+    parts = {
+        part: {k[len(part) + 1 :]: v for k, v in tensors["model"].items() if k.startswith(part + ".")}
+        for part in ("encoder", "target_encoder", "predictor")
+    }
+    v1 = {
+        **{k: state[k] for k in ("step", "epoch", "step_in_epoch", "seed", "schedules", "config")},
+        "format": LEGACY_FORMAT,
+        **parts,
+        "optimizer": optimizer,
+        "rng": load_torch(str(url / rng_name(0))),
+    }
     (out / url.name).mkdir(parents=True)
     (out / url.name / "state.pt").write_bytes(torch_bytes(v1))
 
 
-def test_a_replicated_v1_checkpoint_of_an_earlier_run_resumes_sharded(shard_set: str, fsdp_run: Path,
-                                                                       tmp_path: Path) -> None:
+def test_a_replicated_v1_checkpoint_of_an_earlier_run_resumes_sharded(
+    shard_set: str, fsdp_run: Path, tmp_path: Path
+) -> None:
     ckpt = tmp_path / "old_run_checkpoints"
     _as_v1(fsdp_run / "run/checkpoints/step-000000004", ckpt, tmp_path)
-    out = _finish(_xla(tmp_path / "run", f"data.shards={shard_set}", "sharding=fsdp", f"checkpoint.dir={ckpt}",
-                       "--resume", "auto", HARNESS_REPORT=str(tmp_path / "report")))
+    out = _finish(
+        _xla(
+            tmp_path / "run",
+            f"data.shards={shard_set}",
+            "sharding=fsdp",
+            f"checkpoint.dir={ckpt}",
+            "--resume",
+            "auto",
+            HARNESS_REPORT=str(tmp_path / "report"),
+        )
+    )
     assert f"resumed from {ckpt / 'step-000000004'}" in out
     reference, resumed = _records(fsdp_run / "run"), _records(tmp_path / "run")
     # The same run from there, within fp32 rounding (the state arrives whole and is sharded on the device, so
@@ -192,12 +254,31 @@ def test_a_replicated_v1_checkpoint_of_an_earlier_run_resumes_sharded(shard_set:
 
 # ---- several processes playing the hosts of a pod ----------------------------------------------------------------
 
+
 def _hosts(run_dir: str, *extra: str, **env: str) -> subprocess.Popen:
     """2 processes, each an SPMD "host" with 2 CPU devices; a gloo group over them stands in for xla://."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", HARNESS, "train",
-           "--config", SMOKE, f"run_dir={run_dir}", *ARGS, *extra]
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(devices=2, HARNESS_GLOO="1", **env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        HARNESS,
+        "train",
+        "--config",
+        SMOKE,
+        f"run_dir={run_dir}",
+        *ARGS,
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=_env(devices=2, HARNESS_GLOO="1", **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def test_hosts_refuse_a_local_checkpoint_dir(shard_set: str, tmp_path: Path) -> None:
@@ -217,15 +298,27 @@ def test_hosts_agree_on_the_resume_step_and_split_the_data(shard_set: str, tmp_p
 
     # Host 1 cannot see any checkpoint (as a host resolving `latest` on its own local disk would not): both
     # resume from the one host 0 found.
-    _finish(_hosts(str(tmp_path / "run"), *common, "max_steps=6", "--resume", "auto", HARNESS_KEYS_DIR=str(keys),
-                   HARNESS_BLIND_RANK="1", HARNESS_REPORT=str(tmp_path / "report")))
+    _finish(
+        _hosts(
+            str(tmp_path / "run"),
+            *common,
+            "max_steps=6",
+            "--resume",
+            "auto",
+            HARNESS_KEYS_DIR=str(keys),
+            HARNESS_BLIND_RANK="1",
+            HARNESS_REPORT=str(tmp_path / "report"),
+        )
+    )
     for rank in (0, 1):
         report = json.loads((tmp_path / f"report-rank{rank}.json").read_text())
         assert report["resumed_from"] == f"{ckpt}/step-000000004", report
 
     # Epoch 0 (steps 1-6, over both runs): each host drew 6 batches of 2, disjoint, together the whole split.
-    drawn = {rank: [json.loads(line) for line in (keys / f"keys-rank{rank}.jsonl").read_text().splitlines()]
-             for rank in (0, 1)}
+    drawn = {
+        rank: [json.loads(line) for line in (keys / f"keys-rank{rank}.jsonl").read_text().splitlines()]
+        for rank in (0, 1)
+    }
     assert [len(drawn[0]), len(drawn[1])] == [6, 6]
     host0, host1 = (sum((r["keys"] for r in drawn[rank]), []) for rank in (0, 1))
     assert not set(host0) & set(host1) and len(set(host0) | set(host1)) == 24

@@ -5,6 +5,7 @@ minutes.
 
 Runs in a subprocess so PJRT_DEVICE, CPU_NUM_DEVICES and xr.use_spmd() do not leak into other tests.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,18 +43,40 @@ def test_compilations_stop_growing_over_20_steps_with_changing_masks(tmp_path: P
     make_shard_set(shards, n_train=24, n_val=8, shape=(8, 32, 32))
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "PJRT_", "TPU_"))}
-    env.update(PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", PYTHONPATH=str(REPO),
-               # Fewer LLVM passes: the test counts graphs, not their speed.
-               XLA_FLAGS="--xla_backend_optimization_level=0")
-    args = ["--config", str(REPO / "configs/smoke.yaml"), f"data.shards={shards}", f"run_dir={run_dir}",
-            "device=xla", "precision=bf16", "max_steps=20", "val_every=5", "data.val_batches=2",
-            "checkpoint.every_steps=0", "logging.log_every=1", "logging.mask_images=false", "global_batch_size=4",
-            "model.encoder.input_shape=[8,32,32]", "data.crop_shape=[8,32,32]",
-            "model.predictor.depth=1", "model.predictor.embed_dim=32", "model.predictor.num_heads=2",
-            # ViT-Tiny narrowed to 2 blocks: the same graph structure, a fraction of the XLA CPU compile time.
-            "model.encoder.embed_dim=48", "model.encoder.depth=2", "model.encoder.num_heads=2"]
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    env.update(
+        PJRT_DEVICE="CPU",
+        CPU_NUM_DEVICES="4",
+        PYTHONPATH=str(REPO),
+        # Fewer LLVM passes: the test counts graphs, not their speed.
+        XLA_FLAGS="--xla_backend_optimization_level=0",
+    )
+    args = [
+        "--config",
+        str(REPO / "configs/smoke.yaml"),
+        f"data.shards={shards}",
+        f"run_dir={run_dir}",
+        "device=xla",
+        "precision=bf16",
+        "max_steps=20",
+        "val_every=5",
+        "data.val_batches=2",
+        "checkpoint.every_steps=0",
+        "logging.log_every=1",
+        "logging.mask_images=false",
+        "global_batch_size=4",
+        "model.encoder.input_shape=[8,32,32]",
+        "data.crop_shape=[8,32,32]",
+        "model.predictor.depth=1",
+        "model.predictor.embed_dim=32",
+        "model.predictor.num_heads=2",
+        # ViT-Tiny narrowed to 2 blocks: the same graph structure, a fraction of the XLA CPU compile time.
+        "model.encoder.embed_dim=48",
+        "model.encoder.depth=2",
+        "model.encoder.num_heads=2",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     # The config as the user gave it; the kernel the platform chose for "sdpa" (flash attention on XLA) beside it.

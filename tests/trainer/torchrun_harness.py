@@ -14,13 +14,14 @@ Instruments of `train`, from environment variables the tests set (test code only
     HARNESS_REPORT         each rank writes <prefix>-rank<R>.json: the checkpoint it resumed from and, on XLA, the
                            sharding spec of every parameter and optimiser state tensor
 """
+
 from __future__ import annotations
 
 import json
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -99,8 +100,10 @@ def report(prefix: str) -> Callable[[], None]:
             spec = torch_xla._XLAC._get_xla_sharding_spec
             names = {id(p): n for n, p in seen["model"].named_parameters()}
             out["params"] = {n: spec(p) for n, p in seen["model"].named_parameters()}
-            out["optim"] = {names[id(p)]: {k: spec(v) for k, v in st.items() if torch.is_tensor(v) and v.dim()}
-                            for p, st in seen["optimizer"].state.items()}
+            out["optim"] = {
+                names[id(p)]: {k: spec(v) for k, v in st.items() if torch.is_tensor(v) and v.dim()}
+                for p, st in seen["optimizer"].state.items()
+            }
         with open(f"{prefix}-rank{RANK}.json", "w") as f:
             json.dump(out, f)
 
@@ -154,7 +157,7 @@ def first_step(out_dir: str, overrides: list[str]) -> None:
         names = {id(p): n for n, p in model.named_parameters()}
         grads: dict[str, torch.Tensor] = {}
 
-        def capture(ps, max_norm, _clip=T.clip_gradients):
+        def capture(ps, max_norm, _clip=T.clip_gradients, grads=grads, names=names):
             for p in ps:
                 g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
                 grads[names[id(p)]] = g.detach().clone()
@@ -165,19 +168,31 @@ def first_step(out_dir: str, overrides: list[str]) -> None:
         encoder = encoder_state(model)
         # The same samples by construction: the single-process micro-batches, this rank's rows of each.
         micro = sizes.host_batch * sizes.host_count
-        loader = build_train_loader(cfg.data, index=index, batch_size=micro, masks=masks, seed=cfg.seed, epoch=0,
-                                    host_index=0, host_count=1)
+        loader = build_train_loader(
+            cfg.data, index=index, batch_size=micro, masks=masks, seed=cfg.seed, epoch=0, host_index=0, host_count=1
+        )
         rows = slice(rank * sizes.host_batch, (rank + 1) * sizes.host_batch) if world > 1 else None
         batches = device.wrap_loader(loader, len(cfg.model.masks.blocks), rows=rows)
-        T.train_step(model, optimizer, batches, device=device, cfg=cfg, sched=Schedules(cfg.optim, sizes.total_steps),
-                     step=0, params=params, step_model=step_model)
+        T.train_step(
+            model,
+            optimizer,
+            batches,
+            device=device,
+            cfg=cfg,
+            sched=Schedules(cfg.optim, sizes.total_steps),
+            step=0,
+            params=params,
+            step_model=step_model,
+        )
         T.clip_gradients = capture.__defaults__[0]
         # What each rank logs: the loss averaged, the skipped samples (a (B,) vector, count in slot 0) summed.
         mine = {"loss": torch.tensor(float(rank)), "skipped": torch.tensor([rank + 1, 0], dtype=torch.int32)}
         logged = {k: float(v.sum()) for k, v in device.reduce_metrics(mine).items()}
         if rank == 0:
-            torch.save({"grads": grads, "val": val, "encoder": encoder, "logged": logged},
-                       os.path.join(out_dir, f"{sharding}-world{world}.pt"))
+            torch.save(
+                {"grads": grads, "val": val, "encoder": encoder, "logged": logged},
+                os.path.join(out_dir, f"{sharding}-world{world}.pt"),
+            )
 
 
 if __name__ == "__main__":
