@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from beam_jobs import preprocess, runner
+from tests.beam_jobs.test_dataflow import DATAFLOW as DATAFLOW_ARGS
 
 REPO = Path(runner.PROJECT_SETUP_FILE).parent
 # What the job's workers import: the job module and every module it reaches at run time (DoFn.setup included).
@@ -40,16 +41,6 @@ LOADED_ON_USE = {"pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "gcsfs"
 DOCKERFILE = REPO / "dataflow" / "Dockerfile"
 # Provided by the Dataflow Python SDK container itself (apache-beam[gcp] and what it depends on).
 CONTAINER_DISTRIBUTIONS = {"apache-beam", "numpy", "google-cloud-storage", "python-dateutil", "protobuf"}
-DATAFLOW_ARGS = [
-    "--runner",
-    "DataflowRunner",
-    "--project",
-    "demo-project",
-    "--region",
-    "us-central1",
-    "--temp_location",
-    "gs://demo-bucket/tmp",
-]
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,9 @@ import shards
 from shards.synthetic import fake_meta, write_set
 
 DEVICES = ("heidelberg_spectralis", "topcon_triton", "zeiss_cirrus")
+# Train-config overrides for CPU tests: ViT-Tiny narrowed to 2 blocks of width 48, and a 1-block predictor.
+NARROW_TINY = ["model.encoder.embed_dim=48", "model.encoder.depth=2", "model.encoder.num_heads=2"]
+SMALL_PREDICTOR = ["model.predictor.depth=1", "model.predictor.embed_dim=32", "model.predictor.num_heads=2"]
 
 
 def make_meta(*, split: str, number: int, device: str, shape: Sequence[int], volume: np.ndarray) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import torch
 
 from model import SIZES, VJEPA
 from shards.typed_config import ConfigError
+from tests.trainer.shardset_fixture import SMALL_PREDICTOR
 from trainer.checkpoint import (
     CheckpointNotFound,
     CheckpointStore,
@@ -26,9 +27,7 @@ TINY = [
     "model.encoder.input_shape=[8,32,32]",
     "model.encoder.patch_size=[4,16,16]",
     "data.crop_shape=[8,32,32]",
-    "model.predictor.depth=1",
-    "model.predictor.embed_dim=32",
-    "model.predictor.num_heads=2",
+    *SMALL_PREDICTOR,
 ]
 
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.shardset_fixture import make_shard_set
-from tests.trainer.torchrun_harness import NARROW_TINY
+from tests.trainer.shardset_fixture import NARROW_TINY, SMALL_PREDICTOR, make_shard_set
 from trainer.checkpoint import CheckpointStore, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,9 +24,7 @@ ENV = {"PYTHONPATH": str(REPO), "MKL_CBWR": "COMPATIBLE"}
 ARGS = [
     "model.encoder.input_shape=[8,32,32]",
     "data.crop_shape=[8,32,32]",
-    "model.predictor.depth=1",
-    "model.predictor.embed_dim=32",
-    "model.predictor.num_heads=2",
+    *SMALL_PREDICTOR,
     "global_batch_size=4",
     "val_every=0",
     "logging.log_every=1",

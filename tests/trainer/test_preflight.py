@@ -11,7 +11,7 @@ import pytest
 
 import octjepa_cli
 import trainer.train
-from tests.trainer.shardset_fixture import make_shard_set
+from tests.trainer.shardset_fixture import NARROW_TINY, SMALL_PREDICTOR, make_shard_set
 from trainer.checkpoint import CheckpointStore, load_checkpoint
 from trainer.train import main
 
@@ -19,12 +19,9 @@ REPO = Path(__file__).resolve().parents[2]
 SMOKE = str(REPO / "configs/smoke.yaml")
 SHAPE = "[8,32,32]"
 # ViT-Tiny narrowed to 48 wide, 2 blocks, 2 heads, for the tests that train.
-NARROW_TINY = ["model.encoder.embed_dim=48", "model.encoder.depth=2", "model.encoder.num_heads=2"]
 # Tiny everything: these tests are about what happens around the steps, not in them.
 FAST = [
-    "model.predictor.depth=1",
-    "model.predictor.embed_dim=32",
-    "model.predictor.num_heads=2",
+    *SMALL_PREDICTOR,
     "logging.mask_images=false",
     "logging.log_every=1",
 ]

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from tests.trainer.shardset_fixture import SMALL_PREDICTOR
 from trainer import embed, probe
 from trainer.probe_stats import CVPlan, cross_validate, summary
 
@@ -150,9 +151,7 @@ def export_tiny_encoder(path: str) -> None:
             "model.encoder.input_shape=[8,32,32]",
             "model.encoder.patch_size=[4,16,16]",
             "data.crop_shape=[8,32,32]",
-            "model.predictor.depth=1",
-            "model.predictor.embed_dim=32",
-            "model.predictor.num_heads=2",
+            *SMALL_PREDICTOR,
         ],
     )
     export_encoder(path, VJEPA(cfg.model), cfg)

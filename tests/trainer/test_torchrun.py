@@ -16,9 +16,8 @@ import psutil
 import pytest
 import torch
 
-from tests.trainer.shardset_fixture import make_shard_set
+from tests.trainer.shardset_fixture import NARROW_TINY, SMALL_PREDICTOR, make_shard_set
 from tests.trainer.test_train import assert_same_tensors, checkpoint_tensors
-from tests.trainer.torchrun_harness import NARROW_TINY
 from trainer.checkpoint import CheckpointStore, load_checkpoint, load_encoder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,9 +28,7 @@ SHAPE = "[8,32,32]"
 COMMON = [
     f"model.encoder.input_shape={SHAPE}",
     f"data.crop_shape={SHAPE}",
-    "model.predictor.depth=1",
-    "model.predictor.embed_dim=32",
-    "model.predictor.num_heads=2",
+    *SMALL_PREDICTOR,
     "global_batch_size=4",
     "val_every=3",
     "data.val_batches=2",

@@ -17,7 +17,7 @@ import yaml
 
 from shards import storage
 from shards.typed_config import from_dict
-from tests.trainer.shardset_fixture import make_shard_set
+from tests.trainer.shardset_fixture import NARROW_TINY, SMALL_PREDICTOR, make_shard_set
 from trainer.checkpoint import CheckpointStore, load_checkpoint, load_encoder
 from trainer.config import TrainConfig
 from trainer.train import main
@@ -26,7 +26,6 @@ REPO = Path(__file__).resolve().parents[2]
 SMOKE = str(REPO / "configs/smoke.yaml")
 SHAPE = "[8,32,32]"
 # ViT-Tiny narrowed to 48 wide, 2 blocks, 2 heads for the multi-run tests: same code, less CPU time.
-NARROW_TINY = ["model.encoder.embed_dim=48", "model.encoder.depth=2", "model.encoder.num_heads=2"]
 
 
 @pytest.fixture(scope="module")
@@ -201,9 +200,7 @@ def test_resume_after_a_kill_mid_checkpoint_matches_an_uninterrupted_run(shard_s
         "val_every=0",
         "logging.log_every=1",
         "logging.mask_images=false",
-        "model.predictor.depth=1",
-        "model.predictor.embed_dim=32",
-        "model.predictor.num_heads=2",
+        *SMALL_PREDICTOR,
     ]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     reference = _train_process(_args(shard_set, straight, *common))

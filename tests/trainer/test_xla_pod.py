@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 
 from shards import storage
-from tests.trainer.shardset_fixture import make_shard_set
+from tests.trainer.shardset_fixture import NARROW_TINY, SMALL_PREDICTOR, make_shard_set
 from tests.trainer.test_train import assert_same_tensors, checkpoint_tensors
-from tests.trainer.torchrun_harness import NARROW_TINY
 from trainer.checkpoint import LEGACY_FORMAT, CheckpointStore, load_checkpoint, load_torch, rng_name, torch_bytes
 
 # Not imported here: torch_xla in the test process would set PJRT_DEVICE for every later test.
@@ -45,9 +44,7 @@ ARGS = [
     "global_batch_size=4",
     "model.encoder.input_shape=[8,32,32]",
     "data.crop_shape=[8,32,32]",
-    "model.predictor.depth=1",
-    "model.predictor.embed_dim=32",
-    "model.predictor.num_heads=2",
+    *SMALL_PREDICTOR,
     "data.num_workers=0",
     *NARROW_TINY,
 ]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.trainer.shardset_fixture import make_shard_set
+from tests.trainer.shardset_fixture import SMALL_PREDICTOR, make_shard_set
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,9 +66,7 @@ def test_compilations_stop_growing_over_20_steps_with_changing_masks(tmp_path: P
         "global_batch_size=4",
         "model.encoder.input_shape=[8,32,32]",
         "data.crop_shape=[8,32,32]",
-        "model.predictor.depth=1",
-        "model.predictor.embed_dim=32",
-        "model.predictor.num_heads=2",
+        *SMALL_PREDICTOR,
         # ViT-Tiny narrowed to 2 blocks: the same graph structure, a fraction of the XLA CPU compile time.
         "model.encoder.embed_dim=48",
         "model.encoder.depth=2",
