@@ -11,6 +11,7 @@ metadata whose intensity mean/std are the volume's own.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,21 @@ DEVICES = ("heidelberg_spectralis", "topcon_triton", "zeiss_cirrus")
 # Train-config overrides for CPU tests: ViT-Tiny narrowed to 2 blocks of width 48, and a 1-block predictor.
 NARROW_TINY = ["model.encoder.embed_dim=48", "model.encoder.depth=2", "model.encoder.num_heads=2"]
 SMALL_PREDICTOR = ["model.predictor.depth=1", "model.predictor.embed_dim=32", "model.predictor.num_heads=2"]
+SMOKE = str(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml")
+
+
+def train_args(shards: str, run_dir: Path | str, *overrides: str) -> list[str]:
+    """`octjepa train` arguments: the smoke preset on a ``make_shard_set`` set of 8x32x32 volumes, then
+    ``overrides``."""
+    return [
+        "--config",
+        SMOKE,
+        f"data.shards={shards}",
+        f"run_dir={run_dir}",
+        "model.encoder.input_shape=[8,32,32]",
+        "data.crop_shape=[8,32,32]",
+        *overrides,
+    ]
 
 
 def make_meta(*, split: str, number: int, device: str, shape: Sequence[int], volume: np.ndarray) -> dict[str, Any]:

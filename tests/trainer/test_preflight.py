@@ -11,14 +11,10 @@ import pytest
 
 import octjepa_cli
 import trainer.train
-from tests.trainer.shardset_fixture import NARROW_TINY, SMALL_PREDICTOR, make_shard_set
+from tests.trainer.shardset_fixture import NARROW_TINY, SMALL_PREDICTOR, SMOKE, make_shard_set, train_args
 from trainer.checkpoint import CheckpointStore, load_checkpoint
 from trainer.train import main
 
-REPO = Path(__file__).resolve().parents[2]
-SMOKE = str(REPO / "configs/smoke.yaml")
-SHAPE = "[8,32,32]"
-# ViT-Tiny narrowed to 48 wide, 2 blocks, 2 heads, for the tests that train.
 # Tiny everything: these tests are about what happens around the steps, not in them.
 FAST = [
     *SMALL_PREDICTOR,
@@ -45,16 +41,7 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _args(shards: str, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--config",
-        SMOKE,
-        f"data.shards={shards}",
-        f"run_dir={run_dir}",
-        f"model.encoder.input_shape={SHAPE}",
-        f"data.crop_shape={SHAPE}",
-        *FAST,
-        *extra,
-    ]
+    return train_args(shards, run_dir, *FAST, *extra)
 
 
 def _one_line(capsys: pytest.CaptureFixture, argv: list[str], code: int) -> str:

@@ -17,15 +17,12 @@ import yaml
 
 from shards import storage
 from shards.typed_config import from_dict
-from tests.trainer.shardset_fixture import NARROW_TINY, SMALL_PREDICTOR, make_shard_set
+from tests.trainer.shardset_fixture import NARROW_TINY, SMALL_PREDICTOR, make_shard_set, train_args
 from trainer.checkpoint import CheckpointStore, load_checkpoint, load_encoder
 from trainer.config import TrainConfig
 from trainer.train import main
 
 REPO = Path(__file__).resolve().parents[2]
-SMOKE = str(REPO / "configs/smoke.yaml")
-SHAPE = "[8,32,32]"
-# ViT-Tiny narrowed to 48 wide, 2 blocks, 2 heads for the multi-run tests: same code, less CPU time.
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +33,7 @@ def shard_set(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _args(shards: str, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--config",
-        SMOKE,
-        f"data.shards={shards}",
-        f"run_dir={run_dir}",
-        f"model.encoder.input_shape={SHAPE}",
-        f"data.crop_shape={SHAPE}",
-        *NARROW_TINY,
-        *extra,
-    ]
+    return train_args(shards, run_dir, *NARROW_TINY, *extra)
 
 
 def _records(run_dir: Path) -> list[dict]:
